@@ -1,0 +1,3 @@
+"""patchlab: extract, apply, port, merge and measure fine-tuning patches across base-model releases."""
+
+__version__ = "0.1.0"

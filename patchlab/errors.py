@@ -1,0 +1,48 @@
+"""Exception types. Each message says what was wrong, where, and what to do about it.
+
+The CLI maps every ``PatchlabError`` to a one-line message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+
+class PatchlabError(Exception):
+    """Base class of every error patchlab raises on purpose."""
+
+    exit_code = 1
+
+
+class CheckpointNotFoundError(PatchlabError):
+    """A checkpoint directory, weight file or index is missing."""
+
+
+class CorruptCheckpointError(PatchlabError):
+    """A weight file is truncated, has a bad header, or its index points at nothing."""
+
+
+class UnsupportedDtypeError(PatchlabError):
+    """A tensor has a dtype patchlab cannot read or write."""
+
+
+class PatchFormatError(PatchlabError):
+    """A patch directory is missing, damaged, or of an unknown format version."""
+
+
+class IncompatiblePatchError(PatchlabError):
+    """A patch does not fit the checkpoint it is applied or ported to."""
+
+
+class PlanError(PatchlabError):
+    """A plan found problems it will not resolve silently; the message names the option that would."""
+
+
+class NonFiniteDeltaError(PatchlabError):
+    """A delta contains NaN or Inf."""
+
+
+class OutputExistsError(PatchlabError):
+    """The output directory exists and ``overwrite`` was not given."""
+
+
+class DeviceError(PatchlabError):
+    """The requested compute device is not available."""
