@@ -89,12 +89,13 @@ class Patch(Base):
     finetuned: Mapped[str | None] = mapped_column(Text)
     encoding: Mapped[str | None] = mapped_column(String(32))
     method: Mapped[str | None] = mapped_column(String(64))
-    parameters: Mapped[Any] = mapped_column(JSON)
+    parameters: Mapped[Any] = mapped_column(JSON, nullable=True)
     num_tensors: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     format_version: Mapped[str | None] = mapped_column(String(32))
     description: Mapped[str | None] = mapped_column(Text)
-    totals: Mapped[Any] = deferred(mapped_column(JSON))
-    stats: Mapped[Any] = deferred(mapped_column(JSON))  # per-tensor {name: {encoding, op, shape, stats}}
+    totals: Mapped[Any] = deferred(mapped_column(JSON, nullable=True))
+    # per-tensor {name: {encoding, op, shape, dtype, stats}}
+    stats: Mapped[Any] = deferred(mapped_column(JSON, nullable=True))
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
 
@@ -130,7 +131,7 @@ class DerivedModel(Base):
     base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)  # "apply" | "port" | ...
     path: Mapped[str] = mapped_column(Text, nullable=False)
-    parameters: Mapped[Any] = mapped_column(JSON)
+    parameters: Mapped[Any] = mapped_column(JSON, nullable=True)
     content: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
@@ -189,7 +190,7 @@ class Evaluation(Base):
     )
     model: Mapped[str] = mapped_column(Text, nullable=False)  # what was evaluated, as the user named it
     dataset: Mapped[str] = mapped_column(String(500), nullable=False)
-    metrics: Mapped[Any] = mapped_column(JSON)
+    metrics: Mapped[Any] = mapped_column(JSON, nullable=True)
     num_instances: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
@@ -201,7 +202,7 @@ class EvaluationResult(Base):
         ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True
     )
     instance_id: Mapped[str] = mapped_column(String(500), primary_key=True)
-    prediction: Mapped[Any] = mapped_column(JSON)
-    gold: Mapped[Any] = mapped_column(JSON)
+    prediction: Mapped[Any] = mapped_column(JSON, nullable=True)
+    gold: Mapped[Any] = mapped_column(JSON, nullable=True)
     correct: Mapped[bool | None] = mapped_column(Boolean)
     score: Mapped[float | None] = mapped_column(Float)
