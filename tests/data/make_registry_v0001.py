@@ -1,8 +1,8 @@
 """Make ``registry-v0001.db``: a registry at schema revision 0001 (before tags and evaluations) with a few
 rows, kept as a fixture so tests can check that a newer patchlab upgrades an old registry and keeps its rows.
 
-Run from the repository root: ``PYTHONPATH=. python tests/data/make_registry_v0001.py``. The committed file was made by
-this script; rerunning it rewrites the file.
+Run from the repository root: ``PYTHONPATH=. python tests/data/make_registry_v0001.py``.
+The committed file was made by this script; rerunning it rewrites the file.
 """
 
 from __future__ import annotations
@@ -31,11 +31,18 @@ def main() -> None:
         for i, (ver, content) in enumerate([("v1", C1), ("v2", C2)], start=1):
             c.execute(
                 text(
-                    "INSERT INTO base_versions (id, family_id, version, source_kind, source, architecture, content,"
-                    " num_parameters, dtype, vocab_size, release_order, created_at) VALUES"
+                    "INSERT INTO base_versions (id, family_id, version, source_kind, source, architecture,"
+                    " content, num_parameters, dtype, vocab_size, release_order, created_at) VALUES"
                     " (:id, 1, :v, 'local', :src, :arch, :content, 1234, 'float32', 16, :id, :t)"
                 ),
-                {"id": i, "v": ver, "src": f"/models/llama-{ver}", "arch": "c" * 64, "content": content, "t": now},
+                {
+                    "id": i,
+                    "v": ver,
+                    "src": f"/models/llama-{ver}",
+                    "arch": "c" * 64,
+                    "content": content,
+                    "t": now,
+                },
             )
         for pid, ver, digest, base in [(1, 1, D1, 1), (2, 2, D2, 2)]:
             c.execute(
@@ -48,7 +55,10 @@ def main() -> None:
                 {"id": pid, "ver": ver, "dg": digest, "b": base, "bc": C1 if base == 1 else C2, "t": now},
             )
             c.execute(
-                text("INSERT INTO patch_files (patch_id, name, digest, size) VALUES (:p, 'patch.json', :d, 100)"),
+                text(
+                    "INSERT INTO patch_files (patch_id, name, digest, size)"
+                    " VALUES (:p, 'patch.json', :d, 100)"
+                ),
                 {"p": pid, "d": "f" * 63 + str(pid)},
             )
         c.execute(text("INSERT INTO patch_parents VALUES (2, 1, 'port', 0)"))
@@ -61,8 +71,8 @@ def main() -> None:
         )
         c.execute(
             text(
-                "INSERT INTO derived_models (id, patch_id, base_version_id, kind, path, parameters, created_at)"
-                " VALUES (1, 2, 2, 'apply', '/out/sql-v2', '{}', :t)"
+                "INSERT INTO derived_models (id, patch_id, base_version_id, kind, path, parameters,"
+                " created_at) VALUES (1, 2, 2, 'apply', '/out/sql-v2', '{}', :t)"
             ),
             {"t": now},
         )

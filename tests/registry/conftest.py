@@ -51,18 +51,31 @@ def make_patch(
         "patchlab_version": "0.1.0",
         "created": "2026-11-25T00:00:00Z",
         "provenance": {
-            "base": {"path": "/models/base", "architecture": fake_fingerprint("arch"),
-                     "content": base_content, "dtype": "float32", "vocab_size": 16},
+            "base": {
+                "path": "/models/base",
+                "architecture": fake_fingerprint("arch"),
+                "content": base_content,
+                "dtype": "float32",
+                "vocab_size": 16,
+            },
             "finetuned": {"path": finetuned},
             "method": "diff",
             "parameters": {"storage_dtype": "float32", "seed": seed},
         },
         "tensors": {
             "model.layers.0.mlp.up_proj.weight": {
-                "op": "add", "encoding": encoding, "shape": [16, 8], "dtype": "float32", "keys": {"delta": "d0"},
+                "op": "add",
+                "encoding": encoding,
+                "shape": [16, 8],
+                "dtype": "float32",
+                "keys": {"delta": "d0"},
                 "file": "delta-00001.safetensors",
-                "stats": {"norm": float(delta.norm()), "rel_norm": 0.01, "max_abs": float(delta.abs().max()),
-                          "changed_frac": 1.0},
+                "stats": {
+                    "norm": float(delta.norm()),
+                    "rel_norm": 0.01,
+                    "max_abs": float(delta.abs().max()),
+                    "changed_frac": 1.0,
+                },
             }
         },
         "totals": {"tensors": 1, "bytes": 512},

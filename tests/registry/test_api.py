@@ -133,7 +133,8 @@ def test_patch_references(tmp_path, populated):
 def test_ambiguous_digest_prefix(tmp_path, reg):
     reg.add_base("f", "1", make_base(tmp_path / "b"), content=fake_fingerprint("b"), fingerprint=False)
     infos = [
-        reg.add_patch(make_patch(tmp_path / f"p{i}", i, fake_fingerprint("b")), name=f"p{i}") for i in range(40)
+        reg.add_patch(make_patch(tmp_path / f"p{i}", i, fake_fingerprint("b")), name=f"p{i}")
+        for i in range(40)
     ]
     by_first = {}
     for info in infos:
@@ -248,8 +249,9 @@ def test_lineage_across_ports(tmp_path, populated):
     reg.add_base("llama", "v3", make_base(tmp_path / "v3", 3), content=c3, fingerprint=False)
     p3 = reg.add_patch(make_patch(tmp_path / "p3", 3, c3), name="sql", parents=["sql@2"])
     other = reg.add_patch(make_patch(tmp_path / "o", 4, c3), name="chat")
-    merged = reg.add_patch(make_patch(tmp_path / "m", 5, c3), name="merged", parents=[p3.ref, other.ref],
-                           relation="merge")
+    merged = reg.add_patch(
+        make_patch(tmp_path / "m", 5, c3), name="merged", parents=[p3.ref, other.ref], relation="merge"
+    )
     tree = reg.lineage("merged")
     assert tree.ref == merged.ref and tree.relation is None
     assert [(n.ref, n.relation) for n in tree.parents] == [("sql@3", "merge"), ("chat@1", "merge")]
