@@ -597,17 +597,22 @@ class Registry:
                     select(Patch.name, func.max(Patch.version).label("v")).group_by(Patch.name).subquery()
                 )
                 q = q.join(latest, (latest.c.name == Patch.name) & (latest.c.v == Patch.version))
-            q = q.order_by(Patch.name, Patch.version)
             if limit is not None:
-                q = q.limit(limit)
-            ids = list(s.execute(q).scalars())
-            return self._patch_infos(s, ids)
+                q = q.order_by(Patch.name, Patch.version).limit(limit)
+            return self._patch_infos_q(s, q)
 
     def _patch_infos(self, s: Session, ids: Sequence[int], *, detail: bool = False) -> list[PatchInfo]:
         if not ids:
             return []
-        ids = list(ids)
-        chunks = [ids[i : i + 900] for i in range(0, len(ids), 900)]  # SQLite bound-parameter limit
+        return self._patch_infos_q(s, select(Patch.id).where(Patch.id.in_(list(ids))), detail=detail)
+
+    def _patch_infos_q(self, s: Session, id_select, *, detail: bool = False) -> list[PatchInfo]:
+        """PatchInfos of the patches ``id_select`` (a select of ``Patch.id``) picks, ordered by name and
+        version: one query for the rows and one each for tags, aliases, parents (and files), whatever
+        the count: the selection is a subquery, so no per-row queries and no huge parameter lists."""
+        conn = s.connection()  # Core execution: these are plain column rows, no ORM loading needed
+        sub = id_select.subquery()
+        ids_in = select(sub.c.id)
         cols = [
             Patch.id,
             Patch.name,
@@ -625,68 +630,68 @@ class Registry:
             Patch.format_version,
             Patch.description,
             Patch.created_at,
+            Family.name.label("family"),
+            BaseVersion.version.label("base_version"),
         ]
         if detail:
             cols += [Patch.stats, Patch.totals]
-        rows, tags, aliases, parents, files = [], defaultdict(list), defaultdict(list), defaultdict(list), {}
-        base_labels: dict[int, str] = {}
-        for chunk in chunks if len(ids) > 900 else [ids]:
-            rows += s.execute(select(*cols).where(Patch.id.in_(chunk))).all()
-            for k, v in s.execute(select(Tag.patch_id, Tag.tag).where(Tag.patch_id.in_(chunk))).all():
-                tags[k].append(v)
-            for k, v in s.execute(select(Alias.patch_id, Alias.name).where(Alias.patch_id.in_(chunk))).all():
-                aliases[k].append(v)
-            prow = s.execute(
-                select(PatchParent.child_id, Patch.name, Patch.version, PatchParent.relation)
-                .join(Patch, Patch.id == PatchParent.parent_id)
-                .where(PatchParent.child_id.in_(chunk))
-                .order_by(PatchParent.child_id, PatchParent.position)
-            ).all()
-            for child, pname, pver, rel in prow:
-                parents[child].append((f"{pname}@{pver}", rel))
-        bids = {r.base_version_id for r in rows if r.base_version_id is not None}
-        if bids:
-            for bid, fam, ver in s.execute(
-                select(BaseVersion.id, Family.name, BaseVersion.version)
-                .join(Family, Family.id == BaseVersion.family_id)
-                .where(BaseVersion.id.in_(bids))
-            ).all():
-                base_labels[bid] = f"{fam}@{ver}"
+        rows = conn.execute(
+            select(*cols)
+            .join(sub, sub.c.id == Patch.id)
+            .outerjoin(BaseVersion, BaseVersion.id == Patch.base_version_id)
+            .outerjoin(Family, Family.id == BaseVersion.family_id)
+            .order_by(Patch.name, Patch.version)
+        ).all()
+        tags = _group(conn.execute(select(Tag.patch_id, Tag.tag).where(Tag.patch_id.in_(ids_in))).all())
+        aliases = _group(
+            conn.execute(select(Alias.patch_id, Alias.name).where(Alias.patch_id.in_(ids_in))).all()
+        )
+        parents: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for child, pname, pver, rel in conn.execute(
+            select(PatchParent.child_id, Patch.name, Patch.version, PatchParent.relation)
+            .join(Patch, Patch.id == PatchParent.parent_id)
+            .where(PatchParent.child_id.in_(ids_in))
+            .order_by(PatchParent.child_id, PatchParent.position)
+        ).all():
+            parents[child].append((f"{pname}@{pver}", rel))
+        files: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
         if detail:
-            for pid, n, dg, sz in s.execute(
+            for pid, n, dg, sz in conn.execute(
                 select(PatchFile.patch_id, PatchFile.name, PatchFile.digest, PatchFile.size)
-                .where(PatchFile.patch_id.in_(ids))
+                .where(PatchFile.patch_id.in_(ids_in))
                 .order_by(PatchFile.name)
             ).all():
-                files.setdefault(pid, []).append((n, dg, sz))
-        by_id = {}
+                files[pid].append((n, dg, sz))
+        out = []
         for r in rows:
-            by_id[r.id] = PatchInfo(
-                id=r.id,
-                name=r.name,
-                version=r.version,
-                digest=r.digest,
-                size=r.size,
-                base=base_labels.get(r.base_version_id) if r.base_version_id else None,
-                base_version_id=r.base_version_id,
-                base_architecture=r.base_architecture,
-                base_content=r.base_content,
-                finetuned=r.finetuned,
-                encoding=r.encoding,
-                method=r.method,
-                parameters=r.parameters,
-                num_tensors=r.num_tensors,
-                format_version=r.format_version,
-                description=r.description,
-                created_at=_ts(r.created_at),
-                tags=tuple(sorted(tags.get(r.id, ()))),
-                aliases=tuple(sorted(aliases.get(r.id, ()))),
-                parents=tuple(parents.get(r.id, ())),
-                stats=r.stats if detail else None,
-                totals=r.totals if detail else None,
-                files=tuple(files.get(r.id, ())),
+            out.append(
+                PatchInfo(
+                    id=r.id,
+                    name=r.name,
+                    version=r.version,
+                    digest=r.digest,
+                    size=r.size,
+                    base=f"{r.family}@{r.base_version}" if r.family is not None else None,
+                    base_version_id=r.base_version_id,
+                    base_architecture=r.base_architecture,
+                    base_content=r.base_content,
+                    finetuned=r.finetuned,
+                    encoding=r.encoding,
+                    method=r.method,
+                    parameters=r.parameters,
+                    num_tensors=r.num_tensors,
+                    format_version=r.format_version,
+                    description=r.description,
+                    created_at=_ts(r.created_at),
+                    tags=tuple(sorted(tags.get(r.id, ()))),
+                    aliases=tuple(sorted(aliases.get(r.id, ()))),
+                    parents=tuple(parents.get(r.id, ())),
+                    stats=r.stats if detail else None,
+                    totals=r.totals if detail else None,
+                    files=tuple(files.get(r.id, ())),
+                )
             )
-        return [by_id[i] for i in ids if i in by_id]
+        return out
 
     def patch_path(self, ref: str, *, verify: bool = True) -> Path:
         """Materialise a registered patch as a directory under the cache (hardlinks to verified blobs)."""

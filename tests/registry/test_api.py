@@ -402,3 +402,36 @@ def test_registry_path_with_file(tmp_path):
     assert Path(tmp_path / "h" / "registry.db").is_file()
     with Registry(tmp_path / "h" / "registry.db") as r2:
         assert r2.home == (tmp_path / "h").resolve()
+
+
+def test_list_uses_a_fixed_number_of_queries(tmp_path, reg):
+    """No N+1: listing 3 or 30 patches issues the same statements."""
+    from sqlalchemy import event
+
+    content = fake_fingerprint("b")
+    reg.add_base("f", "1", make_base(tmp_path / "b"), content=content, fingerprint=False)
+    prev = None
+    counts = []
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    for n in (3, 30):
+        while len(reg.list_patches()) < n:
+            i = len(reg.list_patches())
+            info = reg.add_patch(
+                make_patch(tmp_path / f"p{i}", i, content),
+                name=f"p{i % 4}",
+                parents=[prev] if prev else [],
+                tags=["t"],
+            )
+            reg.set_alias("prod", info.ref)
+            prev = info.ref
+        event.listen(reg.db.engine, "before_cursor_execute", count)
+        statements.clear()
+        listed = reg.list_patches()
+        event.remove(reg.db.engine, "before_cursor_execute", count)
+        assert len(listed) == n and all(p.tags == ("t",) for p in listed)
+        counts.append(len(statements))
+    assert counts[0] == counts[1] <= 6
