@@ -16,6 +16,8 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from patchlab.errors import PatchFormatError
+from patchlab.patch import Patch as CorePatch
 from registry import refs
 from registry.blobs import BlobStore, sha256_file, tree_digest, tree_listing
 from registry.db import Database, Location, open_database, resolve_location, retry_locked
@@ -539,28 +541,48 @@ class Registry:
     def _match_base(
         self, s: Session, base: str | None, base_prov: Mapping[str, Any], src: Path, require: bool
     ) -> int | None:
+        """The base version a patch was made on: ``base`` if given (checked against the manifest's
+        fingerprints), else the registered base with the manifest's content fingerprint, else the
+        registered local base at the manifest's base path with the same architecture."""
+        want_content, want_arch = base_prov.get("content"), base_prov.get("architecture")
         if base is not None:
             target = refs.resolve_base(s, base)
             bv = s.get(BaseVersion, target.id)
-            want = base_prov.get("content")
-            if bv is not None and want and bv.content and want != bv.content:
-                raise InvalidReferenceError(
-                    f"patch {src} was made on a base with content fingerprint {want[:12]}, but "
-                    f"{target.label} has {bv.content[:12]}; pass the base it was made on "
-                    "(or omit --base to match by fingerprint)"
-                )
+            for what, want, have in (
+                ("content", want_content, bv.content if bv else None),
+                ("architecture", want_arch, bv.architecture if bv else None),
+            ):
+                if want and have and want != have:
+                    raise InvalidReferenceError(
+                        f"patch {src} was made on a base with {what} fingerprint {want[:12]}, but "
+                        f"{target.label} has {have[:12]}; pass the base it was made on "
+                        "(or omit --base to match by fingerprint)"
+                    )
             return target.id
-        content = base_prov.get("content")
-        if content:
-            ids = list(s.execute(select(BaseVersion.id).where(BaseVersion.content == content)).scalars())
-            if len(ids) >= 1:
-                return ids[0]
+        if want_content:
+            bid = s.execute(
+                select(BaseVersion.id).where(BaseVersion.content == want_content).order_by(BaseVersion.id).limit(1)
+            ).scalar_one_or_none()
+            if bid is not None:
+                return bid
+        base_path = base_prov.get("path")
+        if base_path:
+            q = select(BaseVersion.id, BaseVersion.architecture).where(
+                BaseVersion.source_kind == "local", BaseVersion.source == str(Path(base_path).resolve())
+            )
+            for bid, arch in s.execute(q.order_by(BaseVersion.id)).all():
+                if not (want_arch and arch and arch != want_arch):
+                    return bid
         if not require:
             return None
-        hint = f" (base fingerprint {content[:12]}, path {base_prov.get('path')})" if content else ""
+        hint = ", ".join(
+            f"{k} {v[:12] if k != 'path' else v}"
+            for k, v in (("content", want_content), ("architecture", want_arch), ("path", base_path))
+            if v
+        )
         raise UnknownReferenceError(
-            f"patch {src} was made on a base that is not in the registry{hint}; register it first with "
-            "`patchlab base add FAMILY VERSION PATH`, or pass --base family@version"
+            f"patch {src} was made on a base that is not in the registry ({hint or 'no provenance'}); register "
+            "it first with `patchlab base add FAMILY VERSION PATH`, or pass --base family@version"
         )
 
     def get_patch(self, ref: str, *, detail: bool = False) -> PatchInfo:
@@ -1247,6 +1269,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ManifestError(
                 f"{mf} says tensor {name!r} is in {f}, which is missing from {path}; the patch is incomplete"
             )
+    try:  # the core's own checks: format, version, encodings, every key present in its shard
+        CorePatch.open(path)
+    except PatchFormatError as exc:
+        raise ManifestError(str(exc)) from None
     return manifest
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import PatchFormatError, PatchlabError
 
 
 class RegistryError(PatchlabError):
@@ -53,5 +53,5 @@ class BlobCorruptError(BlobError):
     """A blob's bytes no longer hash to its digest (run ``patchlab verify``)."""
 
 
-class ManifestError(RegistryError):
+class ManifestError(RegistryError, PatchFormatError):
     """A patch directory's ``patch.json`` is missing or lacks what the registry needs."""
