@@ -17,7 +17,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from patchlab.errors import PatchFormatError
-from patchlab.patch import Patch as CorePatch
 from registry import refs
 from registry.blobs import BlobStore, sha256_file, tree_digest, tree_listing
 from registry.db import Database, Location, open_database, resolve_location, retry_locked
@@ -334,9 +333,7 @@ class Registry:
                     s.add(fam)
                     s.flush()
                 clash = s.execute(
-                    select(BaseVersion.id).where(
-                        BaseVersion.family_id == fam.id, BaseVersion.version == version
-                    )
+                    select(BaseVersion.id).where(BaseVersion.family_id == fam.id, BaseVersion.version == version)
                 ).first()
                 if clash is not None:
                     raise AlreadyExistsError(
@@ -398,9 +395,7 @@ class Registry:
             .join(Family, Family.id == BaseVersion.family_id)
             .where(BaseVersion.id.in_(ids))
         ).all()
-        tags = _group(
-            s.execute(select(Tag.base_version_id, Tag.tag).where(Tag.base_version_id.in_(ids))).all()
-        )
+        tags = _group(s.execute(select(Tag.base_version_id, Tag.tag).where(Tag.base_version_id.in_(ids))).all())
         aliases = _group(
             s.execute(select(Alias.base_version_id, Alias.name).where(Alias.base_version_id.in_(ids))).all()
         )
@@ -456,9 +451,7 @@ class Registry:
             name = _default_name(src, ft_prov)
         refs.validate_name(name)
         if relation not in PARENT_RELATIONS:
-            raise InvalidReferenceError(
-                f"relation must be one of {', '.join(PARENT_RELATIONS)}, not {relation!r}"
-            )
+            raise InvalidReferenceError(f"relation must be one of {', '.join(PARENT_RELATIONS)}, not {relation!r}")
         parents = list(parents)
         tags = [refs.validate_name(t, "tag") for t in tags]
         tensors = manifest.get("tensors") or {}
@@ -483,7 +476,8 @@ class Registry:
         def run() -> PatchInfo:
             with self.db.write() as s:
                 same = s.execute(select(Patch.id).where(Patch.name == name, Patch.digest == digest)).first()
-                if same is not None:
+                if same is not None:  # re-registering: no new version; given parents and tags are added
+                    self._link(s, same[0], [refs.resolve_patch(s, p).id for p in parents], relation, tags)
                     return self._patch_infos(s, [same[0]])[0]
                 base_id = self._match_base(s, base, base_prov, src, require_base)
                 parent_ids = [refs.resolve_patch(s, p).id for p in parents]
@@ -510,21 +504,9 @@ class Registry:
                 s.flush()
                 s.execute(
                     insert(PatchFile),
-                    [
-                        {"patch_id": row.id, "name": n, "digest": d, "size": sz}
-                        for n, (d, sz) in files.items()
-                    ],
+                    [{"patch_id": row.id, "name": n, "digest": d, "size": sz} for n, (d, sz) in files.items()],
                 )
-                if parent_ids:
-                    s.execute(
-                        insert(PatchParent),
-                        [
-                            {"child_id": row.id, "parent_id": pid, "relation": relation, "position": i}
-                            for i, pid in enumerate(dict.fromkeys(parent_ids))
-                        ],
-                    )
-                if tags:
-                    s.execute(insert(Tag), [{"tag": t, "patch_id": row.id} for t in dict.fromkeys(tags)])
+                self._link(s, row.id, parent_ids, relation, tags)
                 return self._patch_infos(s, [row.id])[0]
 
         def run_retrying_version() -> PatchInfo:
@@ -537,6 +519,27 @@ class Registry:
             return run()
 
         return retry_locked(run_retrying_version)
+
+    @staticmethod
+    def _link(s: Session, patch_id: int, parent_ids: list[int], relation: str, tags: list[str]) -> None:
+        """Add lineage edges and tags a patch does not have yet."""
+        have = set(s.execute(select(PatchParent.parent_id).where(PatchParent.child_id == patch_id)).scalars())
+        start = len(have)
+        new = [pid for pid in dict.fromkeys(parent_ids) if pid not in have]
+        if patch_id in new:
+            raise InvalidReferenceError("a patch cannot be its own parent")
+        if new:
+            s.execute(
+                insert(PatchParent),
+                [
+                    {"child_id": patch_id, "parent_id": pid, "relation": relation, "position": start + i}
+                    for i, pid in enumerate(new)
+                ],
+            )
+        have_tags = set(s.execute(select(Tag.tag).where(Tag.patch_id == patch_id)).scalars())
+        new_tags = [t for t in dict.fromkeys(tags) if t not in have_tags]
+        if new_tags:
+            s.execute(insert(Tag), [{"tag": t, "patch_id": patch_id} for t in new_tags])
 
     def _match_base(
         self, s: Session, base: str | None, base_prov: Mapping[str, Any], src: Path, require: bool
@@ -615,9 +618,7 @@ class Registry:
             if tag is not None:
                 q = q.where(Patch.id.in_(select(Tag.patch_id).where(Tag.tag == tag)))
             if not all_versions:
-                latest = (
-                    select(Patch.name, func.max(Patch.version).label("v")).group_by(Patch.name).subquery()
-                )
+                latest = select(Patch.name, func.max(Patch.version).label("v")).group_by(Patch.name).subquery()
                 q = q.join(latest, (latest.c.name == Patch.name) & (latest.c.v == Patch.version))
             if limit is not None:
                 q = q.order_by(Patch.name, Patch.version).limit(limit)
@@ -665,9 +666,7 @@ class Registry:
             .order_by(Patch.name, Patch.version)
         ).all()
         tags = _group(conn.execute(select(Tag.patch_id, Tag.tag).where(Tag.patch_id.in_(ids_in))).all())
-        aliases = _group(
-            conn.execute(select(Alias.patch_id, Alias.name).where(Alias.patch_id.in_(ids_in))).all()
-        )
+        aliases = _group(conn.execute(select(Alias.patch_id, Alias.name).where(Alias.patch_id.in_(ids_in))).all())
         parents: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for child, pname, pver, rel in conn.execute(
             select(PatchParent.child_id, Patch.name, Patch.version, PatchParent.relation)
@@ -730,9 +729,7 @@ class Registry:
         final = self.cache / "patches" / info.digest
         listing = {n: dg for n, dg, _ in info.files}
         if tree_digest(listing) != info.digest:
-            raise InvalidReferenceError(
-                f"patch {info.ref}: its file list does not match its digest; run verify"
-            )
+            raise InvalidReferenceError(f"patch {info.ref}: its file list does not match its digest; run verify")
         if final.is_dir():
             present = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()}
             good = present == set(listing) and (
@@ -844,9 +841,7 @@ class Registry:
                     break
                 seen |= frontier
                 for pid, n, v, dg, fam, bver in s.execute(
-                    select(
-                        Patch.id, Patch.name, Patch.version, Patch.digest, Family.name, BaseVersion.version
-                    )
+                    select(Patch.id, Patch.name, Patch.version, Patch.digest, Family.name, BaseVersion.version)
                     .outerjoin(BaseVersion, BaseVersion.id == Patch.base_version_id)
                     .outerjoin(Family, Family.id == BaseVersion.family_id)
                     .where(Patch.id.in_(frontier))
@@ -899,9 +894,7 @@ class Registry:
                             f"{scope}@{alias} is already a version label; choose another alias name"
                         )
                 row = s.execute(
-                    select(Alias).where(
-                        Alias.scope_kind == scope_kind, Alias.scope == scope, Alias.name == alias
-                    )
+                    select(Alias).where(Alias.scope_kind == scope_kind, Alias.scope == scope, Alias.name == alias)
                 ).scalar_one_or_none()
                 target_cols = {
                     "base_version_id": t.id if t.kind == "base" else None,
@@ -910,9 +903,7 @@ class Registry:
                 if row is None:
                     s.add(Alias(name=alias, scope_kind=scope_kind, scope=scope, **target_cols))
                 else:
-                    s.execute(
-                        update(Alias).where(Alias.id == row.id).values(updated_at=utcnow(), **target_cols)
-                    )
+                    s.execute(update(Alias).where(Alias.id == row.id).values(updated_at=utcnow(), **target_cols))
                 return AliasInfo(alias, scope_kind, scope, t.label)
 
         return retry_locked(run)
@@ -933,9 +924,7 @@ class Registry:
                     )
                 if len(rows) > 1:
                     raise refs.AmbiguousReferenceError(
-                        f"alias {ref!r} is set on "
-                        + ", ".join(f"{a.scope}@{a.name}" for a in rows)
-                        + "; say which"
+                        f"alias {ref!r} is set on " + ", ".join(f"{a.scope}@{a.name}" for a in rows) + "; say which"
                     )
                 a = rows[0]
                 label = self._target_label(s, a.base_version_id, a.patch_id)
@@ -946,9 +935,7 @@ class Registry:
 
     def list_aliases(self) -> list[AliasInfo]:
         with self.db.read() as s:
-            rows = (
-                s.execute(select(Alias).order_by(Alias.scope_kind, Alias.scope, Alias.name)).scalars().all()
-            )
+            rows = s.execute(select(Alias).order_by(Alias.scope_kind, Alias.scope, Alias.name)).scalars().all()
             return [
                 AliasInfo(a.name, a.scope_kind, a.scope, self._target_label(s, a.base_version_id, a.patch_id))
                 for a in rows
@@ -1018,9 +1005,7 @@ class Registry:
                     s.execute(delete(DerivedModel).where(DerivedModel.id == t.id))
                     return [t.label]
                 if t.kind == "base":
-                    patch_ids = set(
-                        s.execute(select(Patch.id).where(Patch.base_version_id == t.id)).scalars()
-                    )
+                    patch_ids = set(s.execute(select(Patch.id).where(Patch.base_version_id == t.id)).scalars())
                     base_ids = {t.id}
                 else:
                     patch_ids, base_ids = {t.id}, set()
@@ -1037,9 +1022,7 @@ class Registry:
                     DerivedModel.patch_id.in_(closure) | DerivedModel.base_version_id.in_(base_ids)
                 )
                 s.execute(delete(DerivedModel).where(DerivedModel.id.in_(derived_q.scalar_subquery())))
-                s.execute(
-                    delete(Alias).where(Alias.patch_id.in_(closure) | Alias.base_version_id.in_(base_ids))
-                )
+                s.execute(delete(Alias).where(Alias.patch_id.in_(closure) | Alias.base_version_id.in_(base_ids)))
                 if closure:
                     s.execute(
                         delete(PatchParent).where(
@@ -1053,23 +1036,17 @@ class Registry:
                     )
                     s.execute(delete(BaseVersion).where(BaseVersion.id.in_(base_ids)))
                     for fid in fam_ids:
-                        left = s.execute(
-                            select(BaseVersion.id).where(BaseVersion.family_id == fid).limit(1)
-                        ).first()
+                        left = s.execute(select(BaseVersion.id).where(BaseVersion.family_id == fid).limit(1)).first()
                         if left is None:
                             s.execute(delete(Family).where(Family.id == fid))
                 return removed
 
         return retry_locked(run)
 
-    def _dependants(
-        self, s: Session, closure: set[int], base_ids: set[int], root_patch: int | None
-    ) -> list[str]:
+    def _dependants(self, s: Session, closure: set[int], base_ids: set[int], root_patch: int | None) -> list[str]:
         out: list[str] = []
         for pid, n, v in s.execute(
-            select(Patch.id, Patch.name, Patch.version)
-            .where(Patch.id.in_(closure))
-            .order_by(Patch.name, Patch.version)
+            select(Patch.id, Patch.name, Patch.version).where(Patch.id.in_(closure)).order_by(Patch.name, Patch.version)
         ).all():
             if pid != root_patch:
                 out.append(f"patch {n}@{v}")
@@ -1090,9 +1067,7 @@ class Registry:
         with self.db.read() as s:
             out: dict[str, list[str]] = defaultdict(list)
             for dg, n, v in s.execute(
-                select(PatchFile.digest, Patch.name, Patch.version).join(
-                    Patch, Patch.id == PatchFile.patch_id
-                )
+                select(PatchFile.digest, Patch.name, Patch.version).join(Patch, Patch.id == PatchFile.patch_id)
             ).all():
                 out[dg].append(f"{n}@{v}")
             for dg, n, v in s.execute(select(Patch.digest, Patch.name, Patch.version)).all():
@@ -1158,9 +1133,7 @@ class Registry:
         seen: set[str] = set()
         for i, rec in enumerate(records):
             if "id" not in rec:
-                raise InvalidReferenceError(
-                    f"evaluation record {i} has no 'id'; every record needs a unique id"
-                )
+                raise InvalidReferenceError(f"evaluation record {i} has no 'id'; every record needs a unique id")
             iid = str(rec["id"])
             if iid in seen:
                 raise InvalidReferenceError(f"evaluation record id {iid!r} appears twice; ids must be unique")
@@ -1214,9 +1187,7 @@ class Registry:
         with self.db.read() as s:
             ev = s.get(Evaluation, evaluation_id)
             if ev is None:
-                raise UnknownReferenceError(
-                    f"no evaluation {evaluation_id} (list them with Registry.list_evaluations)"
-                )
+                raise UnknownReferenceError(f"no evaluation {evaluation_id} (list them with Registry.list_evaluations)")
             return self._eval_info(s, ev, results=True)
 
     def _eval_info(self, s: Session, ev: Evaluation, *, results: bool) -> EvaluationInfo:
@@ -1240,9 +1211,7 @@ class Registry:
                     .order_by(EvaluationResult.instance_id)
                 ).scalars()
             )
-        return EvaluationInfo(
-            ev.id, label, ev.model, ev.dataset, ev.metrics, ev.num_instances, _ts(ev.created_at), res
-        )
+        return EvaluationInfo(ev.id, label, ev.model, ev.dataset, ev.metrics, ev.num_instances, _ts(ev.created_at), res)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -1269,6 +1238,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ManifestError(
                 f"{mf} says tensor {name!r} is in {f}, which is missing from {path}; the patch is incomplete"
             )
+    from patchlab.patch import Patch as CorePatch  # lazy: torch is not needed to list a registry
+
     try:  # the core's own checks: format, version, encodings, every key present in its shard
         CorePatch.open(path)
     except PatchFormatError as exc:
@@ -1316,9 +1287,7 @@ def _descendants(s: Session, roots: set[int]) -> set[int]:
     """Patches that came from any of ``roots`` (ports, merges), transitively, plus the roots."""
     out, frontier = set(roots), set(roots)
     while frontier:
-        nxt = set(
-            s.execute(select(PatchParent.child_id).where(PatchParent.parent_id.in_(frontier))).scalars()
-        )
+        nxt = set(s.execute(select(PatchParent.child_id).where(PatchParent.parent_id.in_(frontier))).scalars())
         frontier = nxt - out
         out |= frontier
     return out

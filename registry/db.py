@@ -139,9 +139,7 @@ class Database:
         self.location = location
         self.engine = make_engine(location)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(
-            self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False
-        )
+        self._writer = sessionmaker(self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -170,9 +170,7 @@ class Tag(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tag: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
     patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), index=True)
-    base_version_id: Mapped[int | None] = mapped_column(
-        ForeignKey("base_versions.id", ondelete="CASCADE"), index=True
-    )
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), index=True)
 
 
 class Evaluation(Base):
@@ -182,12 +180,8 @@ class Evaluation(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), index=True)
-    base_version_id: Mapped[int | None] = mapped_column(
-        ForeignKey("base_versions.id", ondelete="CASCADE"), index=True
-    )
-    derived_id: Mapped[int | None] = mapped_column(
-        ForeignKey("derived_models.id", ondelete="CASCADE"), index=True
-    )
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), index=True)
+    derived_id: Mapped[int | None] = mapped_column(ForeignKey("derived_models.id", ondelete="CASCADE"), index=True)
     model: Mapped[str] = mapped_column(Text, nullable=False)  # what was evaluated, as the user named it
     dataset: Mapped[str] = mapped_column(String(500), nullable=False)
     metrics: Mapped[Any] = mapped_column(JSON, nullable=True)
@@ -198,9 +192,7 @@ class Evaluation(Base):
 class EvaluationResult(Base):
     __tablename__ = "evaluation_results"
 
-    evaluation_id: Mapped[int] = mapped_column(
-        ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True
-    )
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True)
     instance_id: Mapped[str] = mapped_column(String(500), primary_key=True)
     prediction: Mapped[Any] = mapped_column(JSON, nullable=True)
     gold: Mapped[Any] = mapped_column(JSON, nullable=True)

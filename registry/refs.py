@@ -105,23 +105,17 @@ def resolve_base(s: Session, ref: str) -> Target:
     if tail is None or (tail == LATEST and not _alias(s, "family", head, tail)):
         bv = s.execute(q.order_by(BaseVersion.release_order.desc()).limit(1)).scalar_one_or_none()
         if bv is None:
-            raise UnknownReferenceError(
-                f"base family {head!r} has no versions; add one with `patchlab base add`"
-            )
+            raise UnknownReferenceError(f"base family {head!r} has no versions; add one with `patchlab base add`")
         return Target("base", bv.id, base_label(head, bv.version))
     bv = s.execute(q.where(BaseVersion.version == tail)).scalar_one_or_none()
     if bv is not None:
         return Target("base", bv.id, base_label(head, bv.version))
     alias = _alias(s, "family", head, tail)
     if alias is not None and alias.base_version_id is not None:
-        version = s.execute(
-            select(BaseVersion.version).where(BaseVersion.id == alias.base_version_id)
-        ).scalar_one()
+        version = s.execute(select(BaseVersion.version).where(BaseVersion.id == alias.base_version_id)).scalar_one()
         return Target("base", alias.base_version_id, base_label(head, version))
     versions = list(s.execute(select(BaseVersion.version).where(BaseVersion.family_id == fam.id)).scalars())
-    aliases = list(
-        s.execute(select(Alias.name).where(Alias.scope_kind == "family", Alias.scope == head)).scalars()
-    )
+    aliases = list(s.execute(select(Alias.name).where(Alias.scope_kind == "family", Alias.scope == head)).scalars())
     raise UnknownReferenceError(
         f"base family {head!r} has no version or alias {tail!r}{_close(tail, versions + aliases)} "
         f"(versions: {', '.join(versions) or 'none'})"
@@ -167,9 +161,7 @@ def resolve_patch(s: Session, ref: str) -> Target:
         p = head.removeprefix("sha256:").lower()
         if len(p) >= MIN_PREFIX and HEX_RE.match(p):
             rows = s.execute(
-                select(Patch.id, Patch.name, Patch.version, Patch.digest)
-                .where(Patch.digest.like(p + "%"))
-                .limit(20)
+                select(Patch.id, Patch.name, Patch.version, Patch.digest).where(Patch.digest.like(p + "%")).limit(20)
             ).all()
             digests = {r[3] for r in rows}
             if len(digests) > 1:
@@ -215,8 +207,7 @@ def resolve_patch(s: Session, ref: str) -> Target:
     if alias is not None:
         return _patch_target(s, alias.patch_id)
     versions = [
-        str(v)
-        for v in s.execute(select(Patch.version).where(Patch.name == head).order_by(Patch.version)).scalars()
+        str(v) for v in s.execute(select(Patch.version).where(Patch.name == head).order_by(Patch.version)).scalars()
     ]
     if not versions:
         names = list(s.execute(select(Patch.name).distinct()).scalars())
@@ -266,15 +257,12 @@ def resolve_any(s: Session, ref: str, kind: str | None = None) -> Target:
             errors.append(exc)
     if len(found) > 1:
         raise AmbiguousReferenceError(
-            f"{ref!r} names both patch {found[0].label} and base {found[1].label}; say which "
-            "(--kind patch|base)"
+            f"{ref!r} names both patch {found[0].label} and base {found[1].label}; say which (--kind patch|base)"
         )
     if found:
         return found[0]
     head, _ = split_ref(ref)
-    names = list(s.execute(select(Patch.name).distinct()).scalars()) + list(
-        s.execute(select(Family.name)).scalars()
-    )
+    names = list(s.execute(select(Patch.name).distinct()).scalars()) + list(s.execute(select(Family.name)).scalars())
     raise UnknownReferenceError(
         f"{ref!r} names no patch or base in the registry{_close(head, names)} "
         "(list them with `patchlab ls` and `patchlab ls --bases`)"

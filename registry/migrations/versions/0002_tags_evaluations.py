@@ -47,9 +47,7 @@ def upgrade() -> None:
     op.create_index("ix_evaluations_derived_id", "evaluations", ["derived_id"])
     op.create_table(
         "evaluation_results",
-        sa.Column(
-            "evaluation_id", sa.Integer, sa.ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True
-        ),
+        sa.Column("evaluation_id", sa.Integer, sa.ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("instance_id", sa.String(500), primary_key=True),
         sa.Column("prediction", sa.JSON),
         sa.Column("gold", sa.JSON),
