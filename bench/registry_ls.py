@@ -94,9 +94,7 @@ def main() -> None:
         rng = random.Random(0)
         with reg.db.write() as s:
             bid = s.execute(select(func.min(Patch.base_version_id))).scalar_one()
-            next_version = dict(
-                s.execute(select(Patch.name, func.max(Patch.version)).group_by(Patch.name)).all()
-            )
+            next_version = dict(s.execute(select(Patch.name, func.max(Patch.version)).group_by(Patch.name)).all())
             top = s.execute(select(func.max(Patch.id))).scalar_one()
             rows, files, parents, tags = [], [], [], []
             now = utcnow()

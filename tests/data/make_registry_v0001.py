@@ -55,10 +55,7 @@ def main() -> None:
                 {"id": pid, "ver": ver, "dg": digest, "b": base, "bc": C1 if base == 1 else C2, "t": now},
             )
             c.execute(
-                text(
-                    "INSERT INTO patch_files (patch_id, name, digest, size)"
-                    " VALUES (:p, 'patch.json', :d, 100)"
-                ),
+                text("INSERT INTO patch_files (patch_id, name, digest, size) VALUES (:p, 'patch.json', :d, 100)"),
                 {"p": pid, "d": "f" * 63 + str(pid)},
             )
         c.execute(text("INSERT INTO patch_parents VALUES (2, 1, 'port', 0)"))

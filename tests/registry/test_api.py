@@ -132,10 +132,7 @@ def test_patch_references(tmp_path, populated):
 
 def test_ambiguous_digest_prefix(tmp_path, reg):
     reg.add_base("f", "1", make_base(tmp_path / "b"), content=fake_fingerprint("b"), fingerprint=False)
-    infos = [
-        reg.add_patch(make_patch(tmp_path / f"p{i}", i, fake_fingerprint("b")), name=f"p{i}")
-        for i in range(40)
-    ]
+    infos = [reg.add_patch(make_patch(tmp_path / f"p{i}", i, fake_fingerprint("b")), name=f"p{i}") for i in range(40)]
     by_first = {}
     for info in infos:
         by_first.setdefault(info.digest[0], []).append(info)
@@ -435,3 +432,26 @@ def test_list_uses_a_fixed_number_of_queries(tmp_path, reg):
         assert len(listed) == n and all(p.tags == ("t",) for p in listed)
         counts.append(len(statements))
     assert counts[0] == counts[1] <= 6
+
+
+def test_default_location_is_user_data_dir(monkeypatch, tmp_path):
+    import platformdirs
+
+    from registry.db import resolve_location
+
+    monkeypatch.delenv("PATCHLAB_HOME", raising=False)
+    monkeypatch.setattr(platformdirs, "user_data_dir", lambda name, appauthor=None: str(tmp_path / "data" / name))
+    loc = resolve_location()
+    assert loc.home == tmp_path / "data" / "patchlab"
+    assert loc.url == f"sqlite:///{tmp_path / 'data' / 'patchlab' / 'registry.db'}"
+    url = resolve_location("postgresql://u:p@db.example/patchlab")
+    assert url.url == "postgresql://u:p@db.example/patchlab" and url.home == loc.home
+
+
+def test_readding_links_parents_and_tags(tmp_path, populated):
+    reg, p1, p2 = populated
+    reg.add_patch(make_patch(tmp_path / "p3", 3, fake_fingerprint("v2")), name="other")
+    again = reg.add_patch(tmp_path / "p3", name="other", parents=["sql@2"], relation="merge", tags=["x"])
+    assert again.ref == "other@1" and again.parents == (("sql@2", "merge"),) and again.tags == ("x",)
+    with pytest.raises(InvalidReferenceError, match="own parent"):
+        reg.add_patch(tmp_path / "p3", name="other", parents=["other@1"])

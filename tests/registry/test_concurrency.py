@@ -26,9 +26,7 @@ def test_two_writers_lose_nothing(tmp_path):
     ctx = mp.get_context("spawn")
     start = ctx.Manager().Event()
     with ctx.Pool(2) as pool:
-        results = [
-            pool.apply_async(add_many, (str(tmp_path / "home"), dirs[w], w, start)) for w in ("a", "b")
-        ]
+        results = [pool.apply_async(add_many, (str(tmp_path / "home"), dirs[w], w, start)) for w in ("a", "b")]
         start.set()
         counts = [r.get(timeout=120) for r in results]
     assert counts == [PER_WORKER, PER_WORKER]
