@@ -38,7 +38,7 @@ def make_patch_dir(path: Path, seed: int, base_content: str) -> Path:
         "changed_frac": 1,
     }
     manifest = {
-        "format": "patchlab-patch",
+        "format": "patchlab.patch",
         "format_version": 1,
         "provenance": {
             "base": {"content": base_content},
@@ -49,6 +49,8 @@ def make_patch_dir(path: Path, seed: int, base_content: str) -> Path:
         "tensors": {
             "w": {
                 "op": "add",
+                "dtype": "float32",
+                "keys": {"delta": "w"},
                 "encoding": "dense",
                 "shape": [64, 64],
                 "file": "delta-00001.safetensors",
@@ -162,6 +164,16 @@ def main() -> None:
             one = r.get_patch("task7")
             t_get = time.perf_counter() - t0
         assert len(listed) == args.patches, len(listed)
+        from typer.testing import CliRunner
+
+        from cli.main import app
+
+        cli_times = {}
+        for label, extra in (("ls --json", ["--json"]), ("ls (table)", [])):
+            t0 = time.perf_counter()
+            res = CliRunner().invoke(app, ["--registry", str(home), "ls", *extra])
+            cli_times[label] = time.perf_counter() - t0
+            assert res.exit_code == 0, res.output
         print(f"registry: {home} ({(home / 'registry.db').stat().st_size / 1e6:.1f} MB database)")
         print(
             f"add_patch (real dirs, blobs + row): {args.real} patches in {t_add:.2f} s = "
@@ -174,6 +186,8 @@ def main() -> None:
         print(f"list_patches(all_versions=False): {len(latest)} names in {t_latest:.3f} s")
         print(f"list_patches(tag='bench'): {len(tagged)} in {t_tag:.3f} s")
         print(f"get_patch('task7') -> {one.ref}: {1000 * t_get:.1f} ms")
+        for label, t in cli_times.items():
+            print(f"`patchlab {label}` in-process (imports excluded): {t:.3f} s")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

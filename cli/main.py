@@ -105,7 +105,9 @@ def _open(registry: str | None, *, create: bool = False):
 
 
 def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+    # indented for a terminal; compact when piped (json's C encoder only runs without indent: 5x faster)
+    indent = 2 if sys.stdout.isatty() else None
+    typer.echo(json.dumps(data, indent=indent, default=str))
 
 
 def _size(n: int | None) -> str:
@@ -234,9 +236,9 @@ def ls(
             items = reg.list_bases(family)
             if json_out:
                 return _print_json([b.to_dict() for b in items])
-            t = Table("base", "source", "params", "dtype", "content", "aliases", "tags", box=None)
-            for b in items:
-                t.add_row(
+            headers = ("base", "source", "params", "dtype", "content", "aliases", "tags")
+            rows = [
+                (
                     b.ref,
                     b.location,
                     _params(b.num_parameters),
@@ -245,20 +247,21 @@ def ls(
                     ", ".join(b.aliases),
                     ", ".join(b.tags),
                 )
+                for b in items
+            ]
         elif derived:
             ditems = reg.list_derived(name)
             if json_out:
                 return _print_json([d.to_dict() for d in ditems])
-            t = Table("ref", "kind", "patch", "onto", "path", "created", box=None)
-            for d in ditems:
-                t.add_row(d.ref, d.kind, d.patch, d.base or "", d.path, d.created_at)
+            headers = ("ref", "kind", "patch", "onto", "path", "created")
+            rows = [(d.ref, d.kind, d.patch, d.base or "", d.path, d.created_at) for d in ditems]
         else:
             patches = reg.list_patches(name=name, base=base, family=family, tag=tag, all_versions=not latest)
             if json_out:
                 return _print_json([p.to_dict() for p in patches])
-            t = Table("patch", "base", "encoding", "tensors", "size", "digest", "aliases", "tags", "created", box=None)
-            for p in patches:
-                t.add_row(
+            headers = ("patch", "base", "encoding", "tensors", "size", "digest", "aliases", "tags", "created")
+            rows = [
+                (
                     p.ref,
                     p.base or "",
                     p.encoding or "",
@@ -269,11 +272,30 @@ def ls(
                     ", ".join(p.tags),
                     p.created_at,
                 )
-    if t.row_count == 0:
+                for p in patches
+            ]
+    if not rows:
         _err().print("(nothing registered yet)" if not (name or family or base or tag) else "(no matches)")
     else:
-        _out().print(t)
+        _print_table(headers, rows)
     return None
+
+
+RICH_ROWS = 1000
+
+
+def _print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table; past RICH_ROWS rows, plain aligned columns (rich measures every cell: 20 s for 10k)."""
+    if len(rows) <= RICH_ROWS:
+        t = Table(*headers, box=None)
+        for r in rows:
+            t.add_row(*(_escape(c) for c in r))
+        _out().print(t)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 @app.command()
