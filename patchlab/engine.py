@@ -27,6 +27,7 @@ from .errors import DeviceError, OutputExistsError
 from .safetensors_io import StreamingWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 22  # 4M elements: 16 MiB per fp32 operand
+_STOP, _ABORT = object(), object()
 Inputs = tuple[torch.Tensor, ...]
 
 
@@ -99,37 +100,42 @@ class _Writer(threading.Thread):
         self._current: tuple[int, StreamingWriter] | None = None
 
     def run(self) -> None:
+        item = None
         try:
             while True:
                 item = self.q.get()
-                if item is None:
+                if item is _STOP or item is _ABORT:
                     break
                 si, chunk = item
                 if self._current is None or self._current[0] != si:
                     self._close()
                     sh = self.shards[si]
-                    self._current = (
-                        si,
-                        StreamingWriter(self.out_dir / sh.file, [j.spec for j in sh.jobs], sh.metadata),
-                    )
+                    specs = [j.spec for j in sh.jobs]
+                    self._current = (si, StreamingWriter(self.out_dir / sh.file, specs, sh.metadata))
                 self._current[1].write(chunk)
                 if self.progress:
                     self.progress(chunk.numel() * chunk.element_size())
-            self._close()
+            if item is _ABORT:
+                if self._current is not None:
+                    self._current[1].abort()
+                    self._current = None
+            else:
+                self._close()
         except BaseException as e:  # surfaced by the main thread
             self.error = e
-            while True:  # drain so the producer never blocks
-                if self.q.get() is None:
-                    break
+            if self._current is not None:
+                self._current[1].abort()
+            while item is not _STOP and item is not _ABORT:  # drain so the producer never blocks
+                item = self.q.get()
 
     def _close(self) -> None:
         if self._current is not None:
             self._current[1].finish()
             self._current = None
 
-    def put(self, item: tuple[int, torch.Tensor] | None) -> None:
+    def put(self, item: object) -> None:
         while True:
-            if self.error is not None and item is not None:
+            if self.error is not None and isinstance(item, tuple):
                 raise self.error
             try:
                 self.q.put(item, timeout=0.5)
@@ -144,10 +150,11 @@ def run(
     device: torch.device,
     *,
     progress: Callable[[int], None] | None = None,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: int | None = None,
 ) -> None:
     """Execute every job of every shard, streaming. ``out_dir=None`` runs the jobs for their side effects
     only (statistics, diagnostics) and writes nothing."""
+    chunk_elems = chunk_elems or CHUNK_ELEMS
     work = [
         (si, job, r0, r1) for si, sh in enumerate(shards) for job in sh.jobs for r0, r1 in _chunks(job, chunk_elems)
     ]
@@ -185,11 +192,11 @@ def run(
         for f in pending.values():
             f.cancel()
         if writer:
-            writer.put(None)
+            writer.put(_ABORT)
             writer.join()
         raise
     if writer:
-        writer.put(None)
+        writer.put(_STOP)
         writer.join()
         if writer.error:
             raise writer.error

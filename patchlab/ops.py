@@ -27,11 +27,19 @@ META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (``"bfloat16"``)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     d = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise PlanError(f"unknown storage dtype {name!r}; use float32, bfloat16 or float16")
+    if not isinstance(d, torch.dtype):
+        raise PlanError(f"unknown dtype {name!r}")
+    return d
+
+
+def _storage_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    d = _dtype(name) if name is not None else torch.float32
+    if d not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise PlanError(f"storage dtype {name!r} cannot hold a delta; use float32 (exact), bfloat16 or float16")
     return d
 
 
@@ -94,7 +102,10 @@ def extract(
     smaller ``storage_dtype`` (bfloat16, float16) halves the patch and gives up exactness.
     """
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
-    store = _dtype(storage_dtype) or torch.float32
+    try:
+        store = _storage_dtype(storage_dtype)
+    except PlanError:
+        raise PlanError(f"unknown storage dtype {storage_dtype!r}; use float32 (exact), bfloat16 or float16") from None
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
     if dry_run:
         return plan
@@ -432,6 +443,10 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         tr, d = x
+        if not bool(torch.isfinite(d).all()):
+            raise NonFiniteDeltaError(
+                f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
+            )
         outc = tr.add_(d, alpha=s.alpha).to(dtype)
         if fix is not None:
             if "ok" not in fix_state:  # the residuals are only valid on the exact base tensor they came from
