@@ -60,7 +60,7 @@ KindOpt = Annotated[
 
 
 def _out() -> Console:
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+    return Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _err() -> Console:
@@ -562,8 +562,36 @@ NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not recor
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
-def _checkpoint(reg, ref: str) -> str:
-    return reg.checkpoint_location(ref)
+class _Bytes:
+    """A rich progress display for the core's ``progress(nbytes)`` callback (stderr, terminals only)."""
+
+    def __init__(self, what: str, enabled: bool) -> None:
+        self.what, self.enabled, self._progress, self._task = what, enabled and sys.stderr.isatty(), None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn(self.what),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=_err(),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.what, total=None)
+        return self._advance
+
+    def _advance(self, nbytes: int) -> None:
+        self._progress.advance(self._task, nbytes)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def _is_ref(s: str) -> bool:
@@ -597,15 +625,17 @@ def diff(
     reg = None if no_register and not _is_ref(base) else _open(registry)
     try:
         base_path = reg.checkpoint_location(base) if reg is not None else base
-        patch = patchlab.extract(
-            base_path,
-            finetuned,
-            out,
-            storage_dtype=storage_dtype,
-            vocab_policy=vocab_policy,
-            device=device,
-            overwrite=overwrite,
-        )
+        with _Bytes("extracting", not json_out) as progress:
+            patch = patchlab.extract(
+                base_path,
+                finetuned,
+                out,
+                storage_dtype=storage_dtype,
+                vocab_policy=vocab_policy,
+                device=device,
+                overwrite=overwrite,
+                progress=progress,
+            )
         info = None
         if not no_register and reg is not None:
             info = reg.add_patch(
@@ -646,17 +676,19 @@ def _apply_like(
     try:
         patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
         target_path = reg.checkpoint_location(target) if reg is not None else target
-        result = fn(
-            patch_dir,
-            target_path,
-            out,
-            alpha=alpha,
-            vocab_policy=vocab_policy,
-            device=device,
-            overwrite=overwrite,
-            force=force,
-            dry_run=dry_run,
-        )
+        with _Bytes(f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)) as progress:
+            result = fn(
+                patch_dir,
+                target_path,
+                out,
+                alpha=alpha,
+                vocab_policy=vocab_policy,
+                device=device,
+                overwrite=overwrite,
+                force=force,
+                dry_run=dry_run,
+                progress=progress,
+            )
         if dry_run:
             return _print_json(result.to_json()) if json_out else typer.echo(result.render())
         derived = None
