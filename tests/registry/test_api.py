@@ -131,19 +131,28 @@ def test_patch_references(tmp_path, populated):
 
 
 def test_ambiguous_digest_prefix(tmp_path, reg):
-    reg.add_base("f", "1", make_base(tmp_path / "b"), content=fake_fingerprint("b"), fingerprint=False)
-    infos = [reg.add_patch(make_patch(tmp_path / f"p{i}", i, fake_fingerprint("b")), name=f"p{i}") for i in range(40)]
-    by_first = {}
-    for info in infos:
-        by_first.setdefault(info.digest[0], []).append(info)
-    shared = next(v for v in by_first.values() if len(v) > 1)
-    # a one-hex prefix is too short to be a digest reference at all
+    from sqlalchemy import update
+
+    from registry.models import Patch
+
+    content = fake_fingerprint("b")
+    reg.add_base("f", "1", make_base(tmp_path / "b"), content=content, fingerprint=False)
+    a = reg.add_patch(make_patch(tmp_path / "a", 1, content), name="a")
+    b = reg.add_patch(make_patch(tmp_path / "b2", 2, content), name="b")
+    # real digests sharing 7 hex digits are too rare to find; give the rows such digests directly
+    with reg.db.write() as s:
+        s.execute(update(Patch).where(Patch.id == a.id).values(digest="abcdef1" + "0" * 57))
+        s.execute(update(Patch).where(Patch.id == b.id).values(digest="abcdef1" + "1" * 57))
+    with pytest.raises(AmbiguousReferenceError, match="a@1.*b@1|b@1.*a@1"):
+        reg.get_patch("abcdef1")
+    assert reg.get_patch("abcdef10").ref == "a@1"
     with pytest.raises(UnknownReferenceError):
-        reg.get_patch(shared[0].digest[0])
-    common = os.path.commonprefix([shared[0].digest, shared[1].digest])
-    if len(common) >= 6:  # pragma: no cover - astronomically unlikely
-        with pytest.raises(AmbiguousReferenceError):
-            reg.get_patch(common)
+        reg.get_patch("abcde")  # 5 digits: too short to be read as a digest prefix
+    # a patch name that is also a digest prefix of another patch
+    c = reg.add_patch(make_patch(tmp_path / "c", 3, content), name="abcdef11")
+    with pytest.raises(AmbiguousReferenceError, match="both a patch name and a digest prefix"):
+        reg.get_patch("abcdef11")
+    assert reg.get_patch("abcdef11@1").id == c.id
 
 
 def test_plain_paths_and_materialise(tmp_path, populated):
