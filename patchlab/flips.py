@@ -280,6 +280,7 @@ def compare(
     only_old = sorted(k for k in old_ix if k not in new_ix)
     only_new = sorted(k for k in new_ix if k not in old_ix)
     if (only_old or only_new) and not allow_missing:
+
         def show(keys: list[tuple[str, str, str]]) -> str:
             s = ", ".join(f"{group_name(t, f)}:{d}" for t, d, f in keys[:5])
             return s + (" ..." if len(keys) > 5 else "")

@@ -55,13 +55,14 @@ class InstanceResult:
 
 @dataclass
 class TaskSummary:
-    """Aggregate of one task: counts, accuracy, mean score (and length-normalised accuracy for MC)."""
+    """Aggregate of one task: counts, accuracy, length-normalised accuracy (all-MC tasks) and the mean
+    generation score (token F1 over the generation instances; None without any)."""
 
     task: str
     n: int
     n_correct: int
     accuracy: float
-    mean_score: float
+    mean_score: float | None
     accuracy_norm: float | None = None
     n_truncated: int = 0
     types: list[str] = field(default_factory=list)
@@ -128,6 +129,7 @@ def summarise(instances: list[InstanceResult]) -> dict[str, TaskSummary]:
         n = len(items)
         n_ok = sum(1 for i in items if i.correct)
         mc = [i for i in items if i.type == "multiple_choice"]
+        gen = [i for i in items if i.type == "generation"]
         acc_norm = (
             sum(1 for i in mc if i.details.get("correct_norm")) / len(mc) if mc and len(mc) == n else None
         )
@@ -136,7 +138,7 @@ def summarise(instances: list[InstanceResult]) -> dict[str, TaskSummary]:
             n=n,
             n_correct=n_ok,
             accuracy=n_ok / n,
-            mean_score=sum(i.score for i in items) / n,
+            mean_score=sum(i.score for i in gen) / len(gen) if gen else None,
             accuracy_norm=acc_norm,
             n_truncated=sum(1 for i in items if i.truncated),
             types=sorted({i.type for i in items}),

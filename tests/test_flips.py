@@ -18,10 +18,22 @@ def gen(doc: str, score: float, task: str = "gen") -> FlipRecord:
 
 
 # Six MC instances covering every quadrant, plus wrong->same-wrong (d) and wrong->other-wrong (e).
-OLD_MC = [mc("a", True, 0), mc("b", True, 1), mc("c", False, 1), mc("d", False, 1), mc("e", False, 1),
-          mc("f", True, 3)]
-NEW_MC = [mc("a", True, 0), mc("b", False, 2), mc("c", True, 0), mc("d", False, 1), mc("e", False, 2),
-          mc("f", True, 3)]
+OLD_MC = [
+    mc("a", True, 0),
+    mc("b", True, 1),
+    mc("c", False, 1),
+    mc("d", False, 1),
+    mc("e", False, 1),
+    mc("f", True, 3),
+]
+NEW_MC = [
+    mc("a", True, 0),
+    mc("b", False, 2),
+    mc("c", True, 0),
+    mc("d", False, 1),
+    mc("e", False, 2),
+    mc("f", True, 3),
+]
 # Generation: D = -0.5, 0, +1.0, +0.4
 OLD_GEN = [gen("x", 1.0), gen("y", 0.5), gen("z", 0.0), gen("w", 0.2)]
 NEW_GEN = [gen("x", 0.5), gen("y", 0.5), gen("z", 1.0), gen("w", 0.6)]

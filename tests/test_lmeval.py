@@ -93,11 +93,15 @@ def test_compare_two_runs_from_files(tmp_path):
     new = tmp_path / "new"
     old.mkdir()
     new.mkdir()
-    write(old / "samples_arc_2024-01-01T00-00-00.jsonl",
-          [mc_row(0, [-1.0, -2.0, -3.0], 1.0, 1.0), mc_row(1, [-1.0, -2.0, -3.0], 1.0, 1.0)])
+    write(
+        old / "samples_arc_2024-01-01T00-00-00.jsonl",
+        [mc_row(0, [-1.0, -2.0, -3.0], 1.0, 1.0), mc_row(1, [-1.0, -2.0, -3.0], 1.0, 1.0)],
+    )
     write(old / "samples_gsm8k_2024-01-01T00-00-00.jsonl", [gen_row(0, "42", 1.0), gen_row(1, "1", 0.0)])
-    write(new / "samples_arc_2024-02-01T00-00-00.jsonl",
-          [mc_row(0, [-4.0, -2.0, -3.0], 0.0, 0.0), mc_row(1, [-1.0, -2.0, -3.0], 1.0, 1.0)])
+    write(
+        new / "samples_arc_2024-02-01T00-00-00.jsonl",
+        [mc_row(0, [-4.0, -2.0, -3.0], 0.0, 0.0), mc_row(1, [-1.0, -2.0, -3.0], 1.0, 1.0)],
+    )
     write(new / "samples_gsm8k_2024-02-01T00-00-00.jsonl", [gen_row(0, "42", 1.0), gen_row(1, "7", 1.0)])
     rep = compare(read_samples_dir(old), read_samples_dir(new))
     assert rep.groups["arc"].negative_flip_ids == ["0"]
