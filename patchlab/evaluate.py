@@ -121,7 +121,7 @@ def sequence_logprobs(
             s = seqs[i]
             inp[r, : len(s) - 1] = torch.tensor(s[:-1])
             mask[r, : len(s) - 1] = 1
-        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev)).logits
+        logits = model(input_ids=inp.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
         for r, i in enumerate(idx):
             s, n = seqs[i], n_conts[i]
             lg = logits[r, len(s) - 1 - n : len(s) - 1].float()
