@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from patchlab.errors import DeviceError, PatchlabError
+from patchlab.engine import resolve_device
+from patchlab.errors import PatchlabError
 from patchlab.results import EvalResult, InstanceResult, summarise
 from patchlab.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
 
@@ -29,21 +30,6 @@ OVERFLOW_POLICIES = ("error", "truncate")
 
 class PromptTooLongError(PatchlabError):
     """A prompt (plus its continuation or generation budget) does not fit the model's context."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unavailable ``cuda`` raises DeviceError."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(
-            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto"
-        )
-    if device != "cpu" and not device.startswith("cuda"):
-        raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
-    return torch.device(device)
 
 
 def load_model(

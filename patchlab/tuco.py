@@ -265,7 +265,7 @@ class TuCo:
         """Load both checkpoints in fp32 on ``device`` (refusing mismatched configs before the weights)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from patchlab.evaluate import resolve_device
+        from patchlab.engine import resolve_device
 
         dev = resolve_device(device)
         for p in (base, finetuned):
