@@ -126,8 +126,7 @@ def intruder_dimensions(
     """Top-k left singular vectors of ``w_tuned`` whose max |cos| with all of ``w_base``'s is below ε."""
     if w_base.ndim != 2 or w_base.shape != w_tuned.shape:
         raise ValueError(
-            f"intruder dimensions need two matrices of one shape, got {tuple(w_base.shape)} and "
-            f"{tuple(w_tuned.shape)}"
+            f"intruder dimensions need two matrices of one shape, got {tuple(w_base.shape)} and {tuple(w_tuned.shape)}"
         )
     if not 0 < epsilon <= 1:
         raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
@@ -187,6 +186,7 @@ def port_verdict(
     structural_examples: list[str] | None = None,
     intruder_matrix_share: float | None = None,
     thresholds: Thresholds | None = None,
+    extra_care: list[str] | None = None,
 ) -> Verdict:
     """Verdict from aggregated diagnostics; every reason names the number and the threshold it crossed."""
     th = thresholds or Thresholds()
@@ -230,9 +230,7 @@ def port_verdict(
                 "so porting it may overshoot; try α < 1 and evaluate",
             )
         else:
-            flag(
-                1, f"cos(base drift, Δ) = {_fmt(c)}: the new base moved against the patch; evaluate the port"
-            )
+            flag(1, f"cos(base drift, Δ) = {_fmt(c)}: the new base moved against the patch; evaluate the port")
     if per_layer:
         worst = max(
             ((i, s.drift_rel_delta) for i, s in per_layer.items() if s.drift_rel_delta is not None),
@@ -263,6 +261,8 @@ def port_verdict(
             f"{intruder_matrix_share:.0%} of the analysed matrices carry intruder dimensions (> "
             f"{th.intruder_matrix_share_care:.0%}): a low-rank-like patch, linked to forgetting",
         )
+    for note in extra_care or []:
+        flag(1, note)
     if not reasons:
         reasons.append(
             f"[{SAFE}] bases differ by {_fmt(r)}× the patch norm, relative drift {_fmt(rb)}, "
