@@ -37,6 +37,7 @@ from patchlab.diagnostics_kernels import (
 from patchlab.engine import resolve_device
 from patchlab.errors import IncompatiblePatchError, PatchlabError
 from patchlab.patch import Patch
+from patchlab.plan import _align_names
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per input per chunk
 
@@ -156,12 +157,17 @@ def diagnose(
     structural_names: list[str] = []
     care_notes: list[str] = []
     n_matrices = n_with_intruders = 0
+    # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
+    t_names, prefix_note = _align_names(p.names, tgt)
+    if prefix_note:
+        care_notes.append(f"target tensor names differ from the patch's by a prefix ({prefix_note})")
 
     for entry in p.entries():
         name, op = entry.name, entry.op
+        tname = t_names[name]
         layer = layer_of(name)
         s_shape = list(src.info(name).shape) if name in src else None
-        t_shape = list(tgt.info(name).shape) if name in tgt else None
+        t_shape = list(tgt.info(tname).shape) if tname in tgt else None
         if op in ("set", "delete"):
             tensors.append(
                 TensorDiagnostics(name, op, layer, s_shape, t_shape, note="replaced" if op == "set" else "removed")
@@ -199,9 +205,9 @@ def diagnose(
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             if shape:
-                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(name)[r0:r1]
+                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(tname)[r0:r1]
             else:
-                bs, bt = src.tensor(name), tgt.tensor(name)
+                bs, bt = src.tensor(name), tgt.tensor(tname)
             acc.update(bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape))
         overall = overall + acc
         key = str(layer) if layer is not None else "other"
@@ -217,7 +223,7 @@ def diagnose(
 
     if patch_params == 0:
         raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
-    seen = set(p.names)
+    seen = set(t_names.values()) | set(p.names)
     only_target = sorted(n for n in tgt.names if n not in seen and n not in src)
     if only_target:
         care_notes.append(

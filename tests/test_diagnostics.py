@@ -26,7 +26,7 @@ def variant(src, dst, edit):
     sd = {k: v.contiguous() for k, v in edit(state(src)).items()}
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["vocab_size"] = sd["model.embed_tokens.weight"].shape[0]
+    cfg["vocab_size"] = next(v for k, v in sd.items() if k.endswith("embed_tokens.weight")).shape[0]
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
 
@@ -129,3 +129,13 @@ def test_wrong_source_base_refused(family, tmp_path):
     other = make_model(tmp_path / "other", seed=0, layers=3)
     with pytest.raises(IncompatiblePatchError, match="not the base this patch was made on"):
         diagnose(family["patch"], family["near"], source_base=other, device="cpu")
+
+
+def test_prefixed_target_names_are_aligned(family):
+    tgt = variant(
+        family["base"], family["root"] / "prefixed", lambda sd: {"language_model." + k: v for k, v in sd.items()}
+    )
+    d = diagnose(family["patch"], tgt, device="cpu", intruders=False)
+    assert all(t.status == "compared" for t in d.tensors)
+    assert d.overall.drift_norm == 0.0
+    assert any("prefix" in r for r in d.verdict.reasons) and d.verdict.level == CARE

@@ -165,3 +165,14 @@ def test_steered_scoring_and_generation(tmp_path, tuco):
         out.append(nxt)
     assert got["g"].details["raw_generation"] == tok.decode(out, skip_special_tokens=True)
     assert tuco.layers[0].alpha == 1.0  # restored after the block
+
+
+def test_steered_generation_batched_equals_one_by_one(tmp_path, tuco):
+    rows = [{"id": f"g{i}", "type": "generation", "prompt": p, "answer": "x"} for i, p in enumerate(PROMPTS)]
+    task = tmp_path / "gen.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with tuco.steer(0.8) as model:
+        one = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=1, max_new_tokens=4, stop=None)
+        many = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=4, max_new_tokens=4, stop=None)
+    assert [i.prediction for i in one.instances] == [i.prediction for i in many.instances]
+    assert any(i.prediction for i in one.instances)
