@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from patchlab.engine import resolve_device
-from patchlab.errors import PatchlabError
+from patchlab.errors import CheckpointNotFoundError, PatchlabError
 from patchlab.results import EvalResult, InstanceResult, summarise
 from patchlab.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
 
@@ -44,7 +44,7 @@ def load_model(
     dev = resolve_device(device)
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise PatchlabError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
+        raise CheckpointNotFoundError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
@@ -343,7 +343,8 @@ def evaluate(
     """Evaluate a checkpoint directory (or a loaded model + tokenizer) on task files.
 
     ``stop`` and ``max_new_tokens`` are defaults for generation instances that set none. Task files are
-    validated before the model is loaded.
+    validated before the model is loaded. ``device``/``dtype`` apply when loading from a path; a loaded
+    model is used where it is.
     """
     if on_overflow not in OVERFLOW_POLICIES:
         raise PatchlabError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")

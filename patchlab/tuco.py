@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import CheckpointNotFoundError, PatchlabError
 
 
 class IncompatibleModelsError(PatchlabError):
@@ -270,7 +270,7 @@ class TuCo:
         dev = resolve_device(device)
         for p in (base, finetuned):
             if not (Path(p) / "config.json").is_file():
-                raise PatchlabError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
+                raise CheckpointNotFoundError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
         check_compatible(AutoConfig.from_pretrained(base), AutoConfig.from_pretrained(finetuned))
         kw = {"dtype": torch.float32, "attn_implementation": attn_implementation}
         b = AutoModelForCausalLM.from_pretrained(base, **kw).to(dev)

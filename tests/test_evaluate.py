@@ -222,3 +222,21 @@ def test_results_round_trip_and_flips(tmp_path, pair):
         i.id for i, j in zip(old.instances, new.instances, strict=True) if i.correct and not j.correct
     )
     assert s.negative_flip_ids == nf
+
+
+def test_bad_arguments(tmp_path, loaded):
+    from patchlab.errors import CheckpointNotFoundError, PatchlabError
+    from patchlab.tuco import TuCo
+
+    model, tok = loaded
+    task = write_jsonl(tmp_path / "general.jsonl", MC_ROWS)
+    with pytest.raises(CheckpointNotFoundError, match="no config.json"):
+        evaluate(tmp_path / "nowhere", task)
+    with pytest.raises(CheckpointNotFoundError, match="no config.json"):
+        TuCo.load(tmp_path / "nowhere", tmp_path / "nowhere")
+    with pytest.raises(PatchlabError, match="on_overflow"):
+        evaluate(model, task, tokenizer=tok, on_overflow="drop")
+    with pytest.raises(PatchlabError, match="tokenizer"):
+        evaluate(model, task)
+    with pytest.raises(TaskFormatError, match="not found"):
+        evaluate(model, tmp_path / "missing.jsonl", tokenizer=tok)
