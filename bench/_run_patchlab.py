@@ -10,6 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# This checkout's patchlab, not whichever one the interpreter has installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -145,16 +145,16 @@ def llama_config(shape: Shape) -> dict:
         eos_token_id=2,
     )
     try:
+        import transformers
         from transformers import LlamaConfig
     except ImportError:
-        cfg = dict(fields, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                   torch_dtype="bfloat16")
-        return cfg
+        return dict(fields, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                    torch_dtype="bfloat16")
     cfg = LlamaConfig(**fields)
     cfg.architectures = ["LlamaForCausalLM"]
+    cfg.dtype = torch.bfloat16  # written as "dtype" by transformers 5, "torch_dtype" by 4.x
     d = cfg.to_dict()
-    d["torch_dtype"] = "bfloat16"
-    d["dtype"] = "bfloat16"
+    d.setdefault("transformers_version", transformers.__version__)
     return d
 
 
@@ -198,6 +198,10 @@ def generate(out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000
     indexes = {k: expected_index(specs, shards, k, seed, shape) for k in KINDS}
     todo = [k for k in KINDS if force or not is_complete(paths[k], indexes[k])]
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    config = json.dumps(llama_config(shape), indent=2) + "\n"
+    for k in KINDS:
+        if k not in todo and (paths[k] / "config.json").read_text() != config:
+            (paths[k] / "config.json").write_text(config)  # cheap to refresh; the weights are kept
     if not todo:
         log(f"family at {out} is complete ({layers} layers); nothing to do")
         return paths
@@ -221,9 +225,8 @@ def generate(out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000
             os.replace(tmp, paths[k] / shard_file(i, len(shards)))
         del parts
         log(f"shard {i + 1}/{len(shards)} written for {', '.join(todo)} ({time.perf_counter() - t0:.0f} s)")
-    config = llama_config(shape)
     for k in todo:
-        (paths[k] / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (paths[k] / "config.json").write_text(config)
         tmp = paths[k] / (INDEX_NAME + ".tmp")
         tmp.write_text(json.dumps(indexes[k], indent=2) + "\n")
         os.replace(tmp, paths[k] / INDEX_NAME)

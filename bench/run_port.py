@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,17 +132,18 @@ class Result:
     peak_rss_mib: float | None = None
     samples: int = 0
     max_abs_diff: float | None = None  # against the harness's own reference
+    load_before: float | None = None  # 1-minute load average when the run started (others' work shows here)
     note: str = ""
     command: list[str] = field(default_factory=list)
 
 
-def measure(name: str, cmd: list[str], *, env: dict[str, str] | None = None, timeout: float,
-            log: Path) -> Result:
+def measure(name: str, cmd: list[str], *, timeout: float, log: Path) -> Result:
     """Run ``cmd`` once, sampling memory; stdout/stderr go to ``log``."""
+    load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "wb") as logf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
         sampler = Sampler(proc.pid)
         sampler.start()
         try:
@@ -155,7 +157,7 @@ def measure(name: str, cmd: list[str], *, env: dict[str, str] | None = None, tim
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     res = Result(name, "ok", wall, cpu, sampler.peak_anon_kib / 1024, sampler.peak_rss_kib / 1024,
-                 sampler.samples, command=cmd)
+                 sampler.samples, load_before=load, command=cmd)
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-8:]
         res.status = "failed"
@@ -207,9 +209,9 @@ def mergekit_config(src: Path, ft: Path, target: Path) -> str:
     )
 
 
-def patchlab_available(env: dict[str, str]) -> str | None:
+def patchlab_available() -> str | None:
     r = subprocess.run([sys.executable, str(HERE / "_run_patchlab.py"), "check"], capture_output=True,
-                       text=True, env=env, cwd=REPO)
+                       text=True, cwd=REPO)
     if r.returncode != 0:
         return "patchlab port_fused/extract not importable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
     return None
@@ -296,12 +298,12 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(results: list[Result]) -> str:
     head = f"{'contender':<18} {'status':<11} {'wall s':>8} {'cpu s':>8} {'anon MiB':>9} {'RSS MiB':>9} " \
-           f"{'max|diff|':>10}  note"
+           f"{'max|diff|':>10} {'load':>5}  note"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r.name:<18} {r.status:<11} {_fmt(r.wall_s, '8.2f')} {_fmt(r.cpu_s, '8.2f')} "
                      f"{_fmt(r.peak_anon_mib, '9.1f')} {_fmt(r.peak_rss_mib, '9.1f')} "
-                     f"{_fmt(r.max_abs_diff, '10.3g')}  {r.note}")
+                     f"{_fmt(r.max_abs_diff, '10.3g')} {_fmt(r.load_before, '5.2f')}  {r.note}")
     return "\n".join(lines)
 
 
@@ -354,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated contenders to run (default all: {','.join(CONTENDERS)})")
     ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT,
                     help="mergekit-yaml executable (default: bench/.venv-mergekit/bin/mergekit-yaml)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per contender; the table shows the best wall time and the worst memory")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per contender")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -383,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     n_params = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2 \
         if (src / "model.safetensors.index.json").is_file() else None
     cfg = json.loads((src / "config.json").read_text())
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  (WARNING: other work is running; wall times will be inflated)" if load[0] > 0.5 else ""))
     print(f"family {fam}: {cfg.get('num_hidden_layers')} layers, "
           f"{'' if n_params is None else f'{n_params / 1e9:.3f}B params, '}"
           f"{in_bytes / 1e9:.2f} GB of port inputs (src+ft+target); {os.cpu_count()} CPUs; "
@@ -395,83 +402,77 @@ def main(argv: list[str] | None = None) -> int:
     ref = port_reference(src, ft, target, names)
     print(f"reference for output checks: {len(names)} tensors ({', '.join(names)})")
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     py = sys.executable
     results: list[Result] = []
 
-    def out_dir(name: str) -> Path:
-        d = work / name
-        clear_output(d)
-        return d
-
-    for name in CONTENDERS:
-        if name not in only:
-            continue
-        print(f"running {name} ...", flush=True)
-        log = logs / f"{name}.log"
-        if name == "cat":
-            cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat",
-                   *[str(f) for k in ("src", "ft", "target") for f in inputs[k]]]
-            res = measure(name, cmd, timeout=args.timeout, log=log)
-            res.note = "floor for a port: read src+ft+target once"
-        elif name == "cat-extract":
-            cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat",
-                   *[str(f) for k in ("src", "ft") for f in inputs[k]]]
-            res = measure(name, cmd, timeout=args.timeout, log=log)
-            res.note = "floor for an extract: read src+ft once"
-        elif name == "torch":
-            out = out_dir(name)
-            cmd = [py, str(HERE / "baseline_torch.py"), "--src", str(src), "--ft", str(ft), "--target",
-                   str(target), "--out", str(out)]
-            res = measure(name, cmd, env=env, timeout=args.timeout, log=log)
-            if res.status == "ok":
-                res.max_abs_diff = port_diff(out, ref)
-            clear_output(out)
-        elif name == "mergekit":
+    def contender(name: str) -> tuple[list[str] | None, str, Callable[[Path], float] | None, bool]:
+        """(command, note or reason it is unavailable, output check, uses the output dir)."""
+        out = str(work / name)
+        if name in ("cat", "cat-extract"):
+            kinds = ("src", "ft", "target") if name == "cat" else ("src", "ft")
+            files = [str(f) for k in kinds for f in inputs[k]]
+            cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
+            return cmd, f"floor: read {'+'.join(kinds)} once", None, False
+        if name == "torch":
+            return ([py, str(HERE / "baseline_torch.py"), "--src", str(src), "--ft", str(ft), "--target",
+                     str(target), "--out", out], "per-shard load_file, fp32 math, save_file",
+                    lambda o: port_diff(o, ref), True)
+        if name == "mergekit":
             why = mergekit_available(args.mergekit)
             if why is not None:
-                res = Result(name, "unavailable", note=why)
-            else:
-                out = out_dir(name)
-                conf = work / "mergekit.yml"
-                conf.write_text(mergekit_config(src, ft, target))
-                cmd = [str(args.mergekit), str(conf), str(out), "--lazy-unpickle", "--no-cuda",
-                       "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "500M", "--quiet"]
-                res = measure(name, cmd, timeout=args.timeout, log=log)
-                if res.status == "ok":
-                    res.max_abs_diff = port_diff(out, ref)
-                    res.note = "task_arithmetic, base src, ft & target at weight 1, fp32 compute"
+                return None, why, None, False
+            conf = work / "mergekit.yml"
+            conf.write_text(mergekit_config(src, ft, target))
+            return ([str(args.mergekit), str(conf), out, "--lazy-unpickle", "--no-cuda",
+                     "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "500M", "--quiet"],
+                    "task_arithmetic, base src, ft & target at weight 1, fp32 compute",
+                    lambda o: port_diff(o, ref), True)
+        why = patchlab_available()
+        if why is not None:
+            return None, why, None, False
+        if name == "patchlab-port":
+            return ([py, str(HERE / "_run_patchlab.py"), "port-fused", "--ft", str(ft), "--src", str(src),
+                     "--target", str(target), "--out", out], "port_fused(ft, src, target, out), device=cpu",
+                    lambda o: port_diff(o, ref), True)
+        assert name == "patchlab-extract", name
+        return ([py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft", str(ft),
+                 "--out", out], "extract(src, ft, out), device=cpu; max|diff| is dense ΔW vs ft - src",
+                lambda o: extract_diff(o, src, ft, names), True)
+
+    for name in (c for c in CONTENDERS if c in only):
+        print(f"running {name} ...", flush=True)
+        cmd, note, check, writes = contender(name)
+        if cmd is None:
+            res = Result(name, "unavailable", note=note)
+            print(f"  {name}: unavailable: {note}", flush=True)
+            results.append(res)
+            continue
+        runs: list[Result] = []
+        for i in range(args.repeat):
+            out = work / name
+            clear_output(out)
+            r = measure(name, cmd, timeout=args.timeout, log=logs / f"{name}.{i + 1}.log")
+            r.note = note
+            if r.status == "ok" and check is not None:
+                try:
+                    r.max_abs_diff = check(out)
+                except Exception as e:  # report, don't hide, a check that could not run
+                    r.note += f"; output check failed: {type(e).__name__}: {e}"
+            if writes:
                 clear_output(out)
-        elif name in ("patchlab-port", "patchlab-extract"):
-            why = patchlab_available(env)
-            if why is not None:
-                res = Result(name, "unavailable", note=why)
-            else:
-                out = out_dir(name)
-                if name == "patchlab-port":
-                    cmd = [py, str(HERE / "_run_patchlab.py"), "port-fused", "--ft", str(ft), "--src",
-                           str(src), "--target", str(target), "--out", str(out)]
-                else:
-                    cmd = [py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft",
-                           str(ft), "--out", str(out)]
-                res = measure(name, cmd, env=env, timeout=args.timeout, log=log)
-                if res.status == "ok":
-                    try:
-                        if name == "patchlab-port":
-                            res.max_abs_diff = port_diff(out, ref)
-                        else:
-                            res.max_abs_diff = extract_diff(out, src, ft, names)
-                            res.note = "max|diff| is dense ΔW against ft - src in fp32"
-                    except Exception as e:  # report, don't hide, a check that could not run
-                        res.note = f"output check failed: {type(e).__name__}: {e}"
-                clear_output(out)
-        else:  # pragma: no cover - CONTENDERS and this loop are kept in step
-            raise AssertionError(name)
+            runs.append(r)
+            print(f"  {name} run {i + 1}: {r.status}, {r.wall_s:.2f} s (cpu {r.cpu_s:.2f} s), "
+                  f"peak anon {r.peak_anon_mib:.1f} MiB, peak RSS {r.peak_rss_mib:.1f} MiB, "
+                  f"load before {r.load_before:.2f}", flush=True)
+            if r.status != "ok":
+                break
+        res = min(runs, key=lambda r: (r.status != "ok", r.wall_s))
+        if len(runs) > 1:
+            res.peak_anon_mib = max(r.peak_anon_mib or 0.0 for r in runs)
+            res.peak_rss_mib = max(r.peak_rss_mib or 0.0 for r in runs)
+            res.note = f"best wall of {len(runs)} ({', '.join(f'{r.wall_s:.2f}' for r in runs)}), " \
+                       f"worst memory; " + res.note
         results.append(res)
-        print(f"  {name}: {res.status}" + (f", {res.wall_s:.2f} s" if res.wall_s is not None else "")
-              + (f", peak anon {res.peak_anon_mib:.1f} MiB" if res.peak_anon_mib is not None else ""),
-              flush=True)
 
     by = {r.name: r for r in results}
     rat = ratios(by)
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "family": str(fam), "layers": cfg.get("num_hidden_layers"), "params": n_params,
-            "input_bytes": in_bytes, "cpus": os.cpu_count(), "warm_cache_s": warm,
+            "input_bytes": in_bytes, "cpus": os.cpu_count(), "warm_cache_s": warm, "loadavg_start": load,
+            "repeat": args.repeat,
             "checked_tensors": names, "results": [asdict(r) for r in results], "ratios": rat,
             "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
         }, indent=2) + "\n")
