@@ -39,7 +39,7 @@ from baseline_torch import weight_map  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
-CONTENDERS = ("cat", "cat-extract", "torch", "mergekit", "patchlab-port", "patchlab-extract")
+CONTENDERS = ("cat", "cat-extract", "import-torch", "torch", "mergekit", "patchlab-port", "patchlab-extract")
 # Targets from issue 2, item 7 (2-core CPU machine).
 TARGET_VS_MERGEKIT = 5.0  # port at least this many times faster than mergekit
 TARGET_ANON_MIB = 512.0  # peak anonymous memory of a port
@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             files = [str(f) for k in kinds for f in inputs[k]]
             cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
             return cmd, f"floor: read {'+'.join(kinds)} once", None, False
+        if name == "import-torch":
+            return ([py, "-c", "import torch, safetensors.torch"],
+                    "startup floor of any python+torch contender (no data)", None, False)
         if name == "torch":
             return ([py, str(HERE / "baseline_torch.py"), "--src", str(src), "--ft", str(ft), "--target",
                      str(target), "--out", out], "per-shard load_file, fp32 math, save_file",
