@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +229,7 @@ class GcReport:
 
 def _shallow(obj: Any) -> dict[str, Any]:
     """A dataclass's fields as a dict, without ``asdict``'s deep copy (10x faster over 10,000 rows)."""
-    out = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    return {k: (list(v) if type(v) is tuple else v) for k, v in vars(obj).items()}
 
 
 def _ts(dt) -> str:
