@@ -704,7 +704,7 @@ def diff(
 
     reg = None if no_register and not _is_ref(base) else _open(registry)
     try:
-        base_path = reg.checkpoint_location(base) if reg is not None else base
+        base_path = reg.checkpoint_path(base) if reg is not None else base
         with _Bytes("extracting", not json_out) as progress:
             patch = patchlab.extract(
                 base_path,
@@ -755,7 +755,7 @@ def _apply_like(
     reg = _open(registry) if need_reg else None
     try:
         patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
-        target_path = reg.checkpoint_location(target) if reg is not None else target
+        target_path = reg.checkpoint_path(target) if reg is not None else target
         with _Bytes(f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)) as progress:
             result = fn(
                 patch_dir,

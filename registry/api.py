@@ -388,6 +388,27 @@ class Registry:
         with self.db.read() as s:
             return list(s.execute(select(Family.name).order_by(Family.name)).scalars())
 
+    def checkpoint_path(self, ref_or_path: str | os.PathLike[str]) -> Path:
+        """A local directory for a checkpoint: a plain path as given, else the base version's directory;
+        for a Hub base, its snapshot in the local Hugging Face cache (never downloads)."""
+        if refs.looks_like_path(ref_or_path):
+            return Path(ref_or_path).expanduser()
+        b = self.get_base(os.fspath(ref_or_path))
+        if b.source_kind != "hub":
+            return Path(b.source)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(b.source, revision=b.revision, local_files_only=True))
+        except Exception as exc:  # LocalEntryNotFoundError and friends: not in the local cache
+            from patchlab.errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError(
+                f"base {b.ref} is the Hub repo {b.location}, which is not in the local Hugging Face cache "
+                f"({type(exc).__name__}); download it first: `huggingface-cli download {b.source} --revision "
+                f"{b.revision}`, or pass a local directory"
+            ) from None
+
     def checkpoint_location(self, ref_or_path: str | os.PathLike[str]) -> str:
         """Where a checkpoint is: a plain path as given, else the base version's path (or Hub id@rev)."""
         if refs.looks_like_path(ref_or_path):
