@@ -32,7 +32,21 @@ _EXPORTS = {
     "port_fused": "ops",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
+    "Checkpoint",
+    "Fingerprint",
+    "TensorInfo",
+    "Patch",
+    "PatchTensor",
+    "Plan",
+    "Step",
+    "PatchlabError",
+    "extract",
+    "apply",
+    "port",
+    "port_fused",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -51,7 +51,8 @@ class DemoResult:
 
 def find_family(explicit: Path | None = None) -> Path:
     """The bundled ``fixtures`` directory: given, or beside the source tree, or in the working directory."""
-    candidates = [explicit] if explicit else [Path(patchlab.__file__).resolve().parent.parent / "fixtures", Path.cwd() / "fixtures"]
+    here = Path(patchlab.__file__).resolve().parent.parent / "fixtures"
+    candidates = [explicit] if explicit else [here, Path.cwd() / "fixtures"]
     for c in candidates:
         if c and all((c / "models" / m / "config.json").exists() for m in FAMILY_MODELS):
             return c
