@@ -219,9 +219,7 @@ class TuCo:
     wrapped model behaves exactly as the fine-tuned model. Use fp32 models for the decomposition.
     """
 
-    def __init__(
-        self, base: nn.Module, finetuned: nn.Module, tokenizer: Any, *, names: tuple[str, str] = ("", "")
-    ):
+    def __init__(self, base: nn.Module, finetuned: nn.Module, tokenizer: Any, *, names: tuple[str, str] = ("", "")):
         check_compatible(base.config, finetuned.config)
         b_impl = getattr(base.config, "_attn_implementation", None)
         f_impl = getattr(finetuned.config, "_attn_implementation", None)
@@ -241,9 +239,7 @@ class TuCo:
         pt_layers = _layers(base, "base")
         ft_layers = _layers(finetuned, "fine-tuned")
         if len(pt_layers) != len(ft_layers):
-            raise IncompatibleModelsError(
-                f"{len(pt_layers)} base layers vs {len(ft_layers)} fine-tuned layers"
-            )
+            raise IncompatibleModelsError(f"{len(pt_layers)} base layers vs {len(ft_layers)} fine-tuned layers")
         self._original = list(ft_layers)
         self.layers: list[SteeredLayer] = []
         for i, (ft_l, pt_l) in enumerate(zip(ft_layers, pt_layers, strict=True)):
@@ -334,13 +330,14 @@ class TuCo:
             ptc=torch.stack(rec.ptc), ftc=torch.stack(rec.ftc), x0=rec.x0, xL=rec.xL, last=last, logits=logits
         )
 
-    def measure(
-        self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8
-    ) -> TuCoReport:
+    def measure(self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8) -> TuCoReport:
         """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches)."""
         if ids is not None and len(ids) != len(prompts):
             raise PatchlabError(f"{len(ids)} ids for {len(prompts)} prompts")
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(prompts))]
+        from patchlab.evaluate import PromptTooLongError, context_length
+
+        max_len = context_length(self.model)
         out: list[TuCoResult] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -348,6 +345,11 @@ class TuCo:
             for j, e in enumerate(enc):
                 if not e:
                     raise PatchlabError(f"prompt {names[start + j]!r} encodes to no tokens")
+                if max_len is not None and len(e) > max_len:
+                    raise PromptTooLongError(
+                        f"prompt {names[start + j]!r} is {len(e)} tokens, over the model's context length "
+                        f"{max_len}; shorten it (TuCo is measured at the prompt's last token, so it is not truncated)"
+                    )
             width = max(len(e) for e in enc)
             inp = torch.zeros((len(enc), width), dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)

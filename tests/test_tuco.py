@@ -176,3 +176,10 @@ def test_steered_generation_batched_equals_one_by_one(tmp_path, tuco):
         many = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=4, max_new_tokens=4, stop=None)
     assert [i.prediction for i in one.instances] == [i.prediction for i in many.instances]
     assert any(i.prediction for i in one.instances)
+
+
+def test_prompt_longer_than_context_refused(tuco):
+    from patchlab.evaluate import PromptTooLongError
+
+    with pytest.raises(PromptTooLongError, match="over the model's context length 64"):
+        tuco.measure(["the cat sat on the mat " * 20])
