@@ -226,7 +226,8 @@ def read_samples_dir(
     score_metric: str | None = None,
     filters: Iterable[str] | None = None,
 ) -> list[FlipRecord]:
-    """Read every samples file under an lm-eval output directory (recursively), several tasks at once.
+    """Read every samples file of one model's lm-eval output directory (found recursively), several tasks
+    at once.
 
     When a task has several samples files (re-runs at different dates), only the newest date is read,
     so a re-run does not double the task.
@@ -237,6 +238,12 @@ def read_samples_dir(
     files = sorted(root.rglob("samples_*.jsonl"))
     if not files:
         raise LMEvalFormatError(f"{root}: no samples_*.jsonl files; run lm_eval with --log_samples --output_path")
+    parents = sorted({str(f.parent) for f in files})
+    if len(parents) > 1:
+        raise LMEvalFormatError(
+            f"{root}: samples files sit in {len(parents)} directories ({', '.join(parents[:3])}); lm-eval writes "
+            "one directory per model, so pass one model's directory"
+        )
     newest: dict[str, Path] = {}
     for f in files:
         t = task_from_filename(f)

@@ -152,3 +152,12 @@ def test_bad_files(tmp_path):
         read_samples(f)
     with pytest.raises(LMEvalFormatError, match="no samples_"):
         read_samples_dir(tmp_path / "empty_dir_that_is_missing")
+
+
+def test_two_models_under_one_directory_refused(tmp_path):
+    for model in ("model-a", "model-b"):
+        (tmp_path / model).mkdir()
+        write(tmp_path / model / "samples_arc_2024-01-01T00-00-00.jsonl", [mc_row(0, [-1.0, -2.0], 1.0, 1.0)])
+    with pytest.raises(LMEvalFormatError, match="one directory per model"):
+        read_samples_dir(tmp_path)
+    assert len(read_samples_dir(tmp_path / "model-a")) == 1
