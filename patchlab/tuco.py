@@ -330,8 +330,25 @@ class TuCo:
             ptc=torch.stack(rec.ptc), ftc=torch.stack(rec.ftc), x0=rec.x0, xL=rec.xL, last=last, logits=logits
         )
 
-    def measure(self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8) -> TuCoReport:
-        """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches)."""
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; ``chat`` wraps it as one user turn with the fine-tune's chat template and
+        the generation prompt (the position the model answers from), as chat models see prompts."""
+        if not chat:
+            return list(self.tokenizer(prompt)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise PatchlabError(
+                "chat=True needs a tokenizer with a chat template; this fine-tune has none (measure raw prompts)"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def measure(
+        self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8, chat: bool = False
+    ) -> TuCoReport:
+        """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches); ``chat``
+        applies the chat template first (see :meth:`encode`)."""
         if ids is not None and len(ids) != len(prompts):
             raise PatchlabError(f"{len(ids)} ids for {len(prompts)} prompts")
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(prompts))]
@@ -341,7 +358,7 @@ class TuCo:
         out: list[TuCoResult] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            enc = [self.tokenizer(p)["input_ids"] for p in chunk]
+            enc = [self.encode(p, chat=chat) for p in chunk]
             for j, e in enumerate(enc):
                 if not e:
                     raise PatchlabError(f"prompt {names[start + j]!r} encodes to no tokens")
@@ -376,6 +393,7 @@ class TuCo:
             finetuned=self.names[1],
             results=out,
             settings={
+                "chat_template": chat,
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "norm": "L1",
                 "token": "last non-pad",
