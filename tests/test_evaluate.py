@@ -127,6 +127,13 @@ def test_generation_greedy_exact_match_and_stop(tmp_path, loaded):
     rows2 = [{"id": "s", "type": "generation", "prompt": prompts[1], "answer": "x", "stop": [stop_at]}]
     res2 = evaluate(model, write_jsonl(tmp_path / "stop.jsonl", rows2), tokenizer=tok, max_new_tokens=6)
     assert res2.instances[0].details["raw_generation"] == text[: text.index(stop_at)]
+    # decoding stops early once the stop string appears
+    from patchlab.evaluate import greedy_generate
+
+    full = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6)[0]
+    early = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6, stop=[stop_at])[0]
+    assert early == full[: len(early)] and len(early) < len(full)
+    assert stop_at in tok.decode(early) and stop_at not in tok.decode(early[:-1])
 
 
 def test_generation_batched_equals_one_by_one(tmp_path, loaded):
