@@ -12,8 +12,9 @@ patchlab: dense Δ), so the outputs are comparable in size too.
     python bench/bench_lowrank.py --family /work/bench-data/llama-1b --rank 16 \
         --mergekit-venv bench/.venv-mergekit
 
-The family comes from ``bench/make_family.py`` when present; without it (or with ``--layers N``) a small
-family of the same recipe (TinyLlama-1.1B shapes, bf16, rank-16 update + noise) is generated here.
+An existing family directory (``src/``, ``ft/``) is used as it is; with ``--layers N`` (or when it is
+missing) a family is generated under ``--work`` by ``bench/make_family.py`` when present, else by a small
+generator of the same recipe (TinyLlama-1.1B shapes, bf16, rank-16 update + noise) is generated here.
 mergekit lives in its own venv (``bench/.venv-mergekit``: torch==2.13.0 then mergekit); without one the
 mergekit column is skipped.
 """
@@ -59,8 +60,15 @@ def _rss_anon_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str]:
-    """Run ``cmd``; return (wall seconds, peak RssAnon of its process tree in bytes, exit code, output)."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, str, float]:
+    """Run ``cmd``; return (wall s, peak RssAnon of its process tree in bytes, exit code, output, CPU s).
+
+    CPU seconds (user + system of the whole tree, from the kernel's child rusage) are reported beside wall
+    time because a shared machine's load stretches wall time of both tools unevenly.
+    """
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     peak = 0
@@ -85,23 +93,28 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     th.join(timeout=5)
-    return wall, peak * 1024, proc.returncode, "".join(chunks)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return wall, peak * 1024, proc.returncode, "".join(chunks), cpu
 
 
 # ------------------------------------------------------------------------------------------------ family
-def ensure_family(family: Path, layers: int | None) -> tuple[Path, Path]:
+def ensure_family(family: Path, layers: int | None, work: Path) -> tuple[Path, Path]:
+    """An existing family is used as it is; ``--layers N`` (or a missing family) generates one under ``work``
+    (never inside someone else's family directory)."""
     src, ft = family / "src", family / "ft"
     if layers is None and (src / "config.json").exists() and (ft / "config.json").exists():
         return src, ft
+    n = layers or 2
+    target = work / f"family-{n}l"
     try:  # the shared generator, when this checkout has it
         sys.path.insert(0, str(ROOT / "bench"))
         import make_family  # type: ignore[import-not-found]
 
-        paths = make_family.generate(family, layers=layers or 22)
+        paths = make_family.generate(target, layers=n)
         return paths["src"], paths["ft"]
     except ImportError:
-        pass
-    return _own_family(family, layers or 2)
+        return _own_family(target, n)
 
 
 def _own_family(family: Path, layers: int) -> tuple[Path, Path]:
@@ -180,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oversample", type=int, default=10)
     args = ap.parse_args(argv)
 
-    src, ft = ensure_family(args.family, args.layers)
     args.work.mkdir(parents=True, exist_ok=True)
+    src, ft = ensure_family(args.family, args.layers, args.work)
     ours_out, mk_out = args.work / f"patchlab-r{args.rank}", args.work / f"mergekit-r{args.rank}"
     for d in (ours_out, mk_out):
         if d.exists():
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         f"storage_dtype='bfloat16', device={args.device!r}, oversample={args.oversample}, n_iter={args.n_iter}); "
         "print('inner', time.perf_counter() - t)"
     )
-    t_ours, m_ours, rc, log = run_measured([sys.executable, "-c", code], env)
+    t_ours, m_ours, rc, log, c_ours = run_measured([sys.executable, "-c", code], env)
     if rc != 0:
         print(log)
         raise SystemExit(f"patchlab extraction failed (exit {rc})")
@@ -207,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                "--max-rank", str(args.rank)]
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
             cmd += ["--cuda"]
-        t_mk, m_mk, rc, mlog = run_measured(cmd)
+        t_mk, m_mk, rc, mlog, c_mk = run_measured(cmd)
         if rc != 0:
             print(mlog[-3000:])
             raise SystemExit(f"mergekit-extract-lora failed (exit {rc})")
-        mk = (t_mk, m_mk)
+        mk = (t_mk, m_mk, c_mk)
     else:
         print(f"(no mergekit venv at {args.mergekit_venv}: mergekit column skipped)")
 
@@ -234,21 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(math.prod(e.shape) for e in ours.entries() if e.op == "add")
     print(f"\nfamily {args.family} ({n_params / 1e9:.2f}B parameters), rank {args.rank}, {len(names)} matrices "
           f"compared, device {args.device}, torch threads {torch.get_num_threads()}")
-    hdr = (f"{'tool':<34} {'wall s':>8} {'peak RssAnon GiB':>17} {'pooled rel err':>15} {'max rel err':>12} "
-           f"{'out GB':>7}")
+    hdr = (f"{'tool':<34} {'wall s':>8} {'CPU s':>8} {'peak RssAnon GiB':>17} {'pooled rel err':>15} "
+           f"{'max rel err':>12} {'out GB':>7}")
     print(hdr)
     print("-" * len(hdr))
 
-    def row(label: str, t: float, m: int, errs: dict, out: Path) -> None:
+    def row(label: str, t: float, c: float, m: int, errs: dict, out: Path) -> None:
         worst = max(v for k, v in errs.items() if k != "*")
         size = _dir_bytes(out) / 1e9
-        print(f"{label:<34} {t:>8.1f} {m / 2**30:>17.2f} {errs['*']:>15.6f} {worst:>12.6f} {size:>7.3f}")
+        print(f"{label:<34} {t:>8.1f} {c:>8.1f} {m / 2**30:>17.2f} {errs['*']:>15.6f} {worst:>12.6f} {size:>7.3f}")
 
-    row(f"patchlab diff --rank {args.rank}", t_ours, m_ours, e_ours, ours_out)
+    row(f"patchlab diff --rank {args.rank}", t_ours, c_ours, m_ours, e_ours, ours_out)
     if mk and e_mk:
-        row(f"mergekit-extract-lora --max-rank {args.rank}", mk[0], mk[1], e_mk, mk_out)
-        print(f"\nspeed-up {mk[0] / t_ours:.1f}×; error ratio patchlab/mergekit {e_ours['*'] / e_mk['*']:.4f}; "
-              f"memory ratio {m_ours / max(mk[1], 1):.2f}")
+        row(f"mergekit-extract-lora --max-rank {args.rank}", mk[0], mk[2], mk[1], e_mk, mk_out)
+        print(f"\nspeed-up {mk[0] / t_ours:.1f}× wall, {mk[2] / c_ours:.1f}× CPU; error ratio patchlab/mergekit "
+              f"{e_ours['*'] / e_mk['*']:.4f}; memory ratio {m_ours / max(mk[1], 1):.2f}")
+    print(f"load average at the end: {os.getloadavg()}")
     return 0
 
 
