@@ -14,7 +14,7 @@ patchlab: dense Δ), so the outputs are comparable in size too.
 
 An existing family directory (``src/``, ``ft/``) is used as it is; with ``--layers N`` (or when it is
 missing) a family is generated under ``--work`` by ``bench/make_family.py`` when present, else by a small
-generator of the same recipe (TinyLlama-1.1B shapes, bf16, rank-16 update + noise) is generated here.
+generator of the same recipe here (TinyLlama-1.1B shapes, bf16, rank-16 update + noise).
 mergekit lives in its own venv (``bench/.venv-mergekit``: torch==2.13.0 then mergekit); without one the
 mergekit column is skipped.
 """
