@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixtures", type=Path, default=ROOT / "fixtures")
     ap.add_argument("--base", default="v1")
     ap.add_argument("--ft", default="ft-v1")
-    ap.add_argument("--ranks", type=_ints, default=[1, 2, 4, 8, 16, 32])
-    ap.add_argument("--energies", type=_floats, default=[0.5, 0.9])
-    ap.add_argument("--densities", type=_floats, default=[0.01, 0.05, 0.2])
+    ap.add_argument("--ranks", type=_ints, default=[1, 4, 16])
+    ap.add_argument("--energies", type=_floats, default=[0.9])
+    ap.add_argument("--densities", type=_floats, default=[0.05, 0.2])
+    ap.add_argument("--general", action="store_true", help="also evaluate eval/general.jsonl")
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="the task's answers are one or two words")
     ap.add_argument("--embeddings", default="dense", choices=["dense", "encode"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-fidelity"))
     ap.add_argument("--device", default="auto")
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     models, evals = args.fixtures / "models", args.fixtures / "eval"
     base, ft = models / args.base, models / args.ft
-    tasks = [p for p in (evals / "task.jsonl", evals / "general.jsonl") if p.exists()]
+    wanted = [evals / "task.jsonl"] + ([evals / "general.jsonl"] if args.general else [])
+    tasks = [p for p in wanted if p.exists()]
     if not (base / "config.json").exists() or not (ft / "config.json").exists() or not tasks:
         raise SystemExit(f"fixture family not found under {args.fixtures} (need models/{args.base}, "
                          f"models/{args.ft} and eval/task.jsonl); build it with `python -m fixtures.build`")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True)
 
     def accuracy(model_dir: Path) -> dict[str, float]:
-        res = evaluate(model_dir, tasks, device=args.device)
+        res = evaluate(model_dir, tasks, device=args.device, max_new_tokens=args.max_new_tokens)
         return {name: s.accuracy for name, s in res.tasks.items()}
 
     t0 = time.perf_counter()
