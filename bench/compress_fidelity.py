@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         patchlab.apply(patch, base, out, device=args.device)
         t = patch.manifest["totals"]
         nbytes = t.get("bytes") or sum(p.stat().st_size for p in patch.path.glob("*.safetensors"))
+        # energy: absent for a dense patch (all of it), None for DARE (rescaled survivors: no energy share)
         rows.append((label, param, nbytes, t.get("energy", 1.0), t.get("rel_error", 0.0), accuracy(out)))
         shutil.rmtree(out)
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, param, nbytes, energy, err, acc in rows:
         ratio = f"{nbytes / dense_bytes:.3f}" if nbytes else "-"
         accs = " | ".join(f"{acc.get(n, float('nan')):.3f}" for n in names)
-        print(f"| {label} | {param} | {nbytes:,} | {ratio} | {energy:.4f} | {err:.4f} | {accs} |")
+        en = "-" if energy is None else f"{energy:.4f}"
+        print(f"| {label} | {param} | {nbytes:,} | {ratio} | {en} | {err:.4f} | {accs} |")
     return 0
 
 

@@ -88,8 +88,9 @@ def register(app: typer.Typer) -> None:
         s = _summary(p)
         if json_out:
             return _print_json(s)
+        energy = "n/a (DARE)" if s["energy"] is None else f"{s['energy']:.4f}"
         _out().print(
-            f"wrote {_escape(s['path'])}: {_size(s['bytes'])}, energy kept {s['energy']:.4f}, "
+            f"wrote {_escape(s['path'])}: {_size(s['bytes'])}, energy kept {energy}, "
             f"relative error {s['rel_error']:.4f} ({s['encodings']})"
         )
         return None

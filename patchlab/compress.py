@@ -353,14 +353,16 @@ def _totals(entries: dict[str, dict], root: Path) -> dict:
     for e in adds:
         by_enc[e.get("encoding", "dense")] = by_enc.get(e.get("encoding", "dense"), 0) + 1
     # Energy kept over the whole patch: Σ kept / Σ ‖Δ‖², with dense tensors counted as fully kept.
-    kept = 0.0
+    # DARE entries have no energy share (their survivors are rescaled: not a projection of Δ); a patch with
+    # any of them reports energy None and only the pooled relative error.
+    kept: float | None = 0.0
     err2 = 0.0
     for e in adds:
         norm2 = e.get("stats", {}).get("norm", 0.0) ** 2
-        if "energy" in e:
-            kept += norm2 * e["energy"]
-        else:  # dense: all of it; DARE: 1 − rel_error² (its survivors are rescaled, not a projection)
-            kept += norm2 * max(0.0, 1.0 - e.get("rel_error", 0.0) ** 2)
+        if e.get("method") == "dare":
+            kept = None
+        elif kept is not None:
+            kept += norm2 * e.get("energy", 1.0)  # dense: all of it
         err2 += norm2 * e.get("rel_error", 0.0) ** 2
     return {
         "tensors": len(entries),
@@ -368,7 +370,7 @@ def _totals(entries: dict[str, dict], root: Path) -> dict:
         "delta_parameters": n,
         "norm": sumsq**0.5,
         "encodings": by_enc,
-        "energy": kept / sumsq if sumsq > 0 else 1.0,
+        "energy": None if kept is None else (kept / sumsq if sumsq > 0 else 1.0),
         "rel_error": math.sqrt(err2 / sumsq) if sumsq > 0 else 0.0,
         "bytes": sum(p.stat().st_size for p in root.glob("*.safetensors")),
         "fixups": 0,
