@@ -61,8 +61,11 @@ def test_diff_at_fixed_rank_records_fidelity_and_applies(family, tmp_path):
     p = extract_encoded(base, ft, tmp_path / "r4.patch", rank=4, device="cpu")
     t = p.manifest["tensors"]
     q = t["model.layers.1.mlp.down_proj.weight"]
-    assert q["encoding"] == "lowrank" and q["rank"] == 4 and q["keys"] == {
-        "A": "model.layers.1.mlp.down_proj.weight::A", "B": "model.layers.1.mlp.down_proj.weight::B"}
+    assert (
+        q["encoding"] == "lowrank"
+        and q["rank"] == 4
+        and q["keys"] == {"A": "model.layers.1.mlp.down_proj.weight::A", "B": "model.layers.1.mlp.down_proj.weight::B"}
+    )
     e = p.entry("model.layers.1.mlp.down_proj.weight")
     d = dense.entry("model.layers.1.mlp.down_proj.weight").dense()
     err = float(torch.linalg.norm(d - e.dense()) / torch.linalg.norm(d))

@@ -133,9 +133,7 @@ def test_generation_batched_equals_one_by_one(tmp_path, loaded):
     model, tok = loaded
     rows = [
         {"id": f"g{i}", "type": "generation", "prompt": p, "answer": "x"}
-        for i, p in enumerate(
-            ["the capital", "question: what is two plus two? answer:", "a", "the dog sat on"]
-        )
+        for i, p in enumerate(["the capital", "question: what is two plus two? answer:", "a", "the dog sat on"])
     ]
     task = write_jsonl(tmp_path / "gen.jsonl", rows)
     a = evaluate(model, task, tokenizer=tok, batch_size=1, max_new_tokens=5, stop=None)
@@ -146,9 +144,7 @@ def test_generation_batched_equals_one_by_one(tmp_path, loaded):
 def test_prompt_too_long(tmp_path, loaded):
     model, tok = loaded
     long_prompt = "the cat sat on the mat " * 20  # well over 64 tokens
-    rows = [
-        {"id": "long", "type": "multiple_choice", "prompt": long_prompt, "choices": [" a", " b"], "gold": 0}
-    ]
+    rows = [{"id": "long", "type": "multiple_choice", "prompt": long_prompt, "choices": [" a", " b"], "gold": 0}]
     task = write_jsonl(tmp_path / "long.jsonl", rows)
     with pytest.raises(PromptTooLongError, match="over the model's context budget of 65"):
         evaluate(model, task, tokenizer=tok)
@@ -218,9 +214,7 @@ def test_results_round_trip_and_flips(tmp_path, pair):
     assert s.n == 3
     assert s.accuracy_old == pytest.approx(old.tasks["general"].accuracy)
     assert s.accuracy_new == pytest.approx(new.tasks["general"].accuracy)
-    nf = sorted(
-        i.id for i, j in zip(old.instances, new.instances, strict=True) if i.correct and not j.correct
-    )
+    nf = sorted(i.id for i, j in zip(old.instances, new.instances, strict=True) if i.correct and not j.correct)
     assert s.negative_flip_ids == nf
 
 
