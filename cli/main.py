@@ -695,18 +695,37 @@ def diff(
         list[str] | None, typer.Option("--parent", help="A patch this one came from, e.g. a port (repeatable).")
     ] = None,
     relation: Annotated[str, typer.Option(help="How it came from its parents: port, merge or derived.")] = "port",
+    rank: Annotated[int | None, typer.Option(help="Store each matrix as rank-R factors (truncated SVD).")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Low-rank: smallest rank per matrix keeping this share of ||Δ||², in (0, 1].")
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="Sparse: keep this share of entries per tensor.")] = None,
+    budget: Annotated[str | None, typer.Option(help="Low-rank under a size budget for the patch, e.g. 200MB.")] = None,
+    method: Annotated[str, typer.Option(help="Sparse method: topk or dare (random drop + rescale).")] = "topk",
+    seed: Annotated[int, typer.Option(help="Seed of DARE and of the randomized SVD.")] = 0,
+    embeddings: Annotated[str, typer.Option(help="Embeddings/lm_head: dense (default) or encode.")] = "dense",
     no_register: NoRegisterOpt = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Extract the patch (diff vector) between a base and its fine-tune, and register it."""
+    """Extract the patch (diff vector) between a base and its fine-tune, and register it.
+
+    With --rank/--energy/--budget (low-rank) or --density (sparse) each Δ is encoded as it is computed.
+    """
     import patchlab
 
+    encoded = any(v is not None for v in (rank, energy, density, budget))
+    if encoded:
+        from cli.lowrank import encoding_kwargs
+
+        enc_kw = encoding_kwargs(rank, energy, density, budget, method, seed, embeddings)
     reg = None if no_register and not _is_ref(base) else _open(registry)
     try:
         base_path = reg.checkpoint_path(base) if reg is not None else base
-        with _Bytes("extracting", not json_out) as progress:
-            patch = patchlab.extract(
+        if encoded:
+            from patchlab.compress import extract_encoded
+
+            patch = extract_encoded(
                 base_path,
                 finetuned,
                 out,
@@ -714,8 +733,20 @@ def diff(
                 vocab_policy=vocab_policy,
                 device=device,
                 overwrite=overwrite,
-                progress=progress,
+                **enc_kw,
             )
+        else:
+            with _Bytes("extracting", not json_out) as progress:
+                patch = patchlab.extract(
+                    base_path,
+                    finetuned,
+                    out,
+                    storage_dtype=storage_dtype,
+                    vocab_policy=vocab_policy,
+                    device=device,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
         info = None
         if not no_register and reg is not None:
             info = reg.add_patch(
@@ -855,6 +886,10 @@ def port(
         json_out,
     )
 
+
+from cli.lowrank import register as _register_lowrank  # noqa: E402
+
+_register_lowrank(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()
