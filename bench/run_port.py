@@ -102,9 +102,13 @@ class Sampler(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        pids = [self.pid]
         while not self._stop_event.is_set():
+            # Walking the whole process table costs ~1.5 ms; do it every 5th sample, read the known pids always.
+            if self.samples % 5 == 0:
+                pids = _tree(self.pid)
             anon = rss = 0
-            for pid in _tree(self.pid):
+            for pid in pids:
                 a, r = _status_kib(pid)
                 anon += a
                 rss += r
