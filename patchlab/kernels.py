@@ -5,6 +5,7 @@ Every function takes row chunks of tensors, so the engine can stream arbitrarily
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,20 +19,17 @@ def diff(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def add_scaled(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``target + α·Δ`` in fp32 (the caller casts once on output)."""
-    out = target.float()
-    if out is target:
-        out = out.clone()
-    return out.add_(delta.float(), alpha=alpha) if alpha != 0 else out
+    """``target + α·Δ`` in fp32 (the caller casts once on output). Inputs may be low-precision views."""
+    out = target.to(torch.float32, copy=True)
+    return out.add_(delta, alpha=alpha) if alpha != 0 else out
 
 
 def port(target: torch.Tensor, finetuned: torch.Tensor, source: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """Fused fine-tuning transfer ``target + α·(ft − source)`` in fp32, without keeping Δ."""
-    d = finetuned.float()
-    if d is finetuned:
-        d = d.clone()
-    d.sub_(source.float())
-    return add_scaled(target, d, alpha)
+    d = finetuned.to(torch.float32, copy=True).sub_(source)
+    if alpha != 1:
+        d.mul_(alpha)
+    return d.add_(target)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -47,7 +45,12 @@ def exact_mismatches(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.T
 
 @dataclass
 class DeltaStats:
-    """Streaming statistics of one delta tensor against its reference weight, accumulated in fp64."""
+    """Streaming statistics of one delta tensor against its reference weight.
+
+    Per-chunk norms are fp32 reductions of cache-sized chunks; they are accumulated across chunks in
+    Python floats (fp64). A non-finite value makes the chunk's norm non-finite, so detecting NaN/Inf
+    costs nothing extra; only then is the exact position looked up.
+    """
 
     numel: int = 0
     sumsq: float = 0.0
@@ -58,21 +61,26 @@ class DeltaStats:
     _first_bad: int | None = field(default=None, repr=False)
 
     def update(self, delta: torch.Tensor, reference: torch.Tensor | None = None, offset: int = 0) -> None:
-        d = delta.float()
-        finite = torch.isfinite(d)
-        if not bool(finite.all()):
-            bad = (~finite).reshape(-1).nonzero()
-            self.nonfinite += int(bad.numel())
-            if self._first_bad is None:
-                self._first_bad = offset + int(bad[0])
-            d = torch.where(finite, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        self.numel += d.numel()
-        self.sumsq += float(d.double().square().sum()) if d.numel() else 0.0
-        if d.numel():
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
+        d = delta if delta.dtype == torch.float32 else delta.float()
+        n = d.numel()
+        if not n:
+            return
+        norm = float(torch.linalg.vector_norm(d))
+        if not math.isfinite(norm):
+            bad = (~torch.isfinite(d)).reshape(-1).nonzero()
+            if bad.numel():
+                self.nonfinite += int(bad.numel())
+                if self._first_bad is None:
+                    self._first_bad = offset + int(bad[0])
+                return
+            norm = float(torch.linalg.vector_norm(d.double()))  # finite values whose fp32 norm overflowed
+        self.numel += n
+        self.sumsq += norm * norm
+        self.max_abs = max(self.max_abs, float(torch.linalg.vector_norm(d, ord=math.inf)))
         self.changed += int(torch.count_nonzero(d))
         if reference is not None and reference.numel():
-            self.ref_sumsq += float(reference.double().square().sum())
+            r = float(torch.linalg.vector_norm(reference, dtype=torch.float32))
+            self.ref_sumsq += r * r
 
     @property
     def first_nonfinite(self) -> int | None:
@@ -87,6 +95,15 @@ class DeltaStats:
             "max_abs": self.max_abs,
             "changed_frac": self.changed / self.numel if self.numel else 0.0,
         }
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf; one cheap reduction, exact check only on suspicion."""
+    if t.numel() == 0:
+        return True
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,11 @@ from . import __version__
 from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 from .engine import Job, Shard, atomic_output, check_output, resolve_device, run
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, bits, gather_rows
+from .kernels import DeltaStats, add_scaled, all_finite, bits, diff, gather_rows
 from .patch import FINETUNE_DIR, FIXUPS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, Patch, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
+from .vocab import identity
 
 Progress = Callable[[int], None]
 DEFAULT_SHARD_BYTES = 4 << 30
@@ -27,11 +28,19 @@ META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (``"bfloat16"``)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     d = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(d, torch.dtype) or not d.is_floating_point:
-        raise PlanError(f"unknown storage dtype {name!r}; use float32, bfloat16 or float16")
+    if not isinstance(d, torch.dtype):
+        raise PlanError(f"unknown dtype {name!r}")
+    return d
+
+
+def _storage_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    d = _dtype(name) if name is not None else torch.float32
+    if d not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise PlanError(f"storage dtype {name!r} cannot hold a delta; use float32 (exact), bfloat16 or float16")
     return d
 
 
@@ -94,7 +103,10 @@ def extract(
     smaller ``storage_dtype`` (bfloat16, float16) halves the patch and gives up exactness.
     """
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
-    store = _dtype(storage_dtype) or torch.float32
+    try:
+        store = _storage_dtype(storage_dtype)
+    except PlanError:
+        raise PlanError(f"unknown storage dtype {storage_dtype!r}; use float32 (exact), bfloat16 or float16") from None
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
     if dry_run:
         return plan
@@ -195,16 +207,14 @@ def _extract_job(
         if bmap is not None:
             b = gather_rows(base_t, bmap[r0:r1]).to(dev)
         elif s.shape and r1 > base_t.shape[0]:  # truncate never reads past the base; pad rows are zero
-            b = gather_rows(base_t, torch.arange(r0, r1).masked_fill(torch.arange(r0, r1) >= base_t.shape[0], -1)).to(
-                dev
-            )
+            b = gather_rows(base_t, identity(r1, base_t.shape[0])[r0:r1]).to(dev)
         else:
-            b = _rows(base_t, r0, r1).to(dev).float()
+            b = _rows(base_t, r0, r1).to(dev)
         return f, b
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         f, b = x
-        d = f.float() - b
+        d = diff(f, b)
         stats.update(d, b, offset=r0 * row)
         if stats.nonfinite:
             raise NonFiniteDeltaError(
@@ -212,9 +222,9 @@ def _extract_job(
                 "the base or the fine-tune holds non-finite weights"
             )
         if exact:
-            back = (b + d).to(f.dtype)
-            bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
-            if bad.numel():
+            back = add_scaled(b, d).to(f.dtype)
+            if not torch.equal(bits(back), bits(f)):
+                bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
                 fix_idx.append((bad + r0 * row).cpu())
                 fix_val.append(f.reshape(-1)[bad].cpu())
         return d
@@ -424,15 +434,19 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        if tmap is not None:
-            tr = gather_rows(t, tmap[r0:r1]).to(dev)
-        else:
-            tr = _rows(t, r0, r1).to(dev, torch.float32, copy=True)
+        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else _rows(t, r0, r1).to(dev)
         return tr, source.rows(dname, r0, r1, dev, dmap)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         tr, d = x
-        outc = tr.add_(d, alpha=s.alpha).to(dtype)
+        if not all_finite(d):
+            raise NonFiniteDeltaError(
+                f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
+            )
+        if source.owns_rows:  # reuse the fresh Δ buffer: one allocation per chunk
+            outc = (d.mul_(s.alpha) if s.alpha != 1 else d).add_(tr).to(dtype)
+        else:
+            outc = add_scaled(tr, d, s.alpha).to(dtype)
         if fix is not None:
             if "ok" not in fix_state:  # the residuals are only valid on the exact base tensor they came from
                 fix_state["ok"] = tensor_digest(t) == fix[0]

@@ -205,7 +205,10 @@ def plan_extract(
         if vocab_policy is None:
             msg = _need_policy(name, bi.shape[0], fi.shape[0], "base", "fine-tune")
             if fi.shape == bi.shape:
-                msg = f"{name}: the tokenizers of base and fine-tune give some tokens different ids; use --vocab-policy by-token (or pad-zero to align by id)"
+                msg = (
+                    f"{name}: the tokenizers of base and fine-tune give some tokens different ids; "
+                    "use --vocab-policy by-token (or pad-zero to align by id)"
+                )
             probs.policy.append(msg)
             continue
         rows = fi.shape[0]

@@ -41,6 +41,8 @@ def _gather_entry(e: PatchTensor, index: torch.Tensor, device: torch.device) -> 
 class PatchDelta:
     """A stored patch as a delta source."""
 
+    owns_rows = False  # dense rows are views of the mapped patch: never modify them in place
+
     def __init__(self, patch: Patch):
         self.patch = patch
 
@@ -80,6 +82,8 @@ class PatchDelta:
 class PairDelta:
     """``ft − base`` computed on demand, following an extract plan (row maps included)."""
 
+    owns_rows = True  # every call returns a fresh fp32 buffer the caller may reuse
+
     def __init__(self, finetuned: Checkpoint, base: Checkpoint, plan: Plan | None = None):
         self.ft, self.base = finetuned, base
         self.plan = plan or plan_extract(base, finetuned)
@@ -116,7 +120,7 @@ class PairDelta:
             base_rows[valid] = bmap[base_rows[valid]]
         base_rows[base_rows >= base_t.shape[0]] = -1
         if index is None and bmap is None and r1 <= min(ft_t.shape[0], base_t.shape[0]):
-            return ft_t[r0:r1].to(device).float().sub_(base_t[r0:r1].to(device).float())
+            return ft_t[r0:r1].to(device, torch.float32, copy=True).sub_(base_t[r0:r1].to(device))
         return gather_rows(ft_t, ft_rows).to(device).sub_(gather_rows(base_t, base_rows).to(device))
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
