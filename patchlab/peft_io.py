@@ -4,7 +4,7 @@ Why: a LoRA adapter *is* a low-rank patch (PortLLM): ``ΔW = s·B·A`` with ``s 
 (``lora_alpha / √r`` with rsLoRA). Reading one gives patchlab entries keyed by base checkpoint tensor
 names; writing one lets ``PeftModel.from_pretrained`` load a patchlab low-rank patch.
 
-Conventions (PEFT 0.13 – 0.21 on-disk format):
+Conventions (the on-disk format written by PEFT; tested against peft 0.21):
 - ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``adapter_model.bin``); keys are prefixed
   ``base_model.model.``; Linear: ``<module>.lora_A.weight`` (r × in), ``<module>.lora_B.weight`` (out × r),
   optional ``<module>.lora_B.bias`` (``lora_bias``: Δbias = s·bias); Embedding: ``<module>.lora_embedding_A``
