@@ -35,7 +35,7 @@ from .errors import NonFiniteDeltaError, PlanError
 from .kernels import DeltaStats
 from .patch import FINETUNE_DIR, FIXUPS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, Patch
 
-DEFAULT_SHARD_BYTES = 2 << 30
+DEFAULT_SHARD_BYTES = 512 << 20  # queued tensors are held in memory until their shard is written
 CHUNK = 1 << 22  # elements per row chunk while computing one Δ
 SPARSE_METHODS = ("topk", "dare")
 EMBEDDING_CHOICES = ("dense", "encode")
