@@ -33,6 +33,8 @@ tag_app = typer.Typer(help="Free-form labels on patches and base versions.", no_
 app.add_typer(base_app, name="base")
 app.add_typer(alias_app, name="alias")
 app.add_typer(tag_app, name="tag")
+evals_app = typer.Typer(help="Evaluation results stored in the registry.", no_args_is_help=True)
+app.add_typer(evals_app, name="evals")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -487,6 +489,84 @@ def tag_rm(
     _out().print(f"untagged {_escape(label)}: {_escape(', '.join(tags))}")
 
 
+# ---- evaluations -----------------------------------------------------------------------------------
+
+
+@evals_app.command("add")
+@handled
+def evals_add(
+    ref: Annotated[str, typer.Argument(help="What was evaluated: a patch, family@version or derived:ID.")],
+    result: Annotated[Path, typer.Argument(help="An evaluation result file (EvalResult.save / patchlab eval).")],
+    kind: KindOpt = None,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Store an evaluation result file against a patch, base version or derived model (one entry per task)."""
+    with _open(registry) as reg:
+        infos = reg.record_eval_result(ref, result, kind=kind)
+    if json_out:
+        return _print_json([e.to_dict() for e in infos])
+    for e in infos:
+        _out().print(f"recorded evaluation {e.id}: {_escape(e.target)} on {_escape(e.dataset)} ({e.num_instances})")
+    return None
+
+
+@evals_app.command("ls")
+@handled
+def evals_ls(
+    ref: Annotated[str | None, typer.Argument(help="Only evaluations of this patch/base/derived model.")] = None,
+    kind: KindOpt = None,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List stored evaluations."""
+    with _open(registry) as reg:
+        items = reg.list_evaluations(ref, kind=kind)
+    if json_out:
+        return _print_json([e.to_dict() for e in items])
+    rows = [(str(e.id), e.target, e.dataset, str(e.num_instances), _metric(e.metrics), e.created_at) for e in items]
+    if rows:
+        _print_table(("id", "target", "dataset", "n", "accuracy", "created"), rows)
+    else:
+        _err().print("(no evaluations)")
+    return None
+
+
+def _metric(m: Any) -> str:
+    v = (m or {}).get("accuracy") if isinstance(m, dict) else None
+    return f"{v:.4f}" if isinstance(v, (int, float)) else ""
+
+
+@evals_app.command("show")
+@handled
+def evals_show(
+    evaluation_id: Annotated[int, typer.Argument(help="Evaluation id (see `patchlab evals ls`).")],
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """One evaluation with its per-instance results."""
+    with _open(registry) as reg:
+        e = reg.get_evaluation(evaluation_id)
+    if json_out:
+        return _print_json(e.to_dict())
+    _out().print(
+        f"evaluation {e.id}: [bold]{_escape(e.target)}[/] on {_escape(e.dataset)}, {e.num_instances} instances, "
+        f"{_escape(json.dumps(e.metrics, sort_keys=True))}"
+    )
+    rows = [
+        (str(r["id"]), _short(r.get("prediction")), _short(r.get("gold")), str(r.get("correct")), _num(r.get("score")))
+        for r in e.results
+    ]
+    if rows:
+        _print_table(("id", "prediction", "gold", "correct", "score"), rows)
+    return None
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
 # ---- maintenance -----------------------------------------------------------------------------------
 
 
@@ -615,18 +695,37 @@ def diff(
         list[str] | None, typer.Option("--parent", help="A patch this one came from, e.g. a port (repeatable).")
     ] = None,
     relation: Annotated[str, typer.Option(help="How it came from its parents: port, merge or derived.")] = "port",
+    rank: Annotated[int | None, typer.Option(help="Store each matrix as rank-R factors (truncated SVD).")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Low-rank: smallest rank per matrix keeping this share of ||Δ||², in (0, 1].")
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="Sparse: keep this share of entries per tensor.")] = None,
+    budget: Annotated[str | None, typer.Option(help="Low-rank under a size budget for the patch, e.g. 200MB.")] = None,
+    method: Annotated[str, typer.Option(help="Sparse method: topk or dare (random drop + rescale).")] = "topk",
+    seed: Annotated[int, typer.Option(help="Seed of DARE and of the randomized SVD.")] = 0,
+    embeddings: Annotated[str, typer.Option(help="Embeddings/lm_head: dense (default) or encode.")] = "dense",
     no_register: NoRegisterOpt = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Extract the patch (diff vector) between a base and its fine-tune, and register it."""
+    """Extract the patch (diff vector) between a base and its fine-tune, and register it.
+
+    With --rank/--energy/--budget (low-rank) or --density (sparse) each Δ is encoded as it is computed.
+    """
     import patchlab
 
+    encoded = any(v is not None for v in (rank, energy, density, budget))
+    if encoded:
+        from cli.lowrank import encoding_kwargs
+
+        enc_kw = encoding_kwargs(rank, energy, density, budget, method, seed, embeddings)
     reg = None if no_register and not _is_ref(base) else _open(registry)
     try:
-        base_path = reg.checkpoint_location(base) if reg is not None else base
-        with _Bytes("extracting", not json_out) as progress:
-            patch = patchlab.extract(
+        base_path = reg.checkpoint_path(base) if reg is not None else base
+        if encoded:
+            from patchlab.compress import extract_encoded
+
+            patch = extract_encoded(
                 base_path,
                 finetuned,
                 out,
@@ -634,8 +733,20 @@ def diff(
                 vocab_policy=vocab_policy,
                 device=device,
                 overwrite=overwrite,
-                progress=progress,
+                **enc_kw,
             )
+        else:
+            with _Bytes("extracting", not json_out) as progress:
+                patch = patchlab.extract(
+                    base_path,
+                    finetuned,
+                    out,
+                    storage_dtype=storage_dtype,
+                    vocab_policy=vocab_policy,
+                    device=device,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
         info = None
         if not no_register and reg is not None:
             info = reg.add_patch(
@@ -675,7 +786,7 @@ def _apply_like(
     reg = _open(registry) if need_reg else None
     try:
         patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
-        target_path = reg.checkpoint_location(target) if reg is not None else target
+        target_path = reg.checkpoint_path(target) if reg is not None else target
         with _Bytes(f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)) as progress:
             result = fn(
                 patch_dir,
@@ -775,6 +886,10 @@ def port(
         json_out,
     )
 
+
+from cli.lowrank import register as _register_lowrank  # noqa: E402
+
+_register_lowrank(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

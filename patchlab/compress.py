@@ -30,12 +30,13 @@ from . import __version__
 from . import lowrank as lr
 from . import sparse as sp
 from .checkpoint import Checkpoint, is_vocab_tensor
-from .engine import atomic_output, check_output, resolve_device
-from .errors import PlanError
+from .engine import _chunks, atomic_output, check_output, resolve_device
+from .errors import NonFiniteDeltaError, PlanError
 from .kernels import DeltaStats
 from .patch import FINETUNE_DIR, FIXUPS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, Patch
 
 DEFAULT_SHARD_BYTES = 2 << 30
+CHUNK = 1 << 22  # elements per row chunk while computing one Δ
 SPARSE_METHODS = ("topk", "dare")
 EMBEDDING_CHOICES = ("dense", "encode")
 
@@ -214,12 +215,38 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _stats_of(delta: torch.Tensor, ref_sumsq: float | None) -> dict:
-    st = DeltaStats()
-    st.update(delta)
-    if ref_sumsq is not None:
-        st.ref_sumsq = ref_sumsq
-    return st.result()
+class _FastStats:
+    """The core's per-tensor statistics (norm, rel_norm, max_abs, changed_frac) with fp32 chunk reductions.
+
+    Same result keys as ``kernels.DeltaStats``; a non-finite Δ shows as a non-finite norm and is then
+    located exactly for the error message.
+    """
+
+    def __init__(self) -> None:
+        self.numel = self.changed = 0
+        self.sumsq = self.ref_sumsq = self.max_abs = 0.0
+
+    def update(self, d: torch.Tensor, ref: torch.Tensor | None, name: str) -> None:
+        if d.numel() == 0:
+            return
+        n = float(torch.linalg.vector_norm(d))
+        if not math.isfinite(n):
+            bad = int((~torch.isfinite(d)).reshape(-1).nonzero()[0]) + self.numel
+            raise NonFiniteDeltaError(
+                f"Δ of {name} has NaN/Inf (first at flat element {bad}); the base or the fine-tune holds "
+                "non-finite weights"
+            )
+        self.sumsq += n * n
+        self.max_abs = max(self.max_abs, float(torch.linalg.vector_norm(d, ord=math.inf)))
+        self.changed += int(torch.count_nonzero(d))
+        self.numel += d.numel()
+        if ref is not None and ref.numel():
+            self.ref_sumsq += float(torch.linalg.vector_norm(ref.float())) ** 2
+
+    def result(self) -> dict[str, float]:
+        st = DeltaStats(numel=self.numel, sumsq=self.sumsq, ref_sumsq=self.ref_sumsq, max_abs=self.max_abs,
+                        changed=self.changed)
+        return st.result()
 
 
 @dataclass
@@ -326,14 +353,16 @@ def _totals(entries: dict[str, dict], root: Path) -> dict:
     for e in adds:
         by_enc[e.get("encoding", "dense")] = by_enc.get(e.get("encoding", "dense"), 0) + 1
     # Energy kept over the whole patch: Σ kept / Σ ‖Δ‖², with dense tensors counted as fully kept.
-    kept = 0.0
+    # DARE entries have no energy share (their survivors are rescaled: not a projection of Δ); a patch with
+    # any of them reports energy None and only the pooled relative error.
+    kept: float | None = 0.0
     err2 = 0.0
     for e in adds:
         norm2 = e.get("stats", {}).get("norm", 0.0) ** 2
-        if "energy" in e:
-            kept += norm2 * e["energy"]
-        else:  # dense: all of it; DARE: 1 − rel_error² (its survivors are rescaled, not a projection)
-            kept += norm2 * max(0.0, 1.0 - e.get("rel_error", 0.0) ** 2)
+        if e.get("method") == "dare":
+            kept = None
+        elif kept is not None:
+            kept += norm2 * e.get("energy", 1.0)  # dense: all of it
         err2 += norm2 * e.get("rel_error", 0.0) ** 2
     return {
         "tensors": len(entries),
@@ -341,7 +370,7 @@ def _totals(entries: dict[str, dict], root: Path) -> dict:
         "delta_parameters": n,
         "norm": sumsq**0.5,
         "encodings": by_enc,
-        "energy": kept / sumsq if sumsq > 0 else 1.0,
+        "energy": None if kept is None else (kept / sumsq if sumsq > 0 else 1.0),
         "rel_error": math.sqrt(err2 / sumsq) if sumsq > 0 else 0.0,
         "bytes": sum(p.stat().st_size for p in root.glob("*.safetensors")),
         "fixups": 0,
@@ -385,6 +414,8 @@ def compress(
     seed: int = 0,
     embeddings: str = "dense",
     dense_fallback: bool = True,
+    oversample: int = 10,
+    n_iter: int = 2,
     storage_dtype: str | torch.dtype | None = None,
     device: str = "auto",
     overwrite: bool = False,
@@ -399,7 +430,8 @@ def compress(
     before anything is written.
     """
     enc = Encoding(rank=rank, energy=energy, density=density, budget_bytes=budget_bytes, method=method,
-                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback)
+                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback, oversample=oversample,
+                   n_iter=n_iter)
     src = Patch.open(patch)
     out = Path(out)
     check_output(out, overwrite)
@@ -466,6 +498,8 @@ def extract_encoded(
     seed: int = 0,
     embeddings: str = "dense",
     dense_fallback: bool = True,
+    oversample: int = 10,
+    n_iter: int = 2,
     storage_dtype: str | torch.dtype | None = None,
     vocab_policy: str | None = None,
     device: str = "auto",
@@ -483,7 +517,8 @@ def extract_encoded(
     from .plan import plan_extract
 
     enc = Encoding(rank=rank, energy=energy, density=density, budget_bytes=budget_bytes, method=method,
-                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback)
+                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback, oversample=oversample,
+                   n_iter=n_iter)
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
     store = _store_dtype(storage_dtype, torch.float32)
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
@@ -504,15 +539,32 @@ def extract_encoded(
             items.append(_Item(s.name, meta, tensors=(lambda job=job, n=s.name: {n: job.load(0, job.rows)[0]})))
             continue
 
-        def delta(job=job, meta=meta) -> torch.Tensor:
-            d = job.compute(job.load(0, job.rows), 0, job.rows)
-            job.finish()  # fills meta["stats"] (norm, rel_norm, max_abs, changed_frac)
-            return d.reshape(job.shape) if job.shape else d
+        def delta(job=job, meta=meta, name=s.name) -> torch.Tensor:
+            # Row chunks as the engine loads them (vocabulary row maps included), assembled in fp32; the
+            # statistics are accumulated per chunk with fp32 reductions summed in fp64.
+            out = torch.empty(job.shape, dtype=torch.float32, device=dev)
+            st = _FastStats()
+            for r0, r1 in _chunks(job, CHUNK):
+                f, b = job.load(r0, r1)
+                d = f.float() - b
+                st.update(d, b, name)
+                if job.shape:
+                    out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
+                else:
+                    out = d.reshape(())
+            meta["stats"] = st.result()
+            return out
 
         def peek(job=job) -> torch.Tensor:
-            f, b = job.load(0, job.rows)
-            d = f.float() - b
-            return d.reshape(job.shape) if job.shape else d
+            out = torch.empty(job.shape, dtype=torch.float32, device=dev)
+            for r0, r1 in _chunks(job, CHUNK):
+                f, b = job.load(r0, r1)
+                d = f.float() - b
+                if job.shape:
+                    out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
+                else:
+                    out = d.reshape(())
+            return out
 
         items.append(_Item(s.name, meta, delta=delta, peek=peek))
 

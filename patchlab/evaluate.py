@@ -190,6 +190,24 @@ def _run_multiple_choice(
     return results
 
 
+class _StopOnStrings:
+    """Stops a row once its decoded continuation contains a stop string (the text is cut afterwards).
+
+    transformers' own ``stop_strings`` needs a tokenizer whose vocabulary round-trips through
+    ``convert_tokens_to_string``, which word-level tokenizers do not; decoding is exact for every tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :].tolist(), skip_special_tokens=True)
+        done = [any(s in t for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any,
@@ -205,7 +223,7 @@ def greedy_generate(
     A model may set ``patchlab_use_cache = False`` (the α-steered TuCo model does) to decode without
     a KV cache.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     dev = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -222,7 +240,6 @@ def greedy_generate(
         pad_token_id=pad_id,
         eos_token_id=eos,
         use_cache=getattr(model, "patchlab_use_cache", True),
-        stop_strings=list(stop) if stop else None,
     )
     out: list[list[int]] = [[] for _ in prompts_ids]
     order = sorted(range(len(prompts_ids)), key=lambda i: -len(prompts_ids[i]))
@@ -234,11 +251,9 @@ def greedy_generate(
             p = prompts_ids[i]
             inp[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
+        criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, stop, width)]) if stop else None
         gen = model.generate(
-            input_ids=inp.to(dev),
-            attention_mask=mask.to(dev),
-            generation_config=cfg,
-            tokenizer=tokenizer if stop else None,
+            input_ids=inp.to(dev), attention_mask=mask.to(dev), generation_config=cfg, stopping_criteria=criteria
         )
         new = gen[:, width:].tolist()
         for r, i in enumerate(idx):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from patchlab.errors import PatchlabError
@@ -150,6 +150,14 @@ def _id_of(rec: FlipRecord, pooled: bool) -> str:
     return f"{rec.group}:{rec.doc_id}" if pooled else rec.doc_id
 
 
+def _same(a: FlipRecord, b: FlipRecord) -> bool:
+    """Equal records, where two NaN scores count as equal (a stored result without a score)."""
+    if a == b:
+        return True
+    nan = a.score is not None and b.score is not None and math.isnan(a.score) and math.isnan(b.score)
+    return nan and replace(a, score=None) == replace(b, score=None)
+
+
 def index_records(records: Iterable[FlipRecord], side: str) -> dict[tuple[str, str, str], FlipRecord]:
     """Key records by (task, doc_id, filter); identical duplicates collapse, conflicting ones raise."""
     out: dict[tuple[str, str, str], FlipRecord] = {}
@@ -157,7 +165,7 @@ def index_records(records: Iterable[FlipRecord], side: str) -> dict[tuple[str, s
         prev = out.get(rec.key)
         if prev is None:
             out[rec.key] = rec
-        elif prev != rec:
+        elif not _same(prev, rec):
             raise ResultsMismatchError(
                 f"{side} results hold two different rows for task {rec.task!r}, doc_id {rec.doc_id!r}, "
                 f"filter {rec.filter!r} (correct {prev.correct} vs {rec.correct}, prediction "

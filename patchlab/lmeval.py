@@ -8,7 +8,7 @@ values as top-level keys, ``arguments``/``resps``/``filtered_resps`` and ``doc_h
 Correctness comes from one metric (``acc``, ``exact_match``, ... : the first known one the row has, or the
 one you name); the generation score S for the MUSCLE form comes from ``score_metric`` (default: the
 correctness metric). Predictions: the argmax choice for log-likelihood rows (length-normalised by the
-continuation's characters for ``acc_norm``, as lm-eval does), the filtered response for generation rows.
+choice's characters for ``acc_norm``, as lm-eval does), the filtered response for generation rows.
 """
 
 from __future__ import annotations
@@ -46,40 +46,68 @@ def task_from_filename(path: str | Path) -> str:
     )
 
 
+def _loglik(entry: Any) -> float | None:
+    """Log-likelihood of one MC response: ``[ll, is_greedy]`` as numbers or, as lm-eval >= 0.4 writes them
+    (``sanitize_list``), as strings; None if the entry is neither."""
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        entry = entry[0]
+    if isinstance(entry, bool):
+        return None
+    if isinstance(entry, (int, float)):
+        return float(entry)
+    if isinstance(entry, str):
+        try:
+            return float(entry)
+        except ValueError:
+            return None
+    return None
+
+
+def _continuations(arguments: Any, n: int) -> list[str] | None:
+    """Continuation string of each of the n requests: ``arguments`` is a list of [context, continuation]
+    (older lm-eval) or ``{"gen_args_i": {"arg_0": context, "arg_1": continuation}}`` (lm-eval >= 0.4)."""
+    if isinstance(arguments, dict):
+        items = [arguments.get(f"gen_args_{i}") for i in range(n)]
+        conts = [a.get("arg_1") if isinstance(a, dict) else None for a in items]
+    elif isinstance(arguments, list) and len(arguments) == n:
+        conts = [a[1] if isinstance(a, (list, tuple)) and len(a) >= 2 else None for a in arguments]
+    else:
+        return None
+    return conts if all(isinstance(c, str) for c in conts) else None  # type: ignore[return-value]
+
+
+def _is_mc_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and _loglik(entry) is not None
+        and (isinstance(entry[1], bool) or entry[1] in ("True", "False"))
+    )
+
+
 def _mc_prediction(row: dict[str, Any], normalise: bool) -> int | None:
     resps = row.get("filtered_resps")
     if not isinstance(resps, list) or not resps:
         return None
-    lls = []
-    for r in resps:
-        if isinstance(r, list) and r and isinstance(r[0], (int, float)) and not isinstance(r[0], bool):
-            lls.append(float(r[0]))
-        elif isinstance(r, (int, float)) and not isinstance(r, bool):
-            lls.append(float(r))
-        else:
-            return None
+    lls = [_loglik(r) for r in resps]
+    if any(v is None for v in lls):
+        return None
     if normalise:
-        args = row.get("arguments") or []
-        lens = []
-        for a in args:
-            if isinstance(a, (list, tuple)) and len(a) >= 2 and isinstance(a[1], str):
-                lens.append(max(len(a[1]), 1))
-            else:
-                return None
-        if len(lens) != len(lls):
+        conts = _continuations(row.get("arguments"), len(lls))
+        if conts is None:
             return None
-        lls = [ll / n for ll, n in zip(lls, lens, strict=True)]
+        # lm-eval divides by the choice's length, without the target delimiter the request prepends
+        lls = [ll / max(len(c.lstrip()), 1) for ll, c in zip(lls, conts, strict=True)]
     return max(range(len(lls)), key=lambda i: lls[i])
 
 
 def _kind(row: dict[str, Any]) -> str | None:
     resps = row.get("filtered_resps")
     if isinstance(resps, list) and resps:
-        first = resps[0]
-        if isinstance(first, str):
-            return "generation"
-        if isinstance(first, list) and len(first) == 2 and isinstance(first[1], bool):
+        if all(_is_mc_entry(r) for r in resps):
             return "multiple_choice"
+        if isinstance(resps[0], str):
+            return "generation"
     return None
 
 
@@ -176,9 +204,7 @@ def read_samples(
     """Read one ``samples_<task>_<date>.jsonl`` file into records."""
     p = Path(path)
     if not p.is_file():
-        raise LMEvalFormatError(
-            f"{p}: no such file; pass the samples_<task>_<date>.jsonl written by --log_samples"
-        )
+        raise LMEvalFormatError(f"{p}: no such file; pass the samples_<task>_<date>.jsonl written by --log_samples")
     name = task or task_from_filename(p)
     rows = []
     with p.open(encoding="utf-8") as fh:
@@ -188,12 +214,8 @@ def read_samples(
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise LMEvalFormatError(
-                    f"{p} line {n}: not valid JSON ({e.msg}); the file may be truncated"
-                ) from e
-    return records_from_rows(
-        rows, name, metric=metric, score_metric=score_metric, filters=filters, source=str(p)
-    )
+                raise LMEvalFormatError(f"{p} line {n}: not valid JSON ({e.msg}); the file may be truncated") from e
+    return records_from_rows(rows, name, metric=metric, score_metric=score_metric, filters=filters, source=str(p))
 
 
 def read_samples_dir(
@@ -204,7 +226,8 @@ def read_samples_dir(
     score_metric: str | None = None,
     filters: Iterable[str] | None = None,
 ) -> list[FlipRecord]:
-    """Read every samples file under an lm-eval output directory (recursively), several tasks at once.
+    """Read every samples file of one model's lm-eval output directory (found recursively), several tasks
+    at once.
 
     When a task has several samples files (re-runs at different dates), only the newest date is read,
     so a re-run does not double the task.
@@ -214,8 +237,12 @@ def read_samples_dir(
         return read_samples(root, metric=metric, score_metric=score_metric, filters=filters)
     files = sorted(root.rglob("samples_*.jsonl"))
     if not files:
+        raise LMEvalFormatError(f"{root}: no samples_*.jsonl files; run lm_eval with --log_samples --output_path")
+    parents = sorted({str(f.parent) for f in files})
+    if len(parents) > 1:
         raise LMEvalFormatError(
-            f"{root}: no samples_*.jsonl files; run lm_eval with --log_samples --output_path"
+            f"{root}: samples files sit in {len(parents)} directories ({', '.join(parents[:3])}); lm-eval writes "
+            "one directory per model, so pass one model's directory"
         )
     newest: dict[str, Path] = {}
     for f in files:
@@ -224,13 +251,9 @@ def read_samples_dir(
             newest[t] = f
     wanted = set(tasks) if tasks is not None else None
     if wanted is not None and (absent := wanted - set(newest)):
-        raise LMEvalFormatError(
-            f"{root}: no samples file for task(s) {sorted(absent)}; found {sorted(newest)}"
-        )
+        raise LMEvalFormatError(f"{root}: no samples file for task(s) {sorted(absent)}; found {sorted(newest)}")
     out: list[FlipRecord] = []
     for t in sorted(newest):
         if wanted is None or t in wanted:
-            out.extend(
-                read_samples(newest[t], task=t, metric=metric, score_metric=score_metric, filters=filters)
-            )
+            out.extend(read_samples(newest[t], task=t, metric=metric, score_metric=score_metric, filters=filters))
     return out

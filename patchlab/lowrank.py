@@ -13,8 +13,9 @@ scale is folded in (``scale = 1``). Energy kept is ``Σ_{i≤r} σ_i² / ‖Δ�
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,13 +69,33 @@ class Spectrum:
     total: float
 
 
-def total_energy(delta: torch.Tensor) -> float:
-    """‖Δ‖_F² accumulated in fp64 (exact and cheap: the denominator of every energy share)."""
-    return float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+def total_energy(delta: torch.Tensor, *, chunk_elems: int = 1 << 22) -> float:
+    """‖Δ‖_F² (exact and cheap: the denominator of every energy share), fp64 sums over fp32 row chunks."""
+    flat = delta.reshape(-1)
+    tot = 0.0
+    for i in range(0, flat.numel(), chunk_elems):
+        tot += float(torch.linalg.vector_norm(flat[i : i + chunk_elems].float()).double() ** 2)
+    return tot
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """Run small CPU factorisations single-threaded: for an m×(k+p) panel, LAPACK's threaded QR/SVD spend
+    more time in barriers than in arithmetic (≈100× slower on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    if not enabled or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x, mode="reduced").Q
+    with _one_thread(x.device.type == "cpu"):
+        return torch.linalg.qr(x, mode="reduced").Q
 
 
 def randomized_svd(
@@ -103,7 +124,8 @@ def randomized_svd(
         q = _orth(x.T @ q)
         q = _orth(x @ q)
     small = q.T @ x  # (width, n)
-    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
+    with _one_thread(x.device.type == "cpu"):
+        ub, s, vh = torch.linalg.svd(small, full_matrices=False)
     u = q @ ub
     return u[:, :k], s[:k], vh[:k]
 
@@ -152,8 +174,8 @@ def relative_error(
     for r0 in range(0, delta.shape[0], chunk_rows):
         d = delta[r0 : r0 + chunk_rows].float()
         approx = (B[r0 : r0 + chunk_rows].float() @ a).mul_(scale)
-        num += float(torch.linalg.vector_norm(d - approx, dtype=torch.float64) ** 2)
-        den += float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
+        den += float(torch.linalg.vector_norm(d)) ** 2
+        num += float(torch.linalg.vector_norm(approx.sub_(d))) ** 2  # approx is a fresh tensor: reuse it
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num / den)

@@ -444,7 +444,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
         if source.owns_rows:  # reuse the fresh Δ buffer: one allocation per chunk
-            outc = (d.mul_(s.alpha) if s.alpha != 1 else d).add_(tr).to(dtype)
+            outc = (d.mul_(s.alpha) if s.alpha != 1 else d).add_(tr.float()).to(dtype)
         else:
             outc = add_scaled(tr, d, s.alpha).to(dtype)
         if fix is not None:

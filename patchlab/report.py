@@ -302,17 +302,26 @@ _COLORS = ("#4e79a7", "#e15759", "#59a14f", "#f28e2b")
 
 
 def hbar_svg(
-    labels: Sequence[str], series: Mapping[str, Sequence[float | None]], *, title: str = "", fmt: str = "{:.3g}"
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    title: str = "",
+    fmt: str = "{:.3g}",
+    colors: Sequence[str] | None = None,
+    marks: Mapping[str, float] | None = None,
 ) -> str:
-    """Horizontal grouped bar chart as an inline SVG string (no external references)."""
+    """Horizontal grouped bar chart as an inline SVG string (no external references); ``marks`` draws
+    labelled dashed vertical lines (thresholds)."""
     names = list(series)
+    palette = list(colors or _COLORS)
     values = [[(v if v is not None and math.isfinite(v) else 0.0) for v in series[n]] for n in names]
-    vmax = max([abs(v) for vs in values for v in vs] + [1e-12])
+    marks = {k: v for k, v in (marks or {}).items() if v is not None and math.isfinite(v)}
+    vmax = max([abs(v) for vs in values for v in vs] + list(marks.values()) + [1e-12])
     label_w, bar_w, bar_h, gap = 170, 360, 12, 8
     row_h = bar_h * len(names) + gap
     legend_h = 18 if len(names) > 1 else 0
     top = 22 + legend_h
-    height = top + row_h * len(labels) + 10
+    height = top + row_h * len(labels) + (24 if marks else 10)
     width = label_w + bar_w + 90
     parts = [
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
@@ -321,7 +330,7 @@ def hbar_svg(
     ]
     for j, n in enumerate(names if legend_h else []):
         x = label_w + j * 120
-        parts.append(f'<rect x="{x}" y="22" width="10" height="10" fill="{_COLORS[j % len(_COLORS)]}"/>')
+        parts.append(f'<rect x="{x}" y="22" width="10" height="10" fill="{palette[j % len(palette)]}"/>')
         parts.append(f'<text x="{x + 14}" y="31">{html.escape(n)}</text>')
     for i, lab in enumerate(labels):
         y0 = top + i * row_h
@@ -332,10 +341,18 @@ def hbar_svg(
             w = bar_w * abs(v) / vmax
             y = y0 + j * bar_h
             parts.append(
-                f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" fill="{_COLORS[j % len(_COLORS)]}"/>'
+                f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h - 2}" fill="{palette[j % len(palette)]}"/>'
             )
             parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar_h - 3}">{html.escape(fmt.format(v))}</text>')
     parts.append(f'<line x1="{label_w}" y1="{top - 2}" x2="{label_w}" y2="{height - 8}" stroke="#999"/>')
+    for k, v in marks.items():
+        x = label_w + bar_w * abs(v) / vmax
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - 16}" stroke="#555" stroke-dasharray="4 3"/>'
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - 4}" text-anchor="middle" style="font-size:10px">{html.escape(k)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -350,6 +367,10 @@ def _charts(report: Mapping[str, Any]) -> dict[str, str]:
             [f"layer {k}" if k != "other" else "other" for k in labs],
             {"drift / ‖Δ‖": [d["per_layer"][k]["drift_rel_delta"] for k in labs]},
             title="Base drift relative to the patch, per layer",
+            marks={
+                "care": d["verdict"].get("thresholds", {}).get("layer_rel_delta_care"),
+                "do not port": d["verdict"].get("thresholds", {}).get("layer_rel_delta_stop"),
+            },
         )
     f = report.get("flips")
     if f and f.get("groups"):
@@ -359,6 +380,7 @@ def _charts(report: Mapping[str, Any]) -> dict[str, str]:
             {"NFR": [f["groups"][g]["nfr"] for g in labs], "PFR": [f["groups"][g]["pfr"] for g in labs]},
             title="Flip rates per task",
             fmt="{:.1%}",
+            colors=("#e15759", "#59a14f"),
         )
     tc = report.get("tuco")
     if tc and tc.get("results"):

@@ -219,9 +219,7 @@ class TuCo:
     wrapped model behaves exactly as the fine-tuned model. Use fp32 models for the decomposition.
     """
 
-    def __init__(
-        self, base: nn.Module, finetuned: nn.Module, tokenizer: Any, *, names: tuple[str, str] = ("", "")
-    ):
+    def __init__(self, base: nn.Module, finetuned: nn.Module, tokenizer: Any, *, names: tuple[str, str] = ("", "")):
         check_compatible(base.config, finetuned.config)
         b_impl = getattr(base.config, "_attn_implementation", None)
         f_impl = getattr(finetuned.config, "_attn_implementation", None)
@@ -241,9 +239,7 @@ class TuCo:
         pt_layers = _layers(base, "base")
         ft_layers = _layers(finetuned, "fine-tuned")
         if len(pt_layers) != len(ft_layers):
-            raise IncompatibleModelsError(
-                f"{len(pt_layers)} base layers vs {len(ft_layers)} fine-tuned layers"
-            )
+            raise IncompatibleModelsError(f"{len(pt_layers)} base layers vs {len(ft_layers)} fine-tuned layers")
         self._original = list(ft_layers)
         self.layers: list[SteeredLayer] = []
         for i, (ft_l, pt_l) in enumerate(zip(ft_layers, pt_layers, strict=True)):
@@ -334,20 +330,43 @@ class TuCo:
             ptc=torch.stack(rec.ptc), ftc=torch.stack(rec.ftc), x0=rec.x0, xL=rec.xL, last=last, logits=logits
         )
 
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; ``chat`` wraps it as one user turn with the fine-tune's chat template and
+        the generation prompt (the position the model answers from), as chat models see prompts."""
+        if not chat:
+            return list(self.tokenizer(prompt)["input_ids"])
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise PatchlabError(
+                "chat=True needs a tokenizer with a chat template; this fine-tune has none (measure raw prompts)"
+            )
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def measure(
-        self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8
+        self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8, chat: bool = False
     ) -> TuCoReport:
-        """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches)."""
+        """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches); ``chat``
+        applies the chat template first (see :meth:`encode`)."""
         if ids is not None and len(ids) != len(prompts):
             raise PatchlabError(f"{len(ids)} ids for {len(prompts)} prompts")
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(prompts))]
+        from patchlab.evaluate import PromptTooLongError, context_length
+
+        max_len = context_length(self.model)
         out: list[TuCoResult] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            enc = [self.tokenizer(p)["input_ids"] for p in chunk]
+            enc = [self.encode(p, chat=chat) for p in chunk]
             for j, e in enumerate(enc):
                 if not e:
                     raise PatchlabError(f"prompt {names[start + j]!r} encodes to no tokens")
+                if max_len is not None and len(e) > max_len:
+                    raise PromptTooLongError(
+                        f"prompt {names[start + j]!r} is {len(e)} tokens, over the model's context length "
+                        f"{max_len}; shorten it (TuCo is measured at the prompt's last token, so it is not truncated)"
+                    )
             width = max(len(e) for e in enc)
             inp = torch.zeros((len(enc), width), dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -374,6 +393,7 @@ class TuCo:
             finetuned=self.names[1],
             results=out,
             settings={
+                "chat_template": chat,
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "norm": "L1",
                 "token": "last non-pad",

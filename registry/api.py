@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from registry.models import (
 )
 
 MANIFEST = "patch.json"
+RECORD_KEYS = ("id", "prediction", "gold", "correct", "score")
 PARENT_RELATIONS = ("port", "merge", "derived")
 
 
@@ -162,6 +163,7 @@ class EvaluationInfo:
     num_instances: int
     created_at: str
     results: tuple[dict[str, Any], ...] = ()
+    settings: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         d = _shallow(self)
@@ -229,11 +231,7 @@ class GcReport:
 
 def _shallow(obj: Any) -> dict[str, Any]:
     """A dataclass's fields as a dict, without ``asdict``'s deep copy (10x faster over 10,000 rows)."""
-    out = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    return {k: (list(v) if type(v) is tuple else v) for k, v in vars(obj).items()}
 
 
 def _ts(dt) -> str:
@@ -389,6 +387,27 @@ class Registry:
     def list_families(self) -> list[str]:
         with self.db.read() as s:
             return list(s.execute(select(Family.name).order_by(Family.name)).scalars())
+
+    def checkpoint_path(self, ref_or_path: str | os.PathLike[str]) -> Path:
+        """A local directory for a checkpoint: a plain path as given, else the base version's directory;
+        for a Hub base, its snapshot in the local Hugging Face cache (never downloads)."""
+        if refs.looks_like_path(ref_or_path):
+            return Path(ref_or_path).expanduser()
+        b = self.get_base(os.fspath(ref_or_path))
+        if b.source_kind != "hub":
+            return Path(b.source)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(b.source, revision=b.revision, local_files_only=True))
+        except Exception as exc:  # LocalEntryNotFoundError and friends: not in the local cache
+            from patchlab.errors import CheckpointNotFoundError
+
+            raise CheckpointNotFoundError(
+                f"base {b.ref} is the Hub repo {b.location}, which is not in the local Hugging Face cache "
+                f"({type(exc).__name__}); download it first: `huggingface-cli download {b.source} --revision "
+                f"{b.revision}`, or pass a local directory"
+            ) from None
 
     def checkpoint_location(self, ref_or_path: str | os.PathLike[str]) -> str:
         """Where a checkpoint is: a plain path as given, else the base version's path (or Hub id@rev)."""
@@ -1134,10 +1153,11 @@ class Registry:
         metrics: Mapping[str, Any] | None = None,
         model: str | None = None,
         kind: str | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> EvaluationInfo:
         """Store an evaluation of a patch, base version or derived model: per-instance records
-        ``{id, prediction, gold, correct, score}`` and aggregate metrics (accuracy and mean score
-        unless given)."""
+        ``{id, prediction, gold, correct, score}`` (other keys of a record are kept as its details) and
+        aggregate metrics (accuracy and mean score unless given)."""
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()
         for i, rec in enumerate(records):
@@ -1154,6 +1174,9 @@ class Registry:
                     "gold": _json_safe(rec.get("gold"), f"record {iid} gold"),
                     "correct": None if rec.get("correct") is None else bool(rec["correct"]),
                     "score": None if rec.get("score") is None else float(rec["score"]),
+                    "details": _json_safe({k: v for k, v in rec.items() if k not in RECORD_KEYS}, f"record {iid}")
+                    or None,
+                    "position": i,
                 }
             )
         agg = dict(metrics) if metrics is not None else _aggregate(rows)
@@ -1170,12 +1193,15 @@ class Registry:
                     dataset=dataset,
                     metrics=agg,
                     num_instances=len(rows),
+                    settings=_json_safe(dict(settings), "settings") if settings is not None else None,
                 )
                 s.add(ev)
                 s.flush()
                 if rows:
                     s.execute(insert(EvaluationResult), [{"evaluation_id": ev.id, **r} for r in rows])
-                return EvaluationInfo(ev.id, t.label, ev.model, dataset, agg, len(rows), _ts(ev.created_at))
+                return EvaluationInfo(
+                    ev.id, t.label, ev.model, dataset, agg, len(rows), _ts(ev.created_at), (), ev.settings
+                )
 
         return retry_locked(run)
 
@@ -1213,14 +1239,110 @@ class Registry:
                     "gold": r.gold,
                     "correct": r.correct,
                     "score": r.score,
+                    **(r.details or {}),
                 }
                 for r in s.execute(
                     select(EvaluationResult)
                     .where(EvaluationResult.evaluation_id == ev.id)
-                    .order_by(EvaluationResult.instance_id)
+                    .order_by(EvaluationResult.position, EvaluationResult.instance_id)
                 ).scalars()
             )
-        return EvaluationInfo(ev.id, label, ev.model, ev.dataset, ev.metrics, ev.num_instances, _ts(ev.created_at), res)
+        return EvaluationInfo(
+            ev.id, label, ev.model, ev.dataset, ev.metrics, ev.num_instances, _ts(ev.created_at), res, ev.settings
+        )
+
+    def record_eval_result(
+        self, target: str, result: Any, *, model: str | None = None, kind: str | None = None
+    ) -> list[EvaluationInfo]:
+        """Store a ``patchlab.results.EvalResult`` (or its saved JSON file, or its ``to_json()`` dict) as one
+        evaluation per task of ``target``; :meth:`eval_result` gives it back."""
+        from patchlab.results import EvalResult
+
+        if isinstance(result, (str, os.PathLike)):
+            try:
+                result = EvalResult.load(result)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise InvalidReferenceError(
+                    f"{os.fspath(result)} is not a readable patchlab evaluation result ({exc}); save one with "
+                    "EvalResult.save"
+                ) from None
+        elif isinstance(result, Mapping):
+            result = EvalResult.from_json(dict(result))
+        out = []
+        for task, summary in result.tasks.items():
+            records = [
+                {
+                    "id": inst.id,
+                    "prediction": inst.prediction,
+                    "gold": inst.gold,
+                    "correct": inst.correct,
+                    "score": inst.score,
+                    "task": inst.task,
+                    "type": inst.type,
+                    "truncated": inst.truncated,
+                    "prompt_hash": inst.prompt_hash,
+                    "details": inst.details,
+                }
+                for inst in result.instances
+                if inst.task == task
+            ]
+            out.append(
+                self.record_evaluation(
+                    target,
+                    task,
+                    records,
+                    metrics=_shallow(summary),
+                    model=model or result.model,
+                    kind=kind,
+                    settings=result.settings,
+                )
+            )
+        return out
+
+    def eval_result(self, target: str, *, kind: str | None = None, tasks: Iterable[str] | None = None) -> Any:
+        """The newest stored evaluation of each task (dataset) of ``target``, as a
+        ``patchlab.results.EvalResult`` ready for ``patchlab.flips.compare``."""
+        from patchlab.results import EvalResult, InstanceResult, TaskSummary
+
+        wanted = set(tasks) if tasks is not None else None
+        newest: dict[str, EvaluationInfo] = {}
+        for e in self.list_evaluations(target, kind=kind):
+            if wanted is None or e.dataset in wanted:
+                newest[e.dataset] = e  # ids ascend: the last one wins
+        if not newest:
+            raise UnknownReferenceError(
+                f"{target!r} has no stored evaluations"
+                + (f" of {', '.join(sorted(wanted))}" if wanted else "")
+                + "; record one with Registry.record_eval_result"
+            )
+        instances, summaries, settings, model = [], {}, {}, target
+        for task, e in newest.items():
+            full = self.get_evaluation(e.id)
+            model, settings = full.model, full.settings or settings
+            for r in full.results:
+                instances.append(
+                    InstanceResult(
+                        task=r.get("task", task),
+                        id=r["id"],
+                        type=r.get("type", "unknown"),
+                        prediction=r["prediction"],
+                        gold=r["gold"],
+                        correct=bool(r["correct"]),
+                        score=r["score"] if r["score"] is not None else float("nan"),
+                        truncated=r.get("truncated", 0),
+                        prompt_hash=r.get("prompt_hash"),
+                        details=r.get("details") or {},
+                    )
+                )
+            m = full.metrics or {}
+            known = {f for f in TaskSummary.__dataclass_fields__}
+            if {"task", "n", "n_correct", "accuracy", "mean_score"} <= set(m):
+                summaries[task] = TaskSummary(**{k: v for k, v in m.items() if k in known})
+            else:
+                from patchlab.results import summarise
+
+                summaries.update(summarise([i for i in instances if i.task == task]))
+        return EvalResult(model=model, tasks=summaries, instances=instances, settings=dict(settings))
 
 
 # ---- helpers -----------------------------------------------------------------------------------

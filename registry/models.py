@@ -187,6 +187,7 @@ class Evaluation(Base):
     metrics: Mapped[Any] = mapped_column(JSON, nullable=True)
     num_instances: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    settings: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003
 
 
 class EvaluationResult(Base):
@@ -198,3 +199,5 @@ class EvaluationResult(Base):
     gold: Mapped[Any] = mapped_column(JSON, nullable=True)
     correct: Mapped[bool | None] = mapped_column(Boolean)
     score: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003: everything else of the record
+    position: Mapped[int | None] = mapped_column(Integer)  # revision 0003: order as recorded

@@ -61,8 +61,11 @@ def test_diff_at_fixed_rank_records_fidelity_and_applies(family, tmp_path):
     p = extract_encoded(base, ft, tmp_path / "r4.patch", rank=4, device="cpu")
     t = p.manifest["tensors"]
     q = t["model.layers.1.mlp.down_proj.weight"]
-    assert q["encoding"] == "lowrank" and q["rank"] == 4 and q["keys"] == {
-        "A": "model.layers.1.mlp.down_proj.weight::A", "B": "model.layers.1.mlp.down_proj.weight::B"}
+    assert (
+        q["encoding"] == "lowrank"
+        and q["rank"] == 4
+        and q["keys"] == {"A": "model.layers.1.mlp.down_proj.weight::A", "B": "model.layers.1.mlp.down_proj.weight::B"}
+    )
     e = p.entry("model.layers.1.mlp.down_proj.weight")
     d = dense.entry("model.layers.1.mlp.down_proj.weight").dense()
     err = float(torch.linalg.norm(d - e.dense()) / torch.linalg.norm(d))
@@ -156,3 +159,22 @@ def test_rank_too_large_without_fallback(family, tmp_path):
     k = p.manifest["tensors"]["model.layers.0.self_attn.k_proj.weight"]
     assert k["encoding"] == "dense" and "exceeds" in k["encoding_note"]
     json.dumps(p.manifest)
+
+
+def test_diagnostics_read_any_encoding(family, tmp_path):
+    """Statistics consume patches tensor by tensor through rows(): sparse at density 1 gives the dense result."""
+    from dataclasses import asdict
+
+    from patchlab.diagnostics import diagnose
+
+    root, base, ft, dense = family
+    v2 = make_model(root / "v2d", seed=3, from_model=base, noise=0.001)
+    full = compress(dense, tmp_path / "s.patch", density=1.0, embeddings="encode")
+    low = compress(dense, tmp_path / "r4.patch", rank=4)
+    a = asdict(diagnose(dense, v2, device="cpu", intruders=False).overall)
+    b = asdict(diagnose(full, v2, device="cpu", intruders=False).overall)
+    c = asdict(diagnose(low, v2, device="cpu", intruders=False).overall)
+    for k, v in a.items():
+        if isinstance(v, float):
+            assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-8), k
+    assert a != c  # the low-rank patch is a different Δ, and is diagnosed as one

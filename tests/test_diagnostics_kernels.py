@@ -109,19 +109,21 @@ def stats(rel_delta=0.5, rel_base=0.01, cos=0.1) -> DriftStats:
 def test_verdict_levels_and_reasons():
     v = port_verdict(stats())
     assert v.level == SAFE and "under the thresholds" in v.reasons[0]
-    v = port_verdict(stats(rel_delta=3.0))
-    assert v.level == CARE and "3×" in v.reasons[0]
+    v = port_verdict(stats(rel_delta=2.0))
+    assert v.level == CARE and "2×" in v.reasons[0]
     v = port_verdict(stats(rel_delta=40.0, rel_base=0.5))
     assert v.level == DO_NOT and len(v.reasons) == 2
     v = port_verdict(stats(cos=0.8))
     assert v.level == CARE and "α < 1" in v.reasons[0]
     v = port_verdict(stats(), per_layer={0: stats(), 3: stats(rel_delta=30.0)})
     assert v.level == DO_NOT and "layer 3" in v.reasons[0]
+    v = port_verdict(stats(), per_layer={0: stats(), 1: stats(rel_delta=2.5)})
+    assert v.level == CARE and "layer 1" in v.reasons[0]
     v = port_verdict(stats(), structural_share=0.02, structural_examples=["model.layers.0.q_norm.weight"])
     assert v.level == CARE and "q_norm" in v.reasons[0]
     v = port_verdict(stats(), structural_share=0.5)
     assert v.level == DO_NOT
     v = port_verdict(stats(), intruder_matrix_share=0.9)
     assert v.level == CARE and "intruder" in v.reasons[0]
-    v = port_verdict(stats(rel_delta=3.0), thresholds=Thresholds(rel_delta_care=5.0))
+    v = port_verdict(stats(rel_delta=2.0), thresholds=Thresholds(rel_delta_care=5.0))
     assert v.level == SAFE and v.thresholds["rel_delta_care"] == 5.0

@@ -127,15 +127,20 @@ def test_generation_greedy_exact_match_and_stop(tmp_path, loaded):
     rows2 = [{"id": "s", "type": "generation", "prompt": prompts[1], "answer": "x", "stop": [stop_at]}]
     res2 = evaluate(model, write_jsonl(tmp_path / "stop.jsonl", rows2), tokenizer=tok, max_new_tokens=6)
     assert res2.instances[0].details["raw_generation"] == text[: text.index(stop_at)]
+    # decoding stops early once the stop string appears
+    from patchlab.evaluate import greedy_generate
+
+    full = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6)[0]
+    early = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6, stop=[stop_at])[0]
+    assert early == full[: len(early)] and len(early) < len(full)
+    assert stop_at in tok.decode(early) and stop_at not in tok.decode(early[:-1])
 
 
 def test_generation_batched_equals_one_by_one(tmp_path, loaded):
     model, tok = loaded
     rows = [
         {"id": f"g{i}", "type": "generation", "prompt": p, "answer": "x"}
-        for i, p in enumerate(
-            ["the capital", "question: what is two plus two? answer:", "a", "the dog sat on"]
-        )
+        for i, p in enumerate(["the capital", "question: what is two plus two? answer:", "a", "the dog sat on"])
     ]
     task = write_jsonl(tmp_path / "gen.jsonl", rows)
     a = evaluate(model, task, tokenizer=tok, batch_size=1, max_new_tokens=5, stop=None)
@@ -146,9 +151,7 @@ def test_generation_batched_equals_one_by_one(tmp_path, loaded):
 def test_prompt_too_long(tmp_path, loaded):
     model, tok = loaded
     long_prompt = "the cat sat on the mat " * 20  # well over 64 tokens
-    rows = [
-        {"id": "long", "type": "multiple_choice", "prompt": long_prompt, "choices": [" a", " b"], "gold": 0}
-    ]
+    rows = [{"id": "long", "type": "multiple_choice", "prompt": long_prompt, "choices": [" a", " b"], "gold": 0}]
     task = write_jsonl(tmp_path / "long.jsonl", rows)
     with pytest.raises(PromptTooLongError, match="over the model's context budget of 65"):
         evaluate(model, task, tokenizer=tok)
@@ -218,9 +221,7 @@ def test_results_round_trip_and_flips(tmp_path, pair):
     assert s.n == 3
     assert s.accuracy_old == pytest.approx(old.tasks["general"].accuracy)
     assert s.accuracy_new == pytest.approx(new.tasks["general"].accuracy)
-    nf = sorted(
-        i.id for i, j in zip(old.instances, new.instances, strict=True) if i.correct and not j.correct
-    )
+    nf = sorted(i.id for i, j in zip(old.instances, new.instances, strict=True) if i.correct and not j.correct)
     assert s.negative_flip_ids == nf
 
 

@@ -100,6 +100,12 @@ def test_order_does_not_matter_and_identical_duplicates_collapse():
     assert rep1.to_json() == rep2.to_json()
 
 
+def test_duplicates_with_missing_scores_collapse():
+    a = FlipRecord("t", "1", True, score=float("nan"))
+    rep = compare([a, FlipRecord("t", "1", True, score=float("nan"))], [FlipRecord("t", "1", True)])
+    assert rep.groups["t"].n == 1
+
+
 def test_conflicting_duplicates_refused():
     with pytest.raises(ResultsMismatchError, match="two different rows"):
         compare(OLD_MC + [mc("a", False, 2)], NEW_MC)

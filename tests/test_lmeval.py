@@ -28,6 +28,16 @@ def mc_row(doc_id, lls, acc, acc_norm, prompt="Q?", choices=(" a", " bbbb", " cc
     }
 
 
+def sanitized(row):
+    """The same row as lm-eval >= 0.4 writes it: arguments as gen_args dicts, responses as strings."""
+    r = dict(row)
+    r["arguments"] = {f"gen_args_{i}": {f"arg_{j}": x for j, x in enumerate(a)} for i, a in enumerate(row["arguments"])}
+    r["resps"] = [[[str(x) for x in rr] for rr in resp] for resp in row["resps"]]
+    r["filtered_resps"] = [[str(x) for x in fr] for fr in row["filtered_resps"]]
+    r["target"] = str(row["target"])
+    return r
+
+
 def gen_row(doc_id, text, em, flt="strict-match", prompt="Q?"):
     return {
         "doc_id": doc_id,
@@ -57,18 +67,19 @@ def test_task_name_from_file_name():
         task_from_filename("results.json")
 
 
-def test_multiple_choice_rows(tmp_path):
+@pytest.mark.parametrize("style", [lambda r: r, sanitized], ids=["plain", "sanitized"])
+def test_multiple_choice_rows(tmp_path, style):
     f = write(
         tmp_path / "samples_arc_2024-05-30T12-34-56.jsonl",
         # row order shuffled on purpose
-        [mc_row(1, [-3.0, -4.0, -6.0], 0.0, 1.0, target=1), mc_row(0, [-1.0, -2.0, -3.0], 1.0, 1.0)],
+        [style(mc_row(1, [-3.0, -4.0, -6.0], 0.0, 1.0, target=1)), style(mc_row(0, [-1.0, -2.0, -3.0], 1.0, 1.0))],
     )
     recs = {r.doc_id: r for r in read_samples(f)}
     assert set(recs) == {"0", "1"}
     assert recs["0"].task == "arc" and recs["0"].correct and recs["0"].prediction == 0
     assert recs["1"].prediction == 0 and not recs["1"].correct
     assert recs["1"].kind == "multiple_choice" and recs["1"].prompt_hash == "ph-Q?"
-    # acc_norm: -3/2, -4/5, -6/3 -> choice 1 (" bbbb") wins
+    # acc_norm over the choices' lengths without the delimiter: -3/1, -4/4, -6/2 -> choice 1 (" bbbb") wins
     normed = {r.doc_id: r for r in read_samples(f, metric="acc_norm")}
     assert normed["1"].prediction == 1 and normed["1"].correct
 
@@ -141,3 +152,12 @@ def test_bad_files(tmp_path):
         read_samples(f)
     with pytest.raises(LMEvalFormatError, match="no samples_"):
         read_samples_dir(tmp_path / "empty_dir_that_is_missing")
+
+
+def test_two_models_under_one_directory_refused(tmp_path):
+    for model in ("model-a", "model-b"):
+        (tmp_path / model).mkdir()
+        write(tmp_path / model / "samples_arc_2024-01-01T00-00-00.jsonl", [mc_row(0, [-1.0, -2.0], 1.0, 1.0)])
+    with pytest.raises(LMEvalFormatError, match="one directory per model"):
+        read_samples_dir(tmp_path)
+    assert len(read_samples_dir(tmp_path / "model-a")) == 1

@@ -65,7 +65,7 @@ def test_half_precision_factors_report_error_of_stored_factors():
     x = _lowrank_plus_noise(128, 96, 4, 0.0)
     f = lr.factorize(x, rank=4, dtype=torch.bfloat16)
     assert f.A.dtype == torch.bfloat16
-    recon = (f.B.float() @ f.A.float())
+    recon = f.B.float() @ f.A.float()
     true = float(torch.linalg.norm(x - recon) / torch.linalg.norm(x))
     assert f.rel_error == pytest.approx(true, rel=1e-4)
     assert 1e-4 < f.rel_error < 1e-2  # bf16 rounding is visible and measured, not hidden

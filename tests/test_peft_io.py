@@ -17,8 +17,15 @@ from patchlab.errors import IncompatiblePatchError, OutputExistsError  # noqa: E
 
 def tiny_llama(seed: int = 0, vocab: int = 96) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -61,9 +68,14 @@ def assert_same(ours: dict, merged: dict) -> None:
 
 def test_lora_with_patterns_embedding_and_modules_to_save_equals_peft_merge(tmp_path):
     base_sd, merged, ad = make_adapter(
-        tmp_path, "ad", r=4, lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"],
-        rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6}, alpha_pattern={"v_proj": 3},
+        tmp_path,
+        "ad",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+        alpha_pattern={"v_proj": 3},
     )
     adapter = peft_io.read_peft_adapter(ad)
     e = adapter.entries
@@ -81,7 +93,12 @@ def test_lora_with_patterns_embedding_and_modules_to_save_equals_peft_merge(tmp_
 
 def test_rslora_and_lora_bias_equal_peft_merge(tmp_path):
     base_sd, merged, ad = make_adapter(
-        tmp_path, "rs", r=8, lora_alpha=4, use_rslora=True, target_modules=["o_proj", "up_proj"],
+        tmp_path,
+        "rs",
+        r=8,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["o_proj", "up_proj"],
     )
     adapter = peft_io.read_peft_adapter(ad)
     assert adapter.entries["model.layers.0.self_attn.o_proj.weight"].scale == pytest.approx(4 / 8**0.5)
@@ -94,8 +111,14 @@ def test_rslora_and_lora_bias_equal_peft_merge(tmp_path):
 
     # GPT-2's Conv1D stores weights (in, out): fan_in_fan_out; lora_bias adds s·bias to the layer bias.
     base_sd, merged, ad = make_adapter(
-        tmp_path, "gpt2", model_fn=gpt2, r=4, lora_alpha=16, fan_in_fan_out=True,
-        target_modules=["c_attn", "c_fc"], lora_bias=True,
+        tmp_path,
+        "gpt2",
+        model_fn=gpt2,
+        r=4,
+        lora_alpha=16,
+        fan_in_fan_out=True,
+        target_modules=["c_attn", "c_fc"],
+        lora_bias=True,
     )
     adapter = peft_io.read_peft_adapter(ad)
     assert "transformer.h.0.attn.c_attn.bias" in adapter.entries
@@ -108,8 +131,9 @@ def test_exported_adapter_loads_in_peft_with_same_logits(tmp_path):
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     g = torch.Generator().manual_seed(3)
     mods, want = [], dict(base_sd)
-    for i, name in enumerate(["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight",
-                              "model.embed_tokens.weight"]):
+    for i, name in enumerate(
+        ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight", "model.embed_tokens.weight"]
+    ):
         out_f, in_f = base_sd[name].shape
         r = 3 if i == 1 else 5
         A, B = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g)
@@ -117,8 +141,9 @@ def test_exported_adapter_loads_in_peft_with_same_logits(tmp_path):
         want[name] = base_sd[name] + 0.05 * B @ A
     head = base_sd["lm_head.weight"] + 0.1
     want["lm_head.weight"] = head
-    out = peft_io.write_peft_adapter(tmp_path / "exp", mods, full_weights={"lm_head.weight": head},
-                                     base_model_name_or_path="tiny")
+    out = peft_io.write_peft_adapter(
+        tmp_path / "exp", mods, full_weights={"lm_head.weight": head}, base_model_name_or_path="tiny"
+    )
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 5 and list(cfg["rank_pattern"].values()) == [3]
     ids = torch.tensor([[1, 5, 9, 17, 33, 64]])

@@ -56,9 +56,14 @@ def _logits(path_or_model):
 @pytest.mark.parametrize(
     "cfg",
     [
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "embed_tokens"],
-             modules_to_save=["lm_head"], rank_pattern={"layers.1.self_attn.q_proj": 2, "gate_proj": 6},
-             alpha_pattern={"v_proj": 3, r"layers\.0\.mlp\.gate_proj": 20}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "gate_proj", "embed_tokens"],
+            modules_to_save=["lm_head"],
+            rank_pattern={"layers.1.self_attn.q_proj": 2, "gate_proj": 6},
+            alpha_pattern={"v_proj": 3, r"layers\.0\.mlp\.gate_proj": 20},
+        ),
         dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["o_proj", "down_proj", "k_proj"]),
     ],
     ids=["patterns-embedding-modules_to_save", "rslora"],

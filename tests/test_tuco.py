@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from patchlab.errors import PatchlabError
 from patchlab.evaluate import encode_choice, evaluate, load_model
 from patchlab.tuco import IncompatibleModelsError, TuCo, TuCoReport, cumulative_tuco, tuco_value
 from tests._tiny_llama import make_pair, make_tokenizer, save_model
@@ -176,3 +177,26 @@ def test_steered_generation_batched_equals_one_by_one(tmp_path, tuco):
         many = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=4, max_new_tokens=4, stop=None)
     assert [i.prediction for i in one.instances] == [i.prediction for i in many.instances]
     assert any(i.prediction for i in one.instances)
+
+
+def test_prompt_longer_than_context_refused(tuco):
+    from patchlab.evaluate import PromptTooLongError
+
+    with pytest.raises(PromptTooLongError, match="over the model's context length 64"):
+        tuco.measure(["the cat sat on the mat " * 20])
+
+
+def test_chat_template_prompts(tuco):
+    with pytest.raises(PatchlabError, match="chat template"):
+        tuco.measure(["a cat"], chat=True)
+    tok = tuco.tokenizer
+    tok.chat_template = "{% for m in messages %}question: {{ m['content'] }}\n{% endfor %}answer:"
+    try:
+        ids = tuco.encode("what is two plus two?", chat=True)
+        assert tok.decode(ids) == "question: what is two plus two?\nanswer:"
+        chat = tuco.measure(["what is two plus two?"], chat=True).results[0]
+        plain = tuco.measure(["question: what is two plus two?\nanswer:"]).results[0]
+        # same text; the plain prompt also gets the BOS token, so the values are close but measured separately
+        assert chat.n_tokens == plain.n_tokens - 1 and 0.0 < chat.tuco < 1.0
+    finally:
+        tok.chat_template = None

@@ -131,3 +131,32 @@ def test_user_mistakes_exit_nonzero_without_traceback(family, run):
     assert "versions: v1, v2" in r.stderr
     r = CliRunner().invoke(app, ["-v", "--registry", str(family / "home"), "show", "tsak"])
     assert r.exit_code == 1 and "UnknownReferenceError" in r.output
+
+
+def test_evals_add_ls_show(family, run):
+    from patchlab.results import EvalResult, InstanceResult, summarise
+
+    tmp = family
+    inst = [
+        InstanceResult(
+            task="task",
+            id=f"q{i}",
+            type="generation",
+            prediction=str(i),
+            gold=["1"],
+            correct=i == 1,
+            score=float(i == 1),
+        )
+        for i in range(3)
+    ]
+    EvalResult(model="tiny@v1", tasks=summarise(inst), instances=inst).save(tmp / "r.json")
+    added = _json(run("evals", "add", "tiny@v1", str(tmp / "r.json"), "--json"))
+    assert [(e["target"], e["dataset"], e["num_instances"]) for e in added] == [("tiny@v1", "task", 3)]
+    listed = _json(run("evals", "ls", "tiny@v1", "--json"))
+    assert [e["id"] for e in listed] == [added[0]["id"]]
+    assert "0.3333" in run("evals", "ls").stdout
+    shown = _json(run("evals", "show", str(added[0]["id"]), "--json"))
+    assert [r["id"] for r in shown["results"]] == ["q0", "q1", "q2"] and shown["results"][1]["correct"] is True
+    assert "q2" in run("evals", "show", str(added[0]["id"])).stdout
+    r = run("evals", "add", "tiny@v1", str(tmp / "missing.json"), code=1)
+    assert "not a readable patchlab evaluation" in r.stderr

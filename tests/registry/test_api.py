@@ -464,3 +464,23 @@ def test_readding_links_parents_and_tags(tmp_path, populated):
     assert again.ref == "other@1" and again.parents == (("sql@2", "merge"),) and again.tags == ("x",)
     with pytest.raises(InvalidReferenceError, match="own parent"):
         reg.add_patch(tmp_path / "p3", name="other", parents=["other@1"])
+
+
+def test_checkpoint_path_for_hub_base_uses_local_cache_only(tmp_path, reg, monkeypatch):
+    from patchlab.errors import CheckpointNotFoundError
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    reg.add_base("org", "v1", "org/tiny", revision=rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hfcache"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hfcache"))
+    with pytest.raises(CheckpointNotFoundError, match="huggingface-cli download org/tiny"):
+        reg.checkpoint_path("org@v1")
+    snap = tmp_path / "hfcache" / "models--org--tiny" / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert reg.checkpoint_path("org@v1") == snap
+    local = reg.add_base("loc", "v1", make_base(tmp_path / "b"), fingerprint=False)
+    assert reg.checkpoint_path("loc@v1") == Path(local.source)
+    assert reg.checkpoint_path(str(tmp_path / "b")) == tmp_path / "b"

@@ -78,3 +78,39 @@ def test_newer_registry_is_refused(tmp_path):
         Registry(tmp_path)
     assert _revision(db) == "0099_from_the_future"
     assert db.read_bytes() == before
+
+
+def test_0002_registry_with_evaluations_upgrades(tmp_path):
+    """0003 adds columns to the evaluation tables; rows recorded at 0002 survive and read back."""
+    from sqlalchemy import text
+
+    from registry.db import Database, resolve_location, upgrade_schema
+
+    db = Database(resolve_location(tmp_path))
+    upgrade_schema(db, "0002")
+    with db.engine.execution_options(sqlite_immediate=True).begin() as c:
+        c.execute(text("INSERT INTO families VALUES (1, 'f', '2026-01-01 00:00:00')"))
+        c.execute(
+            text(
+                "INSERT INTO base_versions (id, family_id, version, source_kind, source, release_order, created_at)"
+                " VALUES (1, 1, 'v1', 'hub', 'org/m', 1, '2026-01-01 00:00:00')"
+            )
+        )
+        c.execute(
+            text(
+                "INSERT INTO evaluations (id, base_version_id, model, dataset, metrics, num_instances, created_at)"
+                " VALUES (1, 1, 'f@v1', 'task', '{\"accuracy\": 0.5}', 2, '2026-01-01 00:00:00')"
+            )
+        )
+        c.execute(text("INSERT INTO evaluation_results VALUES (1, 'a', '\"x\"', '\"x\"', 1, 1.0)"))
+        c.execute(text("INSERT INTO evaluation_results VALUES (1, 'b', '\"y\"', '\"z\"', 0, 0.0)"))
+    db.dispose()
+    assert _revision(tmp_path / "registry.db") == "0002"
+    with Registry(tmp_path) as reg:
+        assert _revision(tmp_path / "registry.db") == SCHEMA_HEAD
+        ev = reg.get_evaluation(1)
+        assert ev.target == "f@v1" and ev.metrics == {"accuracy": 0.5} and ev.settings is None
+        assert ev.results == (
+            {"id": "a", "prediction": "x", "gold": "x", "correct": True, "score": 1.0},
+            {"id": "b", "prediction": "y", "gold": "z", "correct": False, "score": 0.0},
+        )
