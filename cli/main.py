@@ -387,6 +387,12 @@ def log(
         node = reg.lineage(ref)
     if json_out:
         return _print_json(node.to_dict())
+    _out().print(_lineage_tree(node))
+    return None
+
+
+def _lineage_tree(node: Any) -> Tree:
+    """A rich tree of a patch and, below it, what it was ported or merged from."""
 
     def label(n) -> str:
         rel = f"[dim]{n.relation} of[/] " if n.relation else ""
@@ -398,8 +404,7 @@ def log(
 
     tree = Tree(label(node))
     grow(tree, node)
-    _out().print(tree)
-    return None
+    return tree
 
 
 @app.command()
@@ -887,9 +892,11 @@ def port(
     )
 
 
+from cli.demo import register as _register_demo  # noqa: E402
 from cli.lowrank import register as _register_lowrank  # noqa: E402
 
 _register_lowrank(app)
+_register_demo(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()
