@@ -39,6 +39,7 @@ from baseline_torch import weight_map  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
+FLOORS = ("cat", "cat-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
 CONTENDERS = ("cat", "cat-extract", "import-torch", "torch", "mergekit", "patchlab-port", "patchlab-extract")
 # Targets from issue 2, item 7 (2-core CPU machine).
 TARGET_VS_MERGEKIT = 5.0  # port at least this many times faster than mergekit
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="mergekit-yaml executable (default: bench/.venv-mergekit/bin/mergekit-yaml)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per contender; the table shows the best wall time and the worst memory")
+    ap.add_argument("--repeat-floor", type=int, default=3,
+                    help="runs of the cheap floors (cat, cat-extract, import-torch), at least --repeat (default 3)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per contender")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="set an environment variable for every contender (repeatable), e.g. OMP_NUM_THREADS=1")
@@ -467,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             continue
         runs: list[Result] = []
-        for i in range(args.repeat):
+        n_runs = max(args.repeat, args.repeat_floor) if name in FLOORS else args.repeat
+        for i in range(n_runs):
             out = work / name
             clear_output(out)
             r = measure(name, cmd, timeout=args.timeout, log=logs / f"{name}.{i + 1}.log", env=env)
@@ -517,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "family": str(fam), "layers": cfg.get("num_hidden_layers"), "params": n_params,
             "input_bytes": in_bytes, "cpus": os.cpu_count(), "warm_cache_s": warm, "loadavg_start": load,
             "env": extra_env,
-            "repeat": args.repeat,
+            "repeat": args.repeat, "repeat_floor": args.repeat_floor,
             "checked_tensors": names, "results": [asdict(r) for r in results], "ratios": rat,
             "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
         }, indent=2) + "\n")
