@@ -1,0 +1,52 @@
+"""patchlab registry: base versions, patches, lineage, aliases, tags and evaluations over SQLAlchemy,
+with a content-addressed blob store. ``Registry`` is the entry point."""
+
+from registry.api import (
+    AliasInfo,
+    BaseInfo,
+    DerivedInfo,
+    EvaluationInfo,
+    GcReport,
+    LineageNode,
+    PatchInfo,
+    Registry,
+    VerifyReport,
+)
+from registry.errors import (
+    AlreadyExistsError,
+    AmbiguousReferenceError,
+    BlobCorruptError,
+    BlobError,
+    BlobNotFoundError,
+    DependencyError,
+    InvalidReferenceError,
+    ManifestError,
+    RegistryError,
+    RegistryNotFoundError,
+    RegistrySchemaError,
+    UnknownReferenceError,
+)
+
+__all__ = [
+    "AliasInfo",
+    "AlreadyExistsError",
+    "AmbiguousReferenceError",
+    "BaseInfo",
+    "BlobCorruptError",
+    "BlobError",
+    "BlobNotFoundError",
+    "DependencyError",
+    "DerivedInfo",
+    "EvaluationInfo",
+    "GcReport",
+    "InvalidReferenceError",
+    "LineageNode",
+    "ManifestError",
+    "PatchInfo",
+    "Registry",
+    "RegistryError",
+    "RegistryNotFoundError",
+    "RegistrySchemaError",
+    "UnknownReferenceError",
+    "VerifyReport",
+]

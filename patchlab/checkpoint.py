@@ -1,0 +1,301 @@
+"""Hugging Face model directories, read lazily one tensor at a time.
+
+A ``Checkpoint`` knows names, shapes and dtypes from the file headers alone; tensor data is a zero-copy
+view of the mapped file, so opening even a 70B checkpoint costs milliseconds and no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
+from .safetensors_io import MappedFile
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Tensors whose first dimension is the vocabulary (input embeddings and output heads).
+VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight", "word_embeddings.weight")
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return name.endswith(VOCAB_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """``architecture``: digest of names, shapes and dtypes. ``content``: digest of the tensor bytes."""
+
+    architecture: str
+    content: str
+
+
+class _BinFile:
+    """A ``pytorch_model*.bin`` opened with ``torch.load(mmap=True, weights_only=True)``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a damaged pickle/zip
+            raise CorruptCheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
+        if not isinstance(self.state, dict):
+            raise CorruptCheckpointError(f"{path}: does not hold a state dict")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def raw(self, name: str) -> memoryview:
+        t = self.state[name].contiguous()
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+    def advise(self, name: str, start_row: int, end_row: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.state = {}
+
+
+class Checkpoint:
+    """A Hugging Face model directory: config, tokenizer files and (sharded) weights."""
+
+    def __init__(self, path: Path, weight_map: dict[str, str], files: dict[str, MappedFile | _BinFile]):
+        self.path = path
+        self.weight_map = weight_map  # tensor name -> file name, in file order
+        self._files = files
+        self._infos: dict[str, TensorInfo] = {}
+        for name, fname in weight_map.items():
+            f = files[fname]
+            if isinstance(f, MappedFile):
+                e = f.entries[name]
+                self._infos[name] = TensorInfo(name, e.shape, e.dtype)
+            else:
+                t = f.state[name]
+                self._infos[name] = TensorInfo(name, tuple(t.shape), t.dtype)
+
+    # -- opening -------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path | Checkpoint) -> Checkpoint:
+        """Open a model directory. Raises ``CheckpointNotFoundError`` / ``CorruptCheckpointError``."""
+        if isinstance(path, Checkpoint):
+            return path
+        path = Path(path)
+        if not path.is_dir():
+            what = "is a file, not a model directory" if path.exists() else "does not exist"
+            raise CheckpointNotFoundError(f"{path} {what}; pass a Hugging Face model directory")
+        if (path / SAFE_INDEX).exists():
+            return cls._from_index(path, path / SAFE_INDEX, MappedFile)
+        if (path / SAFE_SINGLE).exists():
+            f = MappedFile(path / SAFE_SINGLE)
+            return cls(path, {n: SAFE_SINGLE for n in _file_order(f)}, {SAFE_SINGLE: f})
+        if (path / BIN_INDEX).exists():
+            return cls._from_index(path, path / BIN_INDEX, _BinFile)
+        if (path / BIN_SINGLE).exists():
+            f = _BinFile(path / BIN_SINGLE)
+            return cls(path, {n: BIN_SINGLE for n in f.state}, {BIN_SINGLE: f})
+        raise CheckpointNotFoundError(
+            f"{path} has no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+        )
+
+    @classmethod
+    def _from_index(cls, path: Path, index: Path, opener: type) -> Checkpoint:
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"{index}: not a valid index file ({e!r})") from None
+        files: dict[str, MappedFile | _BinFile] = {}
+        for fname in dict.fromkeys(wm.values()):
+            fpath = path / fname
+            if not fpath.exists():
+                raise CheckpointNotFoundError(f"{index.name} lists shard {fname}, which is missing from {path}")
+            files[fname] = opener(fpath)
+        ordered: dict[str, str] = {}
+        for fname, f in files.items():
+            names = _file_order(f) if isinstance(f, MappedFile) else list(f.state)
+            for n in names:
+                if wm.get(n) == fname:
+                    ordered[n] = fname
+        missing = [n for n in wm if n not in ordered]
+        if missing:
+            raise CorruptCheckpointError(
+                f"{index.name} maps {len(missing)} tensors to shards that do not hold them (e.g. {missing[0]!r})"
+            )
+        return cls(path, ordered, files)
+
+    # -- metadata ------------------------------------------------------------------------------------
+    @cached_property
+    def config(self) -> dict:
+        p = self.path / "config.json"
+        if not p.exists():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CorruptCheckpointError(f"{p}: invalid JSON ({e})") from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    @cached_property
+    def num_parameters(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+    @cached_property
+    def dtype(self) -> str:
+        """The dominant floating dtype by parameter count, e.g. ``"bfloat16"``."""
+        c: Counter[torch.dtype] = Counter()
+        for i in self._infos.values():
+            if i.dtype.is_floating_point:
+                c[i.dtype] += i.numel
+        return str(c.most_common(1)[0][0]).removeprefix("torch.") if c else "none"
+
+    @property
+    def embed_name(self) -> str | None:
+        return next((n for n in self._infos if n.endswith(EMBED_SUFFIXES)), None)
+
+    @property
+    def head_name(self) -> str | None:
+        return next((n for n in self._infos if n.endswith(HEAD_SUFFIXES)), None)
+
+    @cached_property
+    def tied(self) -> bool:
+        """Whether the output head shares the input embedding.
+
+        The config decides when it says; a config that is silent counts as tied when the file stores no head.
+        """
+        cfg = self.config.get("text_config", self.config)
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+        return self.head_name is None and self.embed_name is not None
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        v = cfg.get("vocab_size")
+        if v is None and self.embed_name:
+            v = self._infos[self.embed_name].shape[0]
+        return v
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).exists()]
+
+    @cached_property
+    def vocab(self) -> dict[str, int] | None:
+        """Token string → id, from ``tokenizer.json`` (added tokens included); None without a tokenizer."""
+        return load_vocab(self.path)
+
+    # -- data ----------------------------------------------------------------------------------------
+    def file_of(self, name: str) -> str:
+        return self.weight_map[name]
+
+    @property
+    def sharded(self) -> bool:
+        return len(self._files) > 1 or (self.path / SAFE_INDEX).exists()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A lazy, zero-copy tensor (slice it before converting to keep memory small)."""
+        if name not in self._infos:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        return self._files[self.weight_map[name]].tensor(name)
+
+    def advise(self, name: str, start_row: int, end_row: int) -> None:
+        self._files[self.weight_map[name]].advise(name, start_row, end_row)
+
+    def fingerprint(self) -> Fingerprint:
+        """Digests of the architecture and of the tensor bytes (independent of sharding and metadata)."""
+        return Fingerprint(self.architecture_digest, self.content_digest)
+
+    @cached_property
+    def architecture_digest(self) -> str:
+        rows = sorted((n, list(i.shape), str(i.dtype)) for n, i in self._infos.items())
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+    @cached_property
+    def content_digest(self) -> str:
+        per_tensor: dict[str, str] = {}
+        for name, fname in self.weight_map.items():  # file order: sequential reads
+            per_tensor[name] = hashlib.sha256(self._files[fname].raw(name)).hexdigest()
+        h = hashlib.sha256()
+        for name in sorted(per_tensor):
+            h.update(f"{name}\0{per_tensor[name]}\n".encode())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self._infos)}, params={self.num_parameters:,})"
+
+
+def _file_order(f: MappedFile) -> list[str]:
+    return sorted(f.entries, key=lambda n: f.entries[n].start)
+
+
+def load_vocab(directory: Path) -> dict[str, int] | None:
+    """Token → id of the tokenizer in ``directory`` (tokenizer.json, else transformers), or None."""
+    tj = directory / "tokenizer.json"
+    if tj.exists():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True)
+        except Exception as e:
+            raise CorruptCheckpointError(f"{tj}: cannot be read by the tokenizers library ({e})") from None
+    if any((directory / n).exists() for n in ("tokenizer.model", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        return dict(AutoTokenizer.from_pretrained(str(directory)).get_vocab())
+    return None
+
+
+def check_dtype(t: TensorInfo) -> None:
+    if t.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16) and t.dtype.is_floating_point:
+        raise UnsupportedDtypeError(
+            f"tensor {t.name!r} is {t.dtype}; patchlab computes deltas for fp64/fp32/fp16/bf16 only"
+        )

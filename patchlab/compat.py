@@ -1,0 +1,103 @@
+"""One call that measures whether a patch survives a move to a new base: the compatibility report.
+
+``compatibility_report(patch, target, tasks=..., prompts=...)``:
+
+1. weight-space diagnostics of the patch against the target (:func:`patchlab.diagnostics.diagnose`);
+2. with tasks: evaluates the old fine-tune (``old_model``, else the patch re-applied to its own base) and
+   the ported model (``ported``, else ``port(patch, target)``), then negative flips old -> new;
+3. with prompts: TuCo of the ported model against the target base;
+4. assembles the report dict (:func:`patchlab.report.build_report`).
+
+Models it has to build go to a temporary directory that is removed afterwards (or to ``work_dir``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from patchlab.checkpoint import Checkpoint
+from patchlab.diagnostics import diagnose
+from patchlab.evaluate import evaluate
+from patchlab.flips import compare
+from patchlab.patch import Patch
+from patchlab.report import build_report
+from patchlab.tasks import Task
+
+
+def compatibility_report(
+    patch: str | Path | Patch,
+    target: str | Path | Checkpoint,
+    *,
+    tasks: Sequence[str | Path | Task] = (),
+    prompts: Sequence[str] = (),
+    prompt_ids: Sequence[str] | None = None,
+    source_base: str | Path | Checkpoint | None = None,
+    old_model: str | Path | None = None,
+    ported: str | Path | None = None,
+    alpha: float = 1.0,
+    vocab_policy: str | None = None,
+    allow_missing: bool = False,
+    intruders: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    device: str = "auto",
+    work_dir: str | Path | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Diagnostics, evaluation, flips and TuCo of porting ``patch`` onto ``target``, as a report dict."""
+    p = Patch.open(patch)
+    tgt = Checkpoint.open(target)
+    diag = diagnose(p, tgt, source_base=source_base, intruders=intruders, device=device)
+    flips = None
+    evaluations = None
+    tuco_report = None
+    notes: list[str] = []
+    need_ported = bool(tasks) or bool(prompts)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="patchlab-compat-") as tmp:
+        if need_ported and ported is None:
+            import patchlab
+
+            out = Path(tmp) / "ported"
+            patchlab.port(p, tgt, out, alpha=alpha, vocab_policy=vocab_policy, device=device)
+            ported_path: Path = out
+            notes.append(f"ported model built as target + {alpha}·Δ")
+        else:
+            ported_path = Path(ported) if ported is not None else Path(tmp) / "unused"
+        if tasks:
+            if old_model is None:
+                import patchlab
+
+                out = Path(tmp) / "old"
+                src = source_base if source_base is not None else diag.source
+                patchlab.apply(p, src, out, device=device)
+                old_path: Path = out
+                notes.append("old model rebuilt as the patch applied to its own base")
+            else:
+                old_path = Path(old_model)
+            kw = {"batch_size": batch_size, "device": device, "max_new_tokens": max_new_tokens}
+            old = evaluate(old_path, list(tasks), model_name=f"old: {old_model or 'base_s + Δ'}", **kw)
+            new = evaluate(ported_path, list(tasks), model_name=f"ported: {ported or 'base_t + α·Δ'}", **kw)
+            evaluations = {"old fine-tune": old, "ported": new}
+            flips = compare(old.flip_records(), new.flip_records(), allow_missing=allow_missing)
+        if prompts:
+            from patchlab.tuco import TuCo
+
+            tc = TuCo.load(tgt.path, ported_path, device=device)
+            try:
+                tuco_report = tc.measure(list(prompts), ids=prompt_ids, batch_size=batch_size)
+            finally:
+                tc.close()
+    if not tasks and not prompts:
+        notes.append("weight-space diagnostics only: pass tasks for flips and prompts for TuCo")
+    return build_report(
+        title=title or f"Porting {p.path.name} onto {tgt.path.name}",
+        diagnostics=diag,
+        flips=flips,
+        evaluations=evaluations,
+        tuco=tuco_report,
+        notes=notes,
+        meta={"patch": str(p.path), "source base": diag.source, "target": str(tgt.path), "alpha": alpha},
+    )

@@ -1,0 +1,269 @@
+"""Weight-space diagnostics of a patch against a target base, streamed tensor by tensor.
+
+For every ``add`` tensor of the patch, row chunks of ``base_s`` (the base the patch was made on),
+``base_t`` (the target) and ``Δ`` feed :class:`~patchlab.diagnostics_kernels.DriftAccumulator`; tensors
+are combined per decoder layer and overall. Matrices (embeddings skipped by default) get an intruder
+dimension count: top-k left singular vectors of the fine-tune ``base_s + Δ`` against those of ``base_s``.
+Memory stays at a few row chunks, plus one matrix pair while its SVD runs.
+
+Structural differences are listed rather than compared: patch tensors absent from the target, shape
+changes (vocabulary growth compares the shared rows and is reported as such), tensors only the target has,
+and the patch's own ``set``/``delete`` entries. The verdict comes from
+:func:`~patchlab.diagnostics_kernels.port_verdict`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchlab.checkpoint import Checkpoint, is_vocab_tensor
+from patchlab.diagnostics_kernels import (
+    DriftAccumulator,
+    DriftStats,
+    IntruderStats,
+    Thresholds,
+    Verdict,
+    intruder_dimensions,
+    is_embedding,
+    layer_of,
+    port_verdict,
+)
+from patchlab.engine import resolve_device
+from patchlab.errors import IncompatiblePatchError, PatchlabError
+from patchlab.patch import Patch
+from patchlab.plan import _align_names
+
+CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per input per chunk
+
+
+@dataclass
+class TensorDiagnostics:
+    """One patch tensor. ``status``: compared | rows-compared (vocabulary size differs) | missing-in-target |
+    missing-in-source | shape-differs | set | delete."""
+
+    name: str
+    status: str
+    layer: int | None
+    shape_source: list[int] | None
+    shape_target: list[int] | None
+    drift: DriftStats | None = None
+    intruders: IntruderStats | None = None
+    note: str = ""
+
+
+@dataclass
+class PortDiagnostics:
+    patch: str
+    source: str
+    target: str
+    tensors: list[TensorDiagnostics]
+    per_layer: dict[str, DriftStats]
+    overall: DriftStats
+    only_in_target: list[str]
+    structural_share: float
+    intruder_matrices: int
+    intruder_matrix_share: float | None
+    verdict: Verdict
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PortDiagnostics:
+        def tensor(d: dict[str, Any]) -> TensorDiagnostics:
+            d = dict(d)
+            dr, it = d.pop("drift"), d.pop("intruders")
+            return TensorDiagnostics(
+                **d,
+                drift=DriftStats(**dr) if dr is not None else None,
+                intruders=IntruderStats(**it) if it is not None else None,
+            )
+
+        d = dict(data)
+        return cls(
+            patch=d["patch"],
+            source=d["source"],
+            target=d["target"],
+            tensors=[tensor(t) for t in d["tensors"]],
+            per_layer={k: DriftStats(**v) for k, v in d["per_layer"].items()},
+            overall=DriftStats(**d["overall"]),
+            only_in_target=list(d["only_in_target"]),
+            structural_share=float(d["structural_share"]),
+            intruder_matrices=int(d["intruder_matrices"]),
+            intruder_matrix_share=d["intruder_matrix_share"],
+            verdict=Verdict(**d["verdict"]),
+            settings=dict(d.get("settings", {})),
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+
+def _source_base(patch: Patch, source_base: str | Path | Checkpoint | None) -> Checkpoint:
+    prov = patch.provenance.get("base", {})
+    if source_base is None:
+        path = prov.get("path")
+        if not path or not Path(path).exists():
+            raise PatchlabError(
+                f"{patch.path}: the patch's base ({path!r}) is not available here; pass source_base= "
+                "(--source-base) with the checkpoint the patch was extracted from"
+            )
+        source_base = path
+    ck = Checkpoint.open(source_base)
+    want = prov.get("architecture")
+    if want and ck.architecture_digest != want:
+        raise IncompatiblePatchError(
+            f"{ck.path} is not the base this patch was made on (architecture digest {ck.architecture_digest[:12]} "
+            f"vs {want[:12]} in the manifest); pass the patch's own base as source_base"
+        )
+    return ck
+
+
+def _rows_per_chunk(shape: tuple[int, ...]) -> int:
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return max(1, CHUNK_ELEMENTS // max(row, 1))
+
+
+def diagnose(
+    patch: str | Path | Patch,
+    target: str | Path | Checkpoint,
+    *,
+    source_base: str | Path | Checkpoint | None = None,
+    intruders: bool = True,
+    intruder_k: int = 10,
+    epsilon: float = 0.5,
+    include_embeddings: bool = False,
+    thresholds: Thresholds | None = None,
+    device: str = "auto",
+) -> PortDiagnostics:
+    """Drift of the target base against the patch's base, per tensor/layer/overall, intruder dimensions
+    of the patch, and a porting verdict. Reads nothing but headers until the comparisons start."""
+    p = Patch.open(patch)
+    src = _source_base(p, source_base)
+    tgt = Checkpoint.open(target)
+    dev = resolve_device(device)
+    tensors: list[TensorDiagnostics] = []
+    layer_acc: dict[str, DriftAccumulator] = {}
+    overall = DriftAccumulator()
+    patch_params = 0
+    structural_params = 0
+    structural_names: list[str] = []
+    care_notes: list[str] = []
+    n_matrices = n_with_intruders = 0
+    # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
+    t_names, prefix_note = _align_names(p.names, tgt)
+    if prefix_note:
+        care_notes.append(f"target tensor names differ from the patch's by a prefix ({prefix_note})")
+
+    for entry in p.entries():
+        name, op = entry.name, entry.op
+        tname = t_names[name]
+        layer = layer_of(name)
+        s_shape = list(src.info(name).shape) if name in src else None
+        t_shape = list(tgt.info(tname).shape) if tname in tgt else None
+        if op in ("set", "delete"):
+            tensors.append(
+                TensorDiagnostics(name, op, layer, s_shape, t_shape, note="replaced" if op == "set" else "removed")
+            )
+            continue
+        patch_params += entry.numel
+        if t_shape is None or s_shape is None:
+            status = "missing-in-target" if t_shape is None else "missing-in-source"
+            structural_params += entry.numel
+            structural_names.append(name)
+            tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape))
+            continue
+        shape = tuple(entry.shape)
+        rows = shape[0] if shape else 1
+        note = ""
+        status = "compared"
+        if s_shape != list(shape):
+            raise IncompatiblePatchError(
+                f"{name}: the patch's Δ has shape {list(shape)} but the source base has {s_shape}; "
+                "source_base is not the patch's base"
+            )
+        if t_shape != s_shape:
+            if len(t_shape) == len(s_shape) and t_shape[1:] == s_shape[1:] and is_vocab_tensor(name):
+                rows = min(rows, t_shape[0])
+                status = "rows-compared"
+                note = f"vocabulary rows {s_shape[0]} -> {t_shape[0]}: compared the first {rows}"
+                care_notes.append(f"{name}: {note}; the port needs a vocabulary policy")
+            else:
+                structural_params += entry.numel
+                structural_names.append(name)
+                tensors.append(TensorDiagnostics(name, "shape-differs", layer, s_shape, t_shape))
+                continue
+        acc = DriftAccumulator()
+        step = _rows_per_chunk(shape)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if shape:
+                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(tname)[r0:r1]
+            else:
+                bs, bt = src.tensor(name), tgt.tensor(tname)
+            acc.update(bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape))
+        overall = overall + acc
+        key = str(layer) if layer is not None else "other"
+        layer_acc[key] = layer_acc.get(key, DriftAccumulator()) + acc
+        diag = TensorDiagnostics(name, status, layer, s_shape, t_shape, drift=acc.stats(), note=note)
+        if intruders and len(shape) == 2 and (include_embeddings or not is_embedding(name)):
+            w = src.tensor(name).to(dev, torch.float32)
+            stats = intruder_dimensions(w, w + entry.dense(dev), k=intruder_k, epsilon=epsilon)
+            diag.intruders = stats
+            n_matrices += 1
+            n_with_intruders += stats.n_intruders > 0
+        tensors.append(diag)
+
+    if patch_params == 0:
+        raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
+    seen = set(t_names.values()) | set(p.names)
+    only_target = sorted(n for n in tgt.names if n not in seen and n not in src)
+    if only_target:
+        care_notes.append(
+            f"{len(only_target)} tensor(s) exist only in the target (e.g. {only_target[0]}); they keep the "
+            "target's values"
+        )
+    per_layer_stats = {k: a.stats() for k, a in sorted(layer_acc.items(), key=lambda kv: _layer_key(kv[0]))}
+    share = structural_params / patch_params
+    intr_share = n_with_intruders / n_matrices if n_matrices else None
+    overall_stats = overall.stats()
+    verdict = port_verdict(
+        overall_stats,
+        per_layer={int(k): v for k, v in per_layer_stats.items() if k != "other"},
+        structural_share=share,
+        structural_examples=structural_names,
+        intruder_matrix_share=intr_share,
+        thresholds=thresholds,
+        extra_care=care_notes,
+    )
+    return PortDiagnostics(
+        patch=str(p.path),
+        source=str(src.path),
+        target=str(tgt.path),
+        tensors=tensors,
+        per_layer=per_layer_stats,
+        overall=overall_stats,
+        only_in_target=only_target,
+        structural_share=share,
+        intruder_matrices=n_matrices,
+        intruder_matrix_share=intr_share,
+        verdict=verdict,
+        settings={
+            "intruders": intruders,
+            "intruder_k": intruder_k,
+            "epsilon": epsilon,
+            "include_embeddings": include_embeddings,
+            "device": str(dev),
+        },
+    )
+
+
+def _layer_key(k: str) -> tuple[int, int]:
+    return (1, 0) if k == "other" else (0, int(k))

@@ -1,0 +1,119 @@
+"""Pure tensor functions for diff vectors: no I/O, no global state, fp32 accumulation.
+
+Every function takes row chunks of tensors, so the engine can stream arbitrarily large tensors through them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def diff(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``Δ = ft − base`` in fp32.
+
+    Low-precision inputs are converted first: mixed-dtype in-place ops take a slow, unvectorised path.
+    """
+    return finetuned.to(torch.float32, copy=True).sub_(base.float())
+
+
+def add_scaled(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``target + α·Δ`` in fp32 (the caller casts once on output). Inputs may be low-precision views."""
+    out = target.to(torch.float32, copy=True)
+    return out.add_(delta.float(), alpha=alpha) if alpha != 0 else out
+
+
+def port(target: torch.Tensor, finetuned: torch.Tensor, source: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Fused fine-tuning transfer ``target + α·(ft − source)`` in fp32, without keeping Δ."""
+    d = finetuned.to(torch.float32, copy=True).sub_(source.float())
+    if alpha != 1:
+        d.mul_(alpha)
+    return d.add_(target.float())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a floating tensor as integers, for exact comparisons (``-0.0 != 0.0``, NaN == NaN)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def exact_mismatches(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """Flat indices where ``cast(base + Δ)`` does not reproduce ``finetuned`` bit for bit."""
+    back = add_scaled(base, delta).to(finetuned.dtype)
+    return (bits(back) != bits(finetuned)).reshape(-1).nonzero().squeeze(1)
+
+
+@dataclass
+class DeltaStats:
+    """Streaming statistics of one delta tensor against its reference weight.
+
+    Per-chunk norms are fp32 reductions of cache-sized chunks; they are accumulated across chunks in
+    Python floats (fp64). A non-finite value makes the chunk's norm non-finite, so detecting NaN/Inf
+    costs nothing extra; only then is the exact position looked up.
+    """
+
+    numel: int = 0
+    sumsq: float = 0.0
+    ref_sumsq: float = 0.0
+    max_abs: float = 0.0
+    changed: int = 0
+    nonfinite: int = 0
+    _first_bad: int | None = field(default=None, repr=False)
+
+    def update(self, delta: torch.Tensor, reference: torch.Tensor | None = None, offset: int = 0) -> None:
+        d = delta if delta.dtype == torch.float32 else delta.float()
+        n = d.numel()
+        if not n:
+            return
+        norm = float(torch.linalg.vector_norm(d))
+        if not math.isfinite(norm):
+            bad = (~torch.isfinite(d)).reshape(-1).nonzero()
+            if bad.numel():
+                self.nonfinite += int(bad.numel())
+                if self._first_bad is None:
+                    self._first_bad = offset + int(bad[0])
+                return
+            norm = float(torch.linalg.vector_norm(d.double()))  # finite values whose fp32 norm overflowed
+        self.numel += n
+        self.sumsq += norm * norm
+        lo, hi = torch.aminmax(d)  # 20x cheaper than an ∞-norm on CPU
+        self.max_abs = max(self.max_abs, -float(lo), float(hi))
+        self.changed += int(torch.count_nonzero(d))
+        if reference is not None and reference.numel():
+            r = float(torch.linalg.vector_norm(reference, dtype=torch.float32))
+            self.ref_sumsq += r * r
+
+    @property
+    def first_nonfinite(self) -> int | None:
+        return self._first_bad
+
+    def result(self) -> dict[str, float]:
+        norm = self.sumsq**0.5
+        ref = self.ref_sumsq**0.5
+        return {
+            "norm": norm,
+            "rel_norm": norm / ref if ref > 0 else (0.0 if norm == 0 else float("inf")),
+            "max_abs": self.max_abs,
+            "changed_frac": self.changed / self.numel if self.numel else 0.0,
+        }
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf; one cheap reduction, exact check only on suspicion."""
+    if t.numel() == 0:
+        return True
+    if math.isfinite(float(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``source[index]`` in fp32, with zeros where ``index`` is -1 (rows the source does not have)."""
+    out = torch.zeros((index.numel(), *source.shape[1:]), dtype=torch.float32, device=source.device)
+    ok = index >= 0
+    if bool(ok.any()):
+        out[ok] = source[index[ok]].float()
+    return out

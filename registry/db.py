@@ -1,0 +1,246 @@
+"""Where a registry lives, how to connect to it, and bringing its schema up to date.
+
+A registry is one database URL plus a *home* directory holding the blob store and the cache.
+Location, in order: an explicit argument (a directory, a ``.db`` file, or any SQLAlchemy URL),
+else ``$PATCHLAB_HOME``, else the user's data directory (platformdirs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import platformdirs
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.errors import RegistryNotFoundError, RegistrySchemaError
+
+DB_FILENAME = "registry.db"
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: The newest schema revision this patchlab knows; a test checks it is the Alembic head.
+SCHEMA_HEAD = "0003"
+KNOWN_REVISIONS = ("0001", "0002", "0003")
+BUSY_TIMEOUT_MS = 30_000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A registry's database URL and its home directory (blobs, cache)."""
+
+    url: str
+    home: Path
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of a file-backed SQLite registry, else None."""
+        if not self.is_sqlite:
+            return None
+        db = make_url(self.url).database
+        if not db or db == ":memory:" or db.startswith("file:"):
+            return None
+        return Path(db)
+
+
+def default_home() -> Path:
+    """``$PATCHLAB_HOME`` if set, else the user's data directory for patchlab."""
+    env = os.environ.get("PATCHLAB_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(platformdirs.user_data_dir("patchlab", appauthor=False))
+
+
+def resolve_location(url_or_path: str | os.PathLike[str] | None = None) -> Location:
+    """Turn the user's argument (or nothing) into a :class:`Location`.
+
+    A string with ``://`` is a SQLAlchemy URL; a path ending in ``.db``/``.sqlite`` is the database file
+    (its directory is the home); any other path is the home directory holding ``registry.db``.
+    """
+    if url_or_path is None:
+        home = default_home()
+        return Location(f"sqlite:///{home / DB_FILENAME}", home)
+    text_arg = os.fspath(url_or_path)
+    if "://" in text_arg:
+        url = make_url(text_arg)
+        if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
+            db = Path(url.database).expanduser().resolve()
+            return Location(url.set(database=str(db)).render_as_string(hide_password=False), db.parent)
+        return Location(text_arg, default_home())
+    path = Path(text_arg).expanduser().resolve()
+    if path.suffix.lower() in SQLITE_SUFFIXES or path.is_file():
+        return Location(f"sqlite:///{path}", path.parent)
+    return Location(f"sqlite:///{path / DB_FILENAME}", path)
+
+
+def make_engine(location: Location) -> Engine:
+    """An engine with WAL, a busy timeout and foreign keys for SQLite; writes begin IMMEDIATE."""
+    if not location.is_sqlite:
+        return create_engine(location.url, pool_pre_ping=True)
+    engine = create_engine(location.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        if location.sqlite_path is not None:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        # A deferred transaction that later writes can fail with "database is locked" at once (the
+        # busy handler cannot help a reader upgrading to writer); writers take the lock up front.
+        if conn.get_execution_options().get("sqlite_immediate"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return isinstance(exc, OperationalError) and ("database is locked" in msg or "database is busy" in msg)
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 8, delay: float = 0.05) -> T:
+    """Run ``fn``; when SQLite reports the database locked past its busy timeout, back off and rerun."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except OperationalError as exc:
+            if not is_locked_error(exc) or i == attempts - 1:
+                raise
+            time.sleep(delay * (2**i))
+    raise AssertionError("unreachable")
+
+
+class Database:
+    """Engine + session factories for one registry location."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.engine = make_engine(location)
+        self._reader = sessionmaker(self.engine, expire_on_commit=False)
+        self._writer = sessionmaker(self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._reader() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A short write transaction holding SQLite's write lock from its start."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def current_revision(conn) -> str | None:
+    """The registry's schema revision, None for an empty database.
+
+    Raises RegistrySchemaError when the database has tables but is not a patchlab registry.
+    """
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    if "alembic_version" in tables:
+        rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        if len(rows) == 1:
+            return rows[0]
+        if not rows and not (tables - {"alembic_version"}):
+            return None
+        raise RegistrySchemaError(
+            f"the registry database has {len(rows)} schema revisions recorded ({', '.join(rows) or 'none'}); "
+            "it is damaged: restore it from a backup"
+        )
+    if tables:
+        raise RegistrySchemaError(
+            f"the database at {conn.engine.url!r} has tables ({', '.join(sorted(tables)[:5])}) but is not a "
+            "patchlab registry; point patchlab at another location (--registry or PATCHLAB_HOME)"
+        )
+    return None
+
+
+def _check_known(rev: str | None) -> None:
+    if rev is not None and rev not in KNOWN_REVISIONS:
+        from patchlab import __version__
+
+        raise RegistrySchemaError(
+            f"the registry's schema revision {rev!r} was made by a newer patchlab than this one "
+            f"({__version__}, schema {SCHEMA_HEAD}); upgrade patchlab (pip install -U patchlab) to open it"
+        )
+
+
+def alembic_config():
+    """An Alembic Config pointing at the shipped ``registry/migrations``."""
+    from alembic.config import Config
+
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def upgrade_schema(db: Database, target: str = "head") -> str:
+    """Bring the schema to ``target`` under the write lock; returns the revision before upgrading."""
+    from alembic import command
+
+    def run() -> str:
+        with db.engine.execution_options(sqlite_immediate=True).begin() as conn:
+            before = current_revision(conn)
+            _check_known(before)
+            if target == "head" and before == SCHEMA_HEAD:
+                return before
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, target)
+            return before or ""
+
+    return retry_locked(run)
+
+
+def open_database(location: Location, *, create: bool) -> Database:
+    """Connect, refuse unknown schemas, create or upgrade as needed."""
+    path = location.sqlite_path
+    if path is not None and not path.exists():
+        if not create:
+            raise RegistryNotFoundError(
+                f"no registry at {path}; create one with `patchlab init` (or Registry.init), or point "
+                "--registry / PATCHLAB_HOME at an existing one"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(location)
+    try:
+        with db.engine.connect() as conn:
+            rev = current_revision(conn)
+            conn.rollback()
+        _check_known(rev)
+        if rev is None and not create:
+            raise RegistryNotFoundError(
+                f"the database at {location.url} holds no registry yet; create one with `patchlab init`"
+            )
+        if rev != SCHEMA_HEAD:
+            upgrade_schema(db)
+    except BaseException:
+        db.dispose()
+        raise
+    return db

@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry schema (package data; run by ``registry.db``)."""

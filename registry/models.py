@@ -1,0 +1,203 @@
+"""SQLAlchemy 2 ORM models of the registry (the schema at the newest migration).
+
+The migrations under ``registry/migrations/versions`` are the source of truth for how a database gets
+to this shape; ``tests/registry/test_migrations.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
+
+
+def utcnow() -> _dt.datetime:
+    """Naive UTC timestamp (SQLite keeps no time zone; every stored time is UTC)."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Family(Base):
+    __tablename__ = "families"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class BaseVersion(Base):
+    """One release of a base model: located (path or Hub id@revision) and fingerprinted, never copied."""
+
+    __tablename__ = "base_versions"
+    __table_args__ = (
+        UniqueConstraint("family_id", "version", name="uq_base_versions_family_version"),
+        Index("ix_base_versions_content", "content"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family_id: Mapped[int] = mapped_column(ForeignKey("families.id"), nullable=False, index=True)
+    version: Mapped[str] = mapped_column(String(200), nullable=False)
+    source_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "local" | "hub"
+    source: Mapped[str] = mapped_column(Text, nullable=False)  # absolute path or Hub repo id
+    revision: Mapped[str | None] = mapped_column(String(200))
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    content: Mapped[str | None] = mapped_column(String(128))
+    num_parameters: Mapped[int | None] = mapped_column(BigInteger)
+    dtype: Mapped[str | None] = mapped_column(String(32))
+    vocab_size: Mapped[int | None] = mapped_column(Integer)
+    release_order: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class Patch(Base):
+    """A registered patch: ``name@version``; its files live in the blob store under ``digest`` (a tree)."""
+
+    __tablename__ = "patches"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_patches_name_version"),
+        Index("ix_patches_digest", "digest"),
+        Index("ix_patches_base_version_id", "base_version_id"),
+        Index("ix_patches_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    digest: Mapped[str] = mapped_column(String(64), nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id"))
+    base_architecture: Mapped[str | None] = mapped_column(String(128))
+    base_content: Mapped[str | None] = mapped_column(String(128))
+    finetuned: Mapped[str | None] = mapped_column(Text)
+    encoding: Mapped[str | None] = mapped_column(String(32))
+    method: Mapped[str | None] = mapped_column(String(64))
+    parameters: Mapped[Any] = mapped_column(JSON, nullable=True)
+    num_tensors: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    format_version: Mapped[str | None] = mapped_column(String(32))
+    description: Mapped[str | None] = mapped_column(Text)
+    totals: Mapped[Any] = deferred(mapped_column(JSON, nullable=True))
+    # per-tensor {name: {encoding, op, shape, dtype, stats}}
+    stats: Mapped[Any] = deferred(mapped_column(JSON, nullable=True))
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class PatchFile(Base):
+    """One file of a patch directory, stored as a blob."""
+
+    __tablename__ = "patch_files"
+
+    patch_id: Mapped[int] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class PatchParent(Base):
+    """Lineage edge: ``child`` was ported from / merged from / derived from ``parent``."""
+
+    __tablename__ = "patch_parents"
+
+    child_id: Mapped[int] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), primary_key=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("patches.id"), primary_key=True, index=True)
+    relation: Mapped[str] = mapped_column(String(32), nullable=False)  # "port" | "merge" | "derived"
+    position: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class DerivedModel(Base):
+    """A full model made by applying or porting a patch onto a base; ``path`` is where it lives."""
+
+    __tablename__ = "derived_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patch_id: Mapped[int] = mapped_column(ForeignKey("patches.id"), nullable=False, index=True)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # "apply" | "port" | ...
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    parameters: Mapped[Any] = mapped_column(JSON, nullable=True)
+    content: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class Alias(Base):
+    """A movable name (``prod``, ``latest``...) scoped to a family (for bases) or a patch name."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (
+        UniqueConstraint("scope_kind", "scope", "name", name="uq_aliases_scope_name"),
+        CheckConstraint("(base_version_id IS NULL) <> (patch_id IS NULL)", name="ck_aliases_one_target"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    scope_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "family" | "patch"
+    scope: Mapped[str] = mapped_column(String(200), nullable=False)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id"), index=True)
+    patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id"), index=True)
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+# ---- revision 0002 -------------------------------------------------------------------------------
+
+
+class Tag(Base):
+    """A free-form label on a patch or a base version."""
+
+    __tablename__ = "tags"
+    __table_args__ = (
+        UniqueConstraint("tag", "patch_id", name="uq_tags_tag_patch"),
+        UniqueConstraint("tag", "base_version_id", name="uq_tags_tag_base"),
+        CheckConstraint("(base_version_id IS NULL) <> (patch_id IS NULL)", name="ck_tags_one_target"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tag: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), index=True)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), index=True)
+
+
+class Evaluation(Base):
+    """One evaluation run of a model on a dataset: aggregate metrics plus per-instance results."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), index=True)
+    base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), index=True)
+    derived_id: Mapped[int | None] = mapped_column(ForeignKey("derived_models.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(Text, nullable=False)  # what was evaluated, as the user named it
+    dataset: Mapped[str] = mapped_column(String(500), nullable=False)
+    metrics: Mapped[Any] = mapped_column(JSON, nullable=True)
+    num_instances: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    settings: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003
+
+
+class EvaluationResult(Base):
+    __tablename__ = "evaluation_results"
+
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(500), primary_key=True)
+    prediction: Mapped[Any] = mapped_column(JSON, nullable=True)
+    gold: Mapped[Any] = mapped_column(JSON, nullable=True)
+    correct: Mapped[bool | None] = mapped_column(Boolean)
+    score: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003: everything else of the record
+    position: Mapped[int | None] = mapped_column(Integer)  # revision 0003: order as recorded

@@ -1,0 +1,269 @@
+"""References users type, and resolving them against the registry.
+
+* bases: ``family@version`` (a version label), ``family@alias``, or ``family`` (newest release);
+* patches: ``name`` (newest version), ``name@n``, ``name@alias``, a digest prefix of at least 6 hex
+  digits (optionally ``sha256:``-prefixed), or an alias name that only one patch name uses;
+* derived models: ``derived:<id>``;
+* plain paths wherever a checkpoint or patch directory is accepted (see ``looks_like_path``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from registry.errors import AmbiguousReferenceError, InvalidReferenceError, UnknownReferenceError
+from registry.models import Alias, BaseVersion, DerivedModel, Family, Patch
+
+MIN_PREFIX = 6
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
+FAMILY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-/]*$")
+HEX_RE = re.compile(r"^[0-9a-f]+$")
+LATEST = "latest"
+
+
+def validate_name(name: str, what: str = "patch name") -> str:
+    pattern = FAMILY_RE if what == "family name" else NAME_RE
+    if not name or not pattern.match(name) or len(name) > 200:
+        extra = ", '/'" if what == "family name" else ""
+        raise InvalidReferenceError(
+            f"{name!r} is not a valid {what}: use letters, digits and '.', '_', '-', '+'{extra} "
+            "(starting with a letter or digit, at most 200 characters)"
+        )
+    return name
+
+
+def validate_version_label(label: str) -> str:
+    if not label or "@" in label or len(label) > 200 or label.strip() != label:
+        raise InvalidReferenceError(
+            f"{label!r} is not a valid version label: use a non-empty label without '@' or surrounding spaces"
+        )
+    if label == LATEST:
+        raise InvalidReferenceError("'latest' is reserved: it always means the newest release")
+    return label
+
+
+def looks_like_path(ref: str | os.PathLike[str]) -> bool:
+    """True for things that are paths rather than registry references."""
+    if isinstance(ref, os.PathLike):
+        return True
+    return ref.startswith((".", "/", "~")) or Path(ref).is_dir()
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    ref = ref.strip()
+    if not ref:
+        raise InvalidReferenceError("empty reference: name a base (family@version) or a patch (name[@n])")
+    if "@" in ref:
+        head, tail = ref.rsplit("@", 1)
+        if not head or not tail:
+            raise InvalidReferenceError(
+                f"{ref!r} is not a valid reference: expected 'name@version' with both parts non-empty"
+            )
+        return head, tail
+    return ref, None
+
+
+def _close(word: str, candidates: list[str]) -> str:
+    near = difflib.get_close_matches(word, candidates, n=5, cutoff=0.5)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a reference resolved to."""
+
+    kind: str  # "base" | "patch" | "derived"
+    id: int
+    label: str
+
+
+def base_label(family: str, version: str) -> str:
+    return f"{family}@{version}"
+
+
+def resolve_base(s: Session, ref: str) -> Target:
+    """Resolve a base reference to a base version (``family@version``/``family@alias``/``family``)."""
+    head, tail = split_ref(ref)
+    fam = s.execute(select(Family).where(Family.name == head)).scalar_one_or_none()
+    if fam is None:
+        names = list(s.execute(select(Family.name)).scalars())
+        prefix_hits = _content_prefix(s, ref) if tail is None else []
+        if len(prefix_hits) == 1:
+            return prefix_hits[0]
+        raise UnknownReferenceError(
+            f"no base family {head!r} in the registry{_close(head, names)} "
+            "(list them with `patchlab ls --bases`; add one with `patchlab base add`)"
+        )
+    q = select(BaseVersion).where(BaseVersion.family_id == fam.id)
+    if tail is None or (tail == LATEST and not _alias(s, "family", head, tail)):
+        bv = s.execute(q.order_by(BaseVersion.release_order.desc()).limit(1)).scalar_one_or_none()
+        if bv is None:
+            raise UnknownReferenceError(f"base family {head!r} has no versions; add one with `patchlab base add`")
+        return Target("base", bv.id, base_label(head, bv.version))
+    bv = s.execute(q.where(BaseVersion.version == tail)).scalar_one_or_none()
+    if bv is not None:
+        return Target("base", bv.id, base_label(head, bv.version))
+    alias = _alias(s, "family", head, tail)
+    if alias is not None and alias.base_version_id is not None:
+        version = s.execute(select(BaseVersion.version).where(BaseVersion.id == alias.base_version_id)).scalar_one()
+        return Target("base", alias.base_version_id, base_label(head, version))
+    versions = list(s.execute(select(BaseVersion.version).where(BaseVersion.family_id == fam.id)).scalars())
+    aliases = list(s.execute(select(Alias.name).where(Alias.scope_kind == "family", Alias.scope == head)).scalars())
+    raise UnknownReferenceError(
+        f"base family {head!r} has no version or alias {tail!r}{_close(tail, versions + aliases)} "
+        f"(versions: {', '.join(versions) or 'none'})"
+    )
+
+
+def _content_prefix(s: Session, ref: str) -> list[Target]:
+    p = ref.removeprefix("sha256:").lower()
+    if len(p) < MIN_PREFIX or not HEX_RE.match(p):
+        return []
+    rows = s.execute(
+        select(BaseVersion.id, Family.name, BaseVersion.version)
+        .join(Family, Family.id == BaseVersion.family_id)
+        .where(BaseVersion.content.like(p + "%"))
+        .limit(10)
+    ).all()
+    return [Target("base", r[0], base_label(r[1], r[2])) for r in rows]
+
+
+def _alias(s: Session, scope_kind: str, scope: str, name: str) -> Alias | None:
+    return s.execute(
+        select(Alias).where(Alias.scope_kind == scope_kind, Alias.scope == scope, Alias.name == name)
+    ).scalar_one_or_none()
+
+
+def patch_label(name: str, version: int) -> str:
+    return f"{name}@{version}"
+
+
+def resolve_patch(s: Session, ref: str) -> Target:
+    """Resolve a patch reference (name, name@n, name@alias, digest prefix, or a unique alias name)."""
+    head, tail = split_ref(ref)
+    if tail is None:
+        hits: list[Target] = []
+        latest = s.execute(
+            select(Patch.id, Patch.version).where(Patch.name == head).order_by(Patch.version.desc()).limit(1)
+        ).first()
+        if latest is not None:
+            alias = _alias(s, "patch", head, LATEST)
+            if alias is not None:
+                return _patch_target(s, alias.patch_id)
+            hits.append(Target("patch", latest[0], patch_label(head, latest[1])))
+        p = head.removeprefix("sha256:").lower()
+        if len(p) >= MIN_PREFIX and HEX_RE.match(p):
+            rows = s.execute(
+                select(Patch.id, Patch.name, Patch.version, Patch.digest).where(Patch.digest.like(p + "%")).limit(20)
+            ).all()
+            digests = {r[3] for r in rows}
+            if len(digests) > 1:
+                raise AmbiguousReferenceError(
+                    f"digest prefix {p!r} matches {len(digests)} patches: "
+                    + ", ".join(f"{r[1]}@{r[2]} ({r[3][:12]})" for r in rows[:10])
+                    + "; type more digits"
+                )
+            if rows:
+                # identical content registered under several names: newest registration wins
+                r = max(rows, key=lambda r: r[0])
+                if not hits or hits[0].id != r[0]:
+                    hits.append(Target("patch", r[0], patch_label(r[1], r[2])))
+        if not hits:
+            alias_rows = s.execute(
+                select(Alias.scope, Alias.patch_id).where(Alias.scope_kind == "patch", Alias.name == head)
+            ).all()
+            if len(alias_rows) == 1:
+                return _patch_target(s, alias_rows[0][1])
+            if len(alias_rows) > 1:
+                raise AmbiguousReferenceError(
+                    f"alias {head!r} is set on several patch names ("
+                    + ", ".join(f"{r[0]}@{head}" for r in alias_rows)
+                    + "); say which one, e.g. "
+                    + f"{alias_rows[0][0]}@{head}"
+                )
+        if len(hits) > 1:
+            raise AmbiguousReferenceError(
+                f"{ref!r} is both a patch name and a digest prefix ({', '.join(h.label for h in hits)}); "
+                f"use {hits[0].label} or a longer digest"
+            )
+        if hits:
+            return hits[0]
+        names = list(s.execute(select(Patch.name).distinct()).scalars())
+        raise UnknownReferenceError(
+            f"no patch {head!r} in the registry{_close(head, names)} (list them with `patchlab ls`)"
+        )
+    if tail.isdigit():
+        row = s.execute(select(Patch.id).where(Patch.name == head, Patch.version == int(tail))).first()
+        if row is not None:
+            return Target("patch", row[0], patch_label(head, int(tail)))
+    alias = _alias(s, "patch", head, tail)
+    if alias is not None:
+        return _patch_target(s, alias.patch_id)
+    versions = [
+        str(v) for v in s.execute(select(Patch.version).where(Patch.name == head).order_by(Patch.version)).scalars()
+    ]
+    if not versions:
+        names = list(s.execute(select(Patch.name).distinct()).scalars())
+        raise UnknownReferenceError(
+            f"no patch {head!r} in the registry{_close(head, names)} (list them with `patchlab ls`)"
+        )
+    if tail == LATEST:
+        return resolve_patch(s, head)
+    raise UnknownReferenceError(
+        f"patch {head!r} has no version or alias {tail!r} (versions: {', '.join(versions)}); "
+        f"use e.g. {head}@{versions[-1]}"
+    )
+
+
+def _patch_target(s: Session, patch_id: int | None) -> Target:
+    row = s.execute(select(Patch.name, Patch.version).where(Patch.id == patch_id)).one()
+    return Target("patch", int(patch_id or 0), patch_label(row[0], row[1]))
+
+
+def resolve_derived(s: Session, ref: str) -> Target:
+    raw = ref.removeprefix("derived:")
+    if not raw.isdigit():
+        raise InvalidReferenceError(f"{ref!r} is not a derived-model reference: expected derived:<id>")
+    row = s.execute(select(DerivedModel.id, DerivedModel.path).where(DerivedModel.id == int(raw))).first()
+    if row is None:
+        n = s.execute(select(func.count(DerivedModel.id))).scalar_one()
+        raise UnknownReferenceError(
+            f"no derived model {ref!r} ({n} registered; list them with `patchlab ls --derived`)"
+        )
+    return Target("derived", row[0], f"derived:{row[0]}")
+
+
+def resolve_any(s: Session, ref: str, kind: str | None = None) -> Target:
+    """Resolve a reference to a base, patch or derived model; ``kind`` restricts the search."""
+    if kind == "base":
+        return resolve_base(s, ref)
+    if kind == "patch":
+        return resolve_patch(s, ref)
+    if kind == "derived" or ref.startswith("derived:"):
+        return resolve_derived(s, ref)
+    found: list[Target] = []
+    errors: list[Exception] = []
+    for fn in (resolve_patch, resolve_base):
+        try:
+            found.append(fn(s, ref))
+        except UnknownReferenceError as exc:
+            errors.append(exc)
+    if len(found) > 1:
+        raise AmbiguousReferenceError(
+            f"{ref!r} names both patch {found[0].label} and base {found[1].label}; say which (--kind patch|base)"
+        )
+    if found:
+        return found[0]
+    head, _ = split_ref(ref)
+    names = list(s.execute(select(Patch.name).distinct()).scalars()) + list(s.execute(select(Family.name)).scalars())
+    raise UnknownReferenceError(
+        f"{ref!r} names no patch or base in the registry{_close(head, names)} "
+        "(list them with `patchlab ls` and `patchlab ls --bases`)"
+    )

@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Force many uneven row chunks so every test exercises the streaming path, not one big read."""
+    import patchlab.engine
+
+    monkeypatch.setattr(patchlab.engine, "CHUNK_ELEMS", 1000)
+
+
+def no_partial_dirs(parent):
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]

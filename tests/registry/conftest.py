@@ -1,0 +1,102 @@
+"""Small real directories for registry tests: HF-layout bases and patchlab patch directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from registry import Registry
+
+
+def make_base(path: Path, seed: int = 0, hidden: int = 8) -> Path:
+    """A tiny HF-layout checkpoint: config.json + model.safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(16, hidden, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(hidden * 2, hidden, generator=g),
+    }
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "vocab_size": 16})
+    )
+    return path
+
+
+def fake_fingerprint(label: str) -> str:
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
+def make_patch(
+    path: Path,
+    seed: int = 0,
+    base_content: str | None = None,
+    *,
+    encoding: str = "dense",
+    finetuned: str = "/models/ft",
+) -> Path:
+    """A patch directory as the core writes it: patch.json manifest + a safetensors shard of deltas."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(16, 8, generator=g) * 0.01
+    save_file({"model.layers.0.mlp.up_proj.weight": delta}, str(path / "delta-00001.safetensors"))
+    manifest = {
+        "format": "patchlab.patch",
+        "format_version": 1,
+        "patchlab_version": "0.1.0",
+        "created": "2026-11-25T00:00:00Z",
+        "provenance": {
+            "base": {
+                "path": "/models/base",
+                "architecture": fake_fingerprint("arch"),
+                "content": base_content,
+                "dtype": "float32",
+                "vocab_size": 16,
+            },
+            "finetuned": {"path": finetuned},
+            "method": "diff",
+            "parameters": {"storage_dtype": "float32", "seed": seed},
+        },
+        "tensors": {
+            "model.layers.0.mlp.up_proj.weight": {
+                "op": "add",
+                "encoding": encoding,
+                "shape": [16, 8],
+                "dtype": "float32",
+                "keys": {"delta": "model.layers.0.mlp.up_proj.weight"},
+                "file": "delta-00001.safetensors",
+                "stats": {
+                    "norm": float(delta.norm()),
+                    "rel_norm": 0.01,
+                    "max_abs": float(delta.abs().max()),
+                    "changed_frac": 1.0,
+                },
+            }
+        },
+        "totals": {"tensors": 1, "bytes": 512},
+    }
+    (path / "patch.json").write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Registry:
+    r = Registry.init(tmp_path / "home")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def populated(tmp_path: Path, reg: Registry):
+    """A registry with family llama (v1, v2) and a patch chain sql@1 (on v1) -> sql@2 ported onto v2."""
+    c1, c2 = fake_fingerprint("v1"), fake_fingerprint("v2")
+    reg.add_base("llama", "v1", make_base(tmp_path / "v1", 1), content=c1, fingerprint=False)
+    reg.add_base("llama", "v2", make_base(tmp_path / "v2", 2), content=c2, fingerprint=False)
+    p1 = reg.add_patch(make_patch(tmp_path / "p1", 1, c1), name="sql")
+    p2 = reg.add_patch(make_patch(tmp_path / "p2", 2, c2), name="sql", parents=[p1.ref], relation="port")
+    return reg, p1, p2

@@ -1,0 +1,141 @@
+"""Streaming weight-space diagnostics of a real patch against real target checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import patchlab
+from patchlab.diagnostics import PortDiagnostics, diagnose
+from patchlab.diagnostics_kernels import CARE, DO_NOT, SAFE, DriftAccumulator, drift_stats
+from patchlab.errors import IncompatiblePatchError
+from tests.factory import make_model, state
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def variant(src, dst, edit):
+    """Copy a checkpoint directory with its tensors passed through ``edit(dict) -> dict``."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    sd = {k: v.contiguous() for k, v in edit(state(src)).items()}
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] = next(v for k, v in sd.items() if k.endswith("embed_tokens.weight")).shape[0]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diag")
+    base = make_model(root / "base", seed=0)
+    g = torch.Generator().manual_seed(5)
+
+    def finetune(sd):
+        out = {k: v + 0.0005 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in sd.items()}
+        # a strong rank-1 update on one matrix: intruder dimensions there
+        w = out[Q0]
+        u = torch.randn(w.shape[0], generator=g)
+        v = torch.randn(w.shape[1], generator=g)
+        out[Q0] = w + 5.0 * torch.outer(u / u.norm(), v / v.norm()) * torch.linalg.matrix_norm(w, 2)
+        return out
+
+    ft = variant(base, root / "ft", finetune)
+    patch = patchlab.extract(base, ft, root / "ft.patch", device="cpu")
+    near = variant(
+        base, root / "near", lambda sd: {k: v + 0.0001 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    )
+    far = make_model(root / "far", seed=123)
+    return {"root": root, "base": base, "ft": ft, "patch": patch, "near": near, "far": far}
+
+
+def test_drift_matches_direct_computation(family):
+    d = diagnose(family["patch"], family["near"], device="cpu")
+    s, t, f = state(family["base"]), state(family["near"]), state(family["ft"])
+    total = DriftAccumulator()
+    by_name = {x.name: x for x in d.tensors}
+    for name in s:
+        want = drift_stats(s[name], t[name], f[name].double() - s[name].double())
+        got = by_name[name].drift
+        assert by_name[name].status == "compared"
+        assert got.drift_norm == pytest.approx(want.drift_norm, rel=1e-6)
+        assert got.delta_norm == pytest.approx(want.delta_norm, rel=1e-5)
+        assert got.cos_drift_delta == pytest.approx(want.cos_drift_delta, abs=1e-5)
+        total.update(s[name], t[name], f[name].double() - s[name].double())
+    assert d.overall.drift_rel_delta == pytest.approx(total.stats().drift_rel_delta, rel=1e-5)
+    assert set(d.per_layer) == {"0", "1", "other"}
+    layer1 = DriftAccumulator()
+    for name in s:
+        if ".layers.1." in name:
+            layer1.update(s[name], t[name], f[name].double() - s[name].double())
+    assert d.per_layer["1"].drift_norm == pytest.approx(layer1.stats().drift_norm, rel=1e-6)
+    assert PortDiagnostics.from_json(json.loads(d.dumps())) == d
+
+
+def test_intruder_dimensions_on_the_rank_one_matrix_only(family):
+    d = diagnose(family["patch"], family["near"], device="cpu")
+    by_name = {x.name: x for x in d.tensors}
+    assert by_name[Q0].intruders.n_intruders >= 1 and 0 in by_name[Q0].intruders.intruder_indices
+    others = [x for x in d.tensors if x.intruders is not None and x.name != Q0]
+    assert others and all(x.intruders.n_intruders == 0 for x in others)
+    assert by_name["model.embed_tokens.weight"].intruders is None  # embeddings skipped by default
+    assert d.intruder_matrices == len(others) + 1
+    assert d.intruder_matrix_share == pytest.approx(1 / d.intruder_matrices)
+
+
+def test_verdicts(family):
+    same = diagnose(family["patch"], family["base"], device="cpu", intruders=False)
+    assert same.overall.drift_norm == 0.0 and same.verdict.level == SAFE
+    near = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    assert near.overall.drift_rel_delta < 0.5 and near.verdict.level == SAFE
+    far = diagnose(family["patch"], family["far"], device="cpu", intruders=False)
+    assert far.verdict.level == DO_NOT
+    assert any(r.startswith("[do not port]") and "×" in r for r in far.verdict.reasons)
+
+
+def test_structural_differences(family):
+    root = family["root"]
+    up = "model.layers.1.mlp.up_proj.weight"
+
+    def edit(sd):
+        sd = dict(sd)
+        del sd[up]
+        sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[k] = torch.cat([sd[k], torch.zeros(4, sd[k].shape[1])])
+        return sd
+
+    tgt = variant(family["base"], root / "struct", edit)
+    d = diagnose(family["patch"], tgt, device="cpu", intruders=False)
+    by_name = {x.name: x for x in d.tensors}
+    assert by_name[up].status == "missing-in-target"
+    assert by_name["model.embed_tokens.weight"].status == "rows-compared"
+    assert by_name["model.embed_tokens.weight"].drift.drift_norm == 0.0  # shared rows unchanged
+    assert d.only_in_target == ["model.layers.0.self_attn.q_norm.weight"]
+    n_up = state(family["base"])[up].numel()
+    assert d.structural_share == pytest.approx(n_up / patchlab.Patch.open(family["patch"]).num_parameters)
+    assert d.verdict.level in (CARE, DO_NOT)
+    text = " ".join(d.verdict.reasons)
+    assert up in text and "vocabulary rows" in text and "only in the target" in text
+
+
+def test_wrong_source_base_refused(family, tmp_path):
+    other = make_model(tmp_path / "other", seed=0, layers=3)
+    with pytest.raises(IncompatiblePatchError, match="not the base this patch was made on"):
+        diagnose(family["patch"], family["near"], source_base=other, device="cpu")
+
+
+def test_prefixed_target_names_are_aligned(family):
+    tgt = variant(
+        family["base"], family["root"] / "prefixed", lambda sd: {"language_model." + k: v for k, v in sd.items()}
+    )
+    d = diagnose(family["patch"], tgt, device="cpu", intruders=False)
+    assert all(t.status == "compared" for t in d.tensors)
+    assert d.overall.drift_norm == 0.0
+    assert any("prefix" in r for r in d.verdict.reasons) and d.verdict.level == CARE
