@@ -182,7 +182,7 @@ def _extract_job(
             s.name,
             s.shape,
             ft_t.dtype,
-            lambda r0, r1: (_rows(ft_t, r0, r1),),
+            lambda r0, r1: (ft.rows(s.name, r0, r1),),
             lambda x, r0, r1: x[0],
             advise=lambda r0, r1: ft.advise(s.name, r0, r1),
         )
@@ -204,13 +204,13 @@ def _extract_job(
     entries[s.name] = entry
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        f = _rows(ft_t, r0, r1).to(dev)
+        f = ft.rows(s.name, r0, r1).to(dev)
         if bmap is not None:
             b = gather_rows(base_t, bmap[r0:r1]).to(dev)
         elif s.shape and r1 > base_t.shape[0]:  # truncate never reads past the base; pad rows are zero
             b = gather_rows(base_t, identity(r1, base_t.shape[0])[r0:r1]).to(dev)
         else:
-            b = _rows(base_t, r0, r1).to(dev)
+            b = base.rows(s.name, r0, r1).to(dev)
         return f, b
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -365,7 +365,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             s.name,
             s.shape,
             dtype,
-            lambda r0, r1: (_rows(t, r0, r1),),
+            lambda r0, r1: (target.rows(s.name, r0, r1),),
             lambda x, r0, r1: x[0],
             advise=lambda r0, r1: target.advise(s.name, r0, r1),
         )
@@ -380,7 +380,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else _rows(t, r0, r1).to(dev)
+        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else target.rows(s.name, r0, r1).to(dev)
         return tr, source.rows(dname, r0, r1, dev, dmap)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
