@@ -84,7 +84,7 @@ def _num(x: Any, digits: int = 3) -> str:
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, int):
-        return str(x)
+        return f"{x:,}" if abs(x) >= 10_000 else str(x)
     if isinstance(x, float):
         if math.isnan(x):
             return "–"
@@ -108,6 +108,9 @@ def _ids(ids: Sequence[str]) -> str:
 def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(heading, header, rows, caption) of every table, in order; shared by Markdown and HTML."""
     out: list[tuple[str, list[str], list[list[str]], str]] = []
+    p = report.get("plan")
+    if p:
+        out.append(_plan_table(p))
     d = report.get("diagnostics")
     if d:
         o = d["overall"]
@@ -241,11 +244,23 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
             else "no prompts"
         )
         out.append(("TuCo per prompt", ["prompt", "TuCo", "‖ΣPTC‖₁", "‖ΣFTC‖₁", "tokens"], rows[:MAX_ROWS], cap))
-    p = report.get("plan")
-    if p:
-        rows = [[str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else _num(v)] for k, v in p.items()]
-        out.append(("Plan", ["item", "value"], rows, ""))
     return out
+
+
+def _plan_table(p: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]], str]:
+    """The port's plan summary (``Plan.summary()``): tensors and parameters per action, then the rest."""
+    tensors, params = p.get("tensors"), p.get("parameters")
+    if isinstance(tensors, Mapping) and isinstance(params, Mapping):
+        rows = [[str(a), _num(n), _num(params.get(a))] for a, n in tensors.items()]
+        extra = []
+        if p.get("unused_tensors"):
+            extra.append(f"{p['unused_tensors']} patch tensors unused ({_num(p.get('unused_parameters'))} parameters)")
+        if p.get("vocab_policies"):
+            extra.append("vocabulary rows: " + ", ".join(map(str, p["vocab_policies"])))
+        extra += [f"warning: {w}" for w in p.get("warnings") or ()]
+        return "Port plan", ["action", "tensors", "parameters"], rows, "; ".join(extra) or "every patch tensor is used"
+    rows = [[str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else _num(v)] for k, v in p.items()]
+    return "Port plan", ["item", "value"], rows, ""
 
 
 # ---- Markdown ---------------------------------------------------------------------------------------
@@ -311,7 +326,7 @@ def hbar_svg(
     marks: Mapping[str, float] | None = None,
 ) -> str:
     """Horizontal grouped bar chart as an inline SVG string (no external references); ``marks`` draws
-    labelled dashed vertical lines (thresholds)."""
+    labelled dashed vertical lines (thresholds, or the end of a bounded scale)."""
     names = list(series)
     palette = list(colors or _COLORS)
     values = [[(v if v is not None and math.isfinite(v) else 0.0) for v in series[n]] for n in names]
@@ -386,7 +401,10 @@ def _charts(report: Mapping[str, Any]) -> dict[str, str]:
     if tc and tc.get("results"):
         res = tc["results"][:MAX_ROWS]
         charts["TuCo per prompt"] = hbar_svg(
-            [r["id"] for r in res], {"TuCo": [r["tuco"] for r in res]}, title="TuCo per prompt"
+            [r["id"] for r in res],
+            {"TuCo": [r["tuco"] for r in res]},
+            title="TuCo per prompt (share of the last state due to fine-tuning, 0 to 1)",
+            marks={"1": 1.0},
         )
     return charts
 
