@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-screenshot", action="store_true")
     args = ap.parse_args(argv)
 
-
     from transformers.utils import logging as hf_logging
 
     import patchlab
