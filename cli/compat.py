@@ -125,15 +125,10 @@ def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[
 
 
 def quantiles(values: list[float], qs: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
-    """Linear-interpolation quantiles (numpy's default) of a non-empty list, keyed ``p10``, ``p50``..."""
-    v = sorted(values)
-    out = {}
-    for q in qs:
-        pos = q * (len(v) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(v) - 1)
-        out[f"p{round(q * 100)}"] = v[lo] + (v[hi] - v[lo]) * (pos - lo)
-    return out
+    """Quantiles of a non-empty list keyed ``p10``, ``p50``... (linear interpolation, as numpy)."""
+    from patchlab.report import quantile
+
+    return {f"p{round(q * 100)}": quantile(values, q) for q in qs}
 
 
 def _pct(x: float | None) -> str:
@@ -521,8 +516,11 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             device=device,
-            title=title,
+            title=title or (f"Porting {patch} onto {target}" if _is_ref(patch) or _is_ref(target) else None),
         )
+        for what, ref in (("patch reference", patch), ("target reference", target)):
+            if _is_ref(ref):
+                rep["meta"][what] = ref
         written = write_report_files(rep, output, formats)
         verdict = (rep.get("diagnostics") or {}).get("verdict", {}).get("level")
         if json_out:

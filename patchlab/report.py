@@ -100,6 +100,15 @@ def _shape(s: Sequence[int] | None) -> str:
     return "–" if s is None else "×".join(str(d) for d in s) or "scalar"
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of a non-empty sequence, interpolated linearly (numpy's default method)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def _ids(ids: Sequence[str]) -> str:
     shown = ", ".join(str(i) for i in ids[:MAX_IDS])
     return shown + (f" … (+{len(ids) - MAX_IDS})" if len(ids) > MAX_IDS else "") if ids else "–"
@@ -239,7 +248,9 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
         vals = [r["tuco"] for r in res]
         rows = [[r["id"], _num(r["tuco"]), _num(r["ptc_l1"]), _num(r["ftc_l1"]), _num(r["n_tokens"])] for r in res]
         cap = (
-            f"mean {_num(sum(vals) / len(vals))}, min {_num(min(vals))}, max {_num(max(vals))} over {len(vals)} prompts"
+            f"mean {_num(sum(vals) / len(vals))}, min {_num(min(vals))}, p10 {_num(quantile(vals, 0.1))}, "
+            f"median {_num(quantile(vals, 0.5))}, p90 {_num(quantile(vals, 0.9))}, max {_num(max(vals))} "
+            f"over {len(vals)} prompts"
             if vals
             else "no prompts"
         )

@@ -205,9 +205,12 @@ def test_report_writes_every_format(report_dir):
 
 
 def test_report_format_choice_and_mistakes(env, tmp_path):
-    _invoke("report", env["root"] / "ft.patch", model_path("v2"), "-o", tmp_path / "r", "--format", "md",
+    _invoke("-R", env["reg"], "report", "task", "tiny@v2", "-o", tmp_path / "r", "--format", "md",
             "--no-intruders", "--device", "cpu")  # fmt: skip
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.md"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.startswith("# Porting task onto tiny@v2") and "**target reference**: tiny@v2" in md
+    assert "## Verdict: **safe to port**" in md and "## Accuracy" not in md  # no --eval: weights only
     _one_line_error(_invoke("report", "x", "y", "--format", "pdf", "-o", tmp_path / "q", code=1), "--format")
     f = tmp_path / "file"
     f.write_text("")
