@@ -144,14 +144,17 @@ def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) ->
     from patchlab.report import render
 
     texts = {fmt: render(report, fmt) for fmt in formats}  # render everything before writing anything
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt, text in texts.items():
-        dest = out_dir / f"report.{fmt}"
-        tmp = dest.with_name(dest.name + ".partial")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(dest)
-        written.append(dest)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for fmt, text in texts.items():
+            dest = out_dir / f"report.{fmt}"
+            tmp = dest.with_name(dest.name + ".partial")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(dest)
+            written.append(dest)
+    except OSError as exc:
+        raise CliInputError(f"cannot write the report into {out_dir} ({exc}); pick another -o directory") from None
     return written
 
 
@@ -196,6 +199,8 @@ def register(app: typer.Typer) -> None:
 
         if record is not None and no_record:
             raise CliInputError("--record and --no-record contradict each other; pass one")
+        if output is not None and not output.parent.is_dir():
+            raise CliInputError(f"-o {output}: directory {output.parent} does not exist; create it first")
         for t in tasks:  # every task file problem before any model is loaded or registry opened
             load_task(t)
         quiet_hf()

@@ -99,6 +99,8 @@ def test_eval_user_mistakes_are_one_line(env):
     bad.write_text('{"id": "x", "type": "essay", "prompt": "p"}\n')
     _one_line_error(_invoke("eval", model_path("v1"), bad, code=1), "bad.jsonl line 1")
     _one_line_error(_invoke("-R", reg, "eval", "tiny@v9", env["task"], code=1), "tiny")
+    nodir = env["root"] / "no-such-dir" / "r.json"
+    _one_line_error(_invoke("eval", model_path("v1"), env["task"], "-o", nodir, code=1), "does not exist")
 
 
 def test_flips_between_a_results_file_and_registry_evaluations(env, old_result):
