@@ -120,6 +120,7 @@ class MappedFile:
         self.path = path
         self.entries, self.metadata = read_header(path)
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -135,6 +136,32 @@ class MappedFile:
             return torch.empty(e.shape, dtype=e.dtype)
         t = torch.frombuffer(self._map(), dtype=e.dtype, count=e.numel, offset=e.start)
         return t.view(e.shape)
+
+    def read_rows(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
+        """Rows ``[start_row, end_row)`` copied into a fresh tensor with one ``preadv``.
+
+        Cheaper than touching the mapped pages: the kernel copies from the page cache in one call instead
+        of taking a page fault per 4 KiB (which made sys time exceed user time in the port profile).
+        """
+        e = self.entries[name]
+        if not e.shape or e.numel == 0:
+            return self.tensor(name).clone()
+        row = e.numel // e.shape[0]
+        end_row = min(end_row, e.shape[0])
+        out = torch.empty((end_row - start_row, *e.shape[1:]), dtype=e.dtype)
+        if out.numel() == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        off = e.start + start_row * row * e.dtype.itemsize
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        got = 0
+        while got < buf.nbytes:  # preadv may return short counts on large reads
+            n = os.preadv(self._fd, [buf[got:]], off + got)
+            if n <= 0:
+                raise CorruptCheckpointError(f"{self.path}: file ended inside tensor {name!r}; it is truncated")
+            got += n
+        return out
 
     def raw(self, name: str) -> memoryview:
         """The bytes of one tensor, zero-copy."""
@@ -159,6 +186,9 @@ class MappedFile:
             pass
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()
