@@ -909,4 +909,8 @@ _register_demo(app)
 _register_compat(app)
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    # Run the app of the importable module, not of __main__: command modules (compat, lowrank, demo)
+    # import cli.main, and a second copy would leave the global options (-R, -v) on the wrong STATE.
+    from cli.main import app as _app
+
+    _app()
