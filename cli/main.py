@@ -900,11 +900,17 @@ def port(
     )
 
 
+from cli.compat import register as _register_compat  # noqa: E402
 from cli.demo import register as _register_demo  # noqa: E402
 from cli.lowrank import register as _register_lowrank  # noqa: E402
 
 _register_lowrank(app)
 _register_demo(app)
+_register_compat(app)
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    # Run the app of the importable module, not of __main__: command modules (compat, lowrank, demo)
+    # import cli.main, and a second copy would leave the global options (-R, -v) on the wrong STATE.
+    from cli.main import app as _app
+
+    _app()
