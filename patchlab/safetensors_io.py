@@ -42,6 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+_POPULATE_OK = [hasattr(mmap.mmap, "madvise")]
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -120,7 +122,6 @@ class MappedFile:
         self.path = path
         self.entries, self.metadata = read_header(path)
         self._mm: mmap.mmap | None = None
-        self._fd: int | None = None
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
@@ -137,31 +138,31 @@ class MappedFile:
         t = torch.frombuffer(self._map(), dtype=e.dtype, count=e.numel, offset=e.start)
         return t.view(e.shape)
 
-    def read_rows(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
-        """Rows ``[start_row, end_row)`` copied into a fresh tensor with one ``preadv``.
+    def rows(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
+        """Rows ``[start_row, end_row)`` as a zero-copy view of the page cache, mapped in advance.
 
-        Cheaper than touching the mapped pages: the kernel copies from the page cache in one call instead
-        of taking a page fault per 4 KiB (which made sys time exceed user time in the port profile).
+        The rows' pages are mapped with ``MADV_POPULATE_READ`` (one call, about 0.06 s per GB from a warm
+        page cache) so that reading the view takes no page fault per 4 KiB; the profile of a 1.1B-parameter
+        port had more system than user time before. The view is read-only in spirit: never modify it.
         """
         e = self.entries[name]
-        if not e.shape or e.numel == 0:
-            return self.tensor(name).clone()
-        row = e.numel // e.shape[0]
+        t = self.tensor(name)
+        if not e.shape:
+            return t
         end_row = min(end_row, e.shape[0])
-        out = torch.empty((end_row - start_row, *e.shape[1:]), dtype=e.dtype)
-        if out.numel() == 0:
-            return out
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        off = e.start + start_row * row * e.dtype.itemsize
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        got = 0
-        while got < buf.nbytes:  # preadv may return short counts on large reads
-            n = os.preadv(self._fd, [buf[got:]], off + got)
-            if n <= 0:
-                raise CorruptCheckpointError(f"{self.path}: file ended inside tensor {name!r}; it is truncated")
-            got += n
-        return out
+        row = e.numel // e.shape[0] * e.dtype.itemsize
+        if row and end_row > start_row:
+            self._populate(e.start + start_row * row, (end_row - start_row) * row)
+        return t[start_row:end_row]
+
+    def _populate(self, offset: int, length: int) -> None:
+        if not _POPULATE_OK[0]:
+            return
+        a = offset - offset % mmap.PAGESIZE
+        try:
+            self._map().madvise(MADV_POPULATE_READ, a, length + offset - a)
+        except (OSError, ValueError):  # kernels before 5.14: fall back to faulting pages in on access
+            _POPULATE_OK[0] = False
 
     def raw(self, name: str) -> memoryview:
         """The bytes of one tensor, zero-copy."""
@@ -186,9 +187,6 @@ class MappedFile:
             pass
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
         if self._mm is not None:
             try:
                 self._mm.close()
