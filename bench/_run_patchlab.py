@@ -1,7 +1,7 @@
 """Run one patchlab operation as its own process, so ``bench/run_port.py`` can time and sample it.
 
-    python bench/_run_patchlab.py port-fused --ft F --src S --target T --out O
-    python bench/_run_patchlab.py extract --src S --ft F --out O
+python bench/_run_patchlab.py port-fused --ft F --src S --target T --out O
+python bench/_run_patchlab.py extract --src S --ft F --out O
 """
 
 from __future__ import annotations

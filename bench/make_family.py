@@ -148,8 +148,9 @@ def llama_config(shape: Shape) -> dict:
         import transformers
         from transformers import LlamaConfig
     except ImportError:
-        return dict(fields, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                    torch_dtype="bfloat16")
+        return dict(
+            fields, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", torch_dtype="bfloat16"
+        )
     cfg = LlamaConfig(**fields)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = torch.bfloat16  # written as "dtype" by transformers 5, "torch_dtype" by 4.x
@@ -158,8 +159,9 @@ def llama_config(shape: Shape) -> dict:
     return d
 
 
-def expected_index(specs: list[tuple[str, tuple[int, ...]]], shards: list[list[str]], kind: str,
-                   seed: int, shape: Shape) -> dict:
+def expected_index(
+    specs: list[tuple[str, tuple[int, ...]]], shards: list[list[str]], kind: str, seed: int, shape: Shape
+) -> dict:
     n = len(shards)
     total = sum(2 * _numel(s) for _, s in specs)
     weight_map = {name: shard_file(i, n) for i, names in enumerate(shards) for name in names}
@@ -188,8 +190,9 @@ def is_complete(ckpt: Path, index: dict) -> bool:
     return True
 
 
-def generate(out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000, force: bool = False,
-             quiet: bool = False) -> dict[str, Path]:
+def generate(
+    out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000, force: bool = False, quiet: bool = False
+) -> dict[str, Path]:
     """Write (or keep, when already complete) ``out/{src,ft,target}``; return their paths."""
     shape = Shape(layers=layers)
     specs = tensor_specs(shape)
@@ -231,8 +234,10 @@ def generate(out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000
         tmp.write_text(json.dumps(indexes[k], indent=2) + "\n")
         os.replace(tmp, paths[k] / INDEX_NAME)
     n_params = sum(_numel(s) for _, s in specs)
-    log(f"wrote {', '.join(todo)} under {out}: {n_params / 1e9:.3f}B params each, {len(shards)} shards, "
-        f"{time.perf_counter() - t0:.0f} s")
+    log(
+        f"wrote {', '.join(todo)} under {out}: {n_params / 1e9:.3f}B params each, {len(shards)} shards, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     return paths
 
 

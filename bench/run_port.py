@@ -39,6 +39,7 @@ from baseline_torch import weight_map  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
+FLOORS = ("cat", "cat-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
 CONTENDERS = ("cat", "cat-extract", "import-torch", "torch", "mergekit", "patchlab-port", "patchlab-extract")
 # Targets from issue 2, item 7 (2-core CPU machine).
 TARGET_VS_MERGEKIT = 5.0  # port at least this many times faster than mergekit
@@ -160,8 +161,17 @@ def measure(name: str, cmd: list[str], *, timeout: float, log: Path, env: dict[s
         sampler.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    res = Result(name, "ok", wall, cpu, sampler.peak_anon_kib / 1024, sampler.peak_rss_kib / 1024,
-                 sampler.samples, load_before=load, command=cmd)
+    res = Result(
+        name,
+        "ok",
+        wall,
+        cpu,
+        sampler.peak_anon_kib / 1024,
+        sampler.peak_rss_kib / 1024,
+        sampler.samples,
+        load_before=load,
+        command=cmd,
+    )
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-8:]
         res.status = "failed"
@@ -214,8 +224,9 @@ def mergekit_config(src: Path, ft: Path, target: Path) -> str:
 
 
 def patchlab_available() -> str | None:
-    r = subprocess.run([sys.executable, str(HERE / "_run_patchlab.py"), "check"], capture_output=True,
-                       text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "_run_patchlab.py"), "check"], capture_output=True, text=True, cwd=REPO
+    )
     if r.returncode != 0:
         return "patchlab port_fused/extract not importable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
     return None
@@ -238,9 +249,15 @@ def check_names(src: Path) -> list[str]:
     names = list(weight_map(src))
     layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
     last = layers[-1] if layers else 0
-    want = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.k_proj.weight", f"model.layers.{last}.mlp.down_proj.weight",
-            "model.layers.0.input_layernorm.weight", "model.norm.weight", "lm_head.weight"]
+    want = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        f"model.layers.{last}.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
     return [n for n in want if n in names]
 
 
@@ -301,13 +318,17 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = f"{'contender':<18} {'status':<11} {'wall s':>8} {'cpu s':>8} {'anon MiB':>9} {'RSS MiB':>9} " \
-           f"{'max|diff|':>10} {'load':>5}  note"
+    head = (
+        f"{'contender':<18} {'status':<11} {'wall s':>8} {'cpu s':>8} {'anon MiB':>9} {'RSS MiB':>9} "
+        f"{'max|diff|':>10} {'load':>5}  note"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.name:<18} {r.status:<11} {_fmt(r.wall_s, '8.2f')} {_fmt(r.cpu_s, '8.2f')} "
-                     f"{_fmt(r.peak_anon_mib, '9.1f')} {_fmt(r.peak_rss_mib, '9.1f')} "
-                     f"{_fmt(r.max_abs_diff, '10.3g')} {_fmt(r.load_before, '5.2f')}  {r.note}")
+        lines.append(
+            f"{r.name:<18} {r.status:<11} {_fmt(r.wall_s, '8.2f')} {_fmt(r.cpu_s, '8.2f')} "
+            f"{_fmt(r.peak_anon_mib, '9.1f')} {_fmt(r.peak_rss_mib, '9.1f')} "
+            f"{_fmt(r.max_abs_diff, '10.3g')} {_fmt(r.load_before, '5.2f')}  {r.note}"
+        )
     return "\n".join(lines)
 
 
@@ -322,8 +343,12 @@ def ratios(by: dict[str, Result]) -> dict[str, float | None]:
         fa, fb = fig(a, attr), fig(b, attr)
         return fa / fb if fa is not None and fb else None
 
-    pairs = [("mergekit", "patchlab-port"), ("torch", "patchlab-port"), ("patchlab-port", "cat"),
-             ("patchlab-extract", "cat-extract")]
+    pairs = [
+        ("mergekit", "patchlab-port"),
+        ("torch", "patchlab-port"),
+        ("patchlab-port", "cat"),
+        ("patchlab-extract", "cat-extract"),
+    ]
     out: dict[str, float | None] = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
     out.update({f"{a}/{b} (cpu s)": ratio(a, b, "cpu_s") for a, b in pairs})
     return out
@@ -333,15 +358,30 @@ def targets(by: dict[str, Result], rat: dict[str, float | None]) -> list[tuple[s
     """(target, measured, verdict) for the issue's three targets."""
     out = []
     r = rat["mergekit/patchlab-port"]
-    out.append((f"port >= {TARGET_VS_MERGEKIT:g}x faster than mergekit", _fmt(r, ".2f") + "x",
-                "n/a" if r is None else ("PASS" if r >= TARGET_VS_MERGEKIT else "FAIL")))
+    out.append(
+        (
+            f"port >= {TARGET_VS_MERGEKIT:g}x faster than mergekit",
+            _fmt(r, ".2f") + "x",
+            "n/a" if r is None else ("PASS" if r >= TARGET_VS_MERGEKIT else "FAIL"),
+        )
+    )
     p = by.get("patchlab-port")
     anon = p.peak_anon_mib if p is not None and p.status == "ok" else None
-    out.append((f"port peak anon < {TARGET_ANON_MIB:g} MiB", _fmt(anon, ".1f") + " MiB",
-                "n/a" if anon is None else ("PASS" if anon < TARGET_ANON_MIB else "FAIL")))
+    out.append(
+        (
+            f"port peak anon < {TARGET_ANON_MIB:g} MiB",
+            _fmt(anon, ".1f") + " MiB",
+            "n/a" if anon is None else ("PASS" if anon < TARGET_ANON_MIB else "FAIL"),
+        )
+    )
     r = rat["patchlab-port/cat"]
-    out.append((f"port within {TARGET_VS_CAT:g}x of cat", _fmt(r, ".2f") + "x",
-                "n/a" if r is None else ("PASS" if r <= TARGET_VS_CAT else "FAIL")))
+    out.append(
+        (
+            f"port within {TARGET_VS_CAT:g}x of cat",
+            _fmt(r, ".2f") + "x",
+            "n/a" if r is None else ("PASS" if r <= TARGET_VS_CAT else "FAIL"),
+        )
+    )
     return out
 
 
@@ -350,22 +390,56 @@ def targets(by: dict[str, Result], rat: dict[str, float | None]) -> list[tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", type=Path, default=Path("/work/bench-data/llama-1b"),
-                    help="family directory made by bench/make_family.py (holds src/, ft/, target/)")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="make the family with this many layers first if it is missing or different "
-                         "(e.g. 2 for a quick smoke run); without it the family must already exist")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="where contenders write their outputs (default: FAMILY/_out); emptied between runs")
-    ap.add_argument("--only", default=",".join(CONTENDERS),
-                    help=f"comma-separated contenders to run (default all: {','.join(CONTENDERS)})")
-    ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT,
-                    help="mergekit-yaml executable (default: bench/.venv-mergekit/bin/mergekit-yaml)")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per contender; the table shows the best wall time and the worst memory")
+    ap.add_argument(
+        "--family",
+        type=Path,
+        default=Path("/work/bench-data/llama-1b"),
+        help="family directory made by bench/make_family.py (holds src/, ft/, target/)",
+    )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="make the family with this many layers first if it is missing or different "
+        "(e.g. 2 for a quick smoke run); without it the family must already exist",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where contenders write their outputs (default: FAMILY/_out); emptied between runs",
+    )
+    ap.add_argument(
+        "--only",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated contenders to run (default all: {','.join(CONTENDERS)})",
+    )
+    ap.add_argument(
+        "--mergekit",
+        type=Path,
+        default=DEFAULT_MERGEKIT,
+        help="mergekit-yaml executable (default: bench/.venv-mergekit/bin/mergekit-yaml)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per contender; the table shows the best wall time and the worst memory",
+    )
+    ap.add_argument(
+        "--repeat-floor",
+        type=int,
+        default=3,
+        help="runs of the cheap floors (cat, cat-extract, import-torch), at least --repeat (default 3)",
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per contender")
-    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="set an environment variable for every contender (repeatable), e.g. OMP_NUM_THREADS=1")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an environment variable for every contender (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -389,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     src, ft, target = fam / "src", fam / "ft", fam / "target"
     for p in (src, ft, target):
         if not (p / "model.safetensors.index.json").is_file() and not (p / "model.safetensors").is_file():
-            ap.error(f"{p} is not a checkpoint; make the family first: "
-                     f"python bench/make_family.py --out {fam}")
+            ap.error(f"{p} is not a checkpoint; make the family first: python bench/make_family.py --out {fam}")
     work = args.work or fam / "_out"
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -398,21 +471,30 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = {k: shard_files(p) for k, p in (("src", src), ("ft", ft), ("target", target))}
     in_bytes = sum(f.stat().st_size for fs in inputs.values() for f in fs)
-    n_params = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2 \
-        if (src / "model.safetensors.index.json").is_file() else None
+    n_params = (
+        json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
+        if (src / "model.safetensors.index.json").is_file()
+        else None
+    )
     cfg = json.loads((src / "config.json").read_text())
     load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-          + ("  (WARNING: other work is running; wall times will be inflated)" if load[0] > 0.5 else ""))
+    print(
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        + ("  (WARNING: other work is running; wall times will be inflated)" if load[0] > 0.5 else "")
+    )
     if extra_env:
         print("environment for every contender: " + " ".join(f"{k}={v}" for k, v in extra_env.items()))
-    print(f"family {fam}: {cfg.get('num_hidden_layers')} layers, "
-          f"{'' if n_params is None else f'{n_params / 1e9:.3f}B params, '}"
-          f"{in_bytes / 1e9:.2f} GB of port inputs (src+ft+target); {os.cpu_count()} CPUs; "
-          f"python {platform.python_version()}")
+    print(
+        f"family {fam}: {cfg.get('num_hidden_layers')} layers, "
+        f"{'' if n_params is None else f'{n_params / 1e9:.3f}B params, '}"
+        f"{in_bytes / 1e9:.2f} GB of port inputs (src+ft+target); {os.cpu_count()} CPUs; "
+        f"python {platform.python_version()}"
+    )
     warm = warm_cache([f for fs in inputs.values() for f in fs])
-    print(f"page cache warmed: cat of every input shard once took {warm:.2f} s "
-          f"({in_bytes / MIB / warm:.0f} MiB/s); all contenders below read from a warm cache")
+    print(
+        f"page cache warmed: cat of every input shard once took {warm:.2f} s "
+        f"({in_bytes / MIB / warm:.0f} MiB/s); all contenders below read from a warm cache"
+    )
 
     names = check_names(src)
     ref = port_reference(src, ft, target, names)
@@ -430,33 +512,82 @@ def main(argv: list[str] | None = None) -> int:
             cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
             return cmd, f"floor: read {'+'.join(kinds)} once", None, False
         if name == "import-torch":
-            return ([py, "-c", "import torch, safetensors.torch"],
-                    "startup floor of any python+torch contender (no data)", None, False)
+            return (
+                [py, "-c", "import torch, safetensors.torch"],
+                "startup floor of any python+torch contender (no data)",
+                None,
+                False,
+            )
         if name == "torch":
-            return ([py, str(HERE / "baseline_torch.py"), "--src", str(src), "--ft", str(ft), "--target",
-                     str(target), "--out", out], "per-shard load_file, fp32 math, save_file",
-                    lambda o: port_diff(o, ref), True)
+            return (
+                [
+                    py,
+                    str(HERE / "baseline_torch.py"),
+                    "--src",
+                    str(src),
+                    "--ft",
+                    str(ft),
+                    "--target",
+                    str(target),
+                    "--out",
+                    out,
+                ],
+                "per-shard load_file, fp32 math, save_file",
+                lambda o: port_diff(o, ref),
+                True,
+            )
         if name == "mergekit":
             why = mergekit_available(args.mergekit)
             if why is not None:
                 return None, why, None, False
             conf = work / "mergekit.yml"
             conf.write_text(mergekit_config(src, ft, target))
-            return ([str(args.mergekit), str(conf), out, "--lazy-unpickle", "--no-cuda",
-                     "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "500M", "--quiet"],
-                    "task_arithmetic, base src, ft & target at weight 1, fp32 compute",
-                    lambda o: port_diff(o, ref), True)
+            return (
+                [
+                    str(args.mergekit),
+                    str(conf),
+                    out,
+                    "--lazy-unpickle",
+                    "--no-cuda",
+                    "--no-copy-tokenizer",
+                    "--no-write-model-card",
+                    "--out-shard-size",
+                    "500M",
+                    "--quiet",
+                ],
+                "task_arithmetic, base src, ft & target at weight 1, fp32 compute",
+                lambda o: port_diff(o, ref),
+                True,
+            )
         why = patchlab_available()
         if why is not None:
             return None, why, None, False
         if name == "patchlab-port":
-            return ([py, str(HERE / "_run_patchlab.py"), "port-fused", "--ft", str(ft), "--src", str(src),
-                     "--target", str(target), "--out", out], "port_fused(ft, src, target, out), device=cpu",
-                    lambda o: port_diff(o, ref), True)
+            return (
+                [
+                    py,
+                    str(HERE / "_run_patchlab.py"),
+                    "port-fused",
+                    "--ft",
+                    str(ft),
+                    "--src",
+                    str(src),
+                    "--target",
+                    str(target),
+                    "--out",
+                    out,
+                ],
+                "port_fused(ft, src, target, out), device=cpu",
+                lambda o: port_diff(o, ref),
+                True,
+            )
         assert name == "patchlab-extract", name
-        return ([py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft", str(ft),
-                 "--out", out], "extract(src, ft, out), device=cpu; max|diff| is dense ΔW vs ft - src",
-                lambda o: extract_diff(o, src, ft, names), True)
+        return (
+            [py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft", str(ft), "--out", out],
+            "extract(src, ft, out), device=cpu; max|diff| is dense ΔW vs ft - src",
+            lambda o: extract_diff(o, src, ft, names),
+            True,
+        )
 
     for name in (c for c in CONTENDERS if c in only):
         print(f"running {name} ...", flush=True)
@@ -467,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             continue
         runs: list[Result] = []
-        for i in range(args.repeat):
+        n_runs = max(args.repeat, args.repeat_floor) if name in FLOORS else args.repeat
+        for i in range(n_runs):
             out = work / name
             clear_output(out)
             r = measure(name, cmd, timeout=args.timeout, log=logs / f"{name}.{i + 1}.log", env=env)
@@ -480,17 +612,21 @@ def main(argv: list[str] | None = None) -> int:
             if writes:
                 clear_output(out)
             runs.append(r)
-            print(f"  {name} run {i + 1}: {r.status}, {r.wall_s:.2f} s (cpu {r.cpu_s:.2f} s), "
-                  f"peak anon {r.peak_anon_mib:.1f} MiB, peak RSS {r.peak_rss_mib:.1f} MiB, "
-                  f"load before {r.load_before:.2f}", flush=True)
+            print(
+                f"  {name} run {i + 1}: {r.status}, {r.wall_s:.2f} s (cpu {r.cpu_s:.2f} s), "
+                f"peak anon {r.peak_anon_mib:.1f} MiB, peak RSS {r.peak_rss_mib:.1f} MiB, "
+                f"load before {r.load_before:.2f}",
+                flush=True,
+            )
             if r.status != "ok":
                 break
         res = min(runs, key=lambda r: (r.status != "ok", r.wall_s))
         if len(runs) > 1:
             res.peak_anon_mib = max(r.peak_anon_mib or 0.0 for r in runs)
             res.peak_rss_mib = max(r.peak_rss_mib or 0.0 for r in runs)
-            res.note = f"best wall of {len(runs)} ({', '.join(f'{r.wall_s:.2f}' for r in runs)}), " \
-                       f"worst memory; " + res.note
+            res.note = (
+                f"best wall of {len(runs)} ({', '.join(f'{r.wall_s:.2f}' for r in runs)}), worst memory; " + res.note
+            )
         results.append(res)
 
     by = {r.name: r for r in results}
@@ -509,18 +645,34 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"\nWARNING: port outputs differ from the fp32 reference: {', '.join(bad)}")
     elif ports:
-        print(f"\noutputs agree: {', '.join(r.name for r in ports)} equal the harness's fp32 reference bit for bit "
-              f"on {len(names)} tensors (max |diff| 0), so they equal each other there")
+        print(
+            f"\noutputs agree: {', '.join(r.name for r in ports)} equal the harness's fp32 reference bit for bit "
+            f"on {len(names)} tensors (max |diff| 0), so they equal each other there"
+        )
 
     if args.json:
-        args.json.write_text(json.dumps({
-            "family": str(fam), "layers": cfg.get("num_hidden_layers"), "params": n_params,
-            "input_bytes": in_bytes, "cpus": os.cpu_count(), "warm_cache_s": warm, "loadavg_start": load,
-            "env": extra_env,
-            "repeat": args.repeat,
-            "checked_tensors": names, "results": [asdict(r) for r in results], "ratios": rat,
-            "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "family": str(fam),
+                    "layers": cfg.get("num_hidden_layers"),
+                    "params": n_params,
+                    "input_bytes": in_bytes,
+                    "cpus": os.cpu_count(),
+                    "warm_cache_s": warm,
+                    "loadavg_start": load,
+                    "env": extra_env,
+                    "repeat": args.repeat,
+                    "repeat_floor": args.repeat_floor,
+                    "checked_tensors": names,
+                    "results": [asdict(r) for r in results],
+                    "ratios": rat,
+                    "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in verdicts],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"\nfigures written to {args.json}")
     return 1 if any(r.status == "failed" for r in results) else 0
 

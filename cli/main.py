@@ -163,9 +163,10 @@ def init(registry: RegistryOpt = None, json_out: JsonOpt = False) -> None:
 @base_app.command("add")
 @handled
 def base_add(
-    family: Annotated[str, typer.Argument(help="Model family, e.g. llama.")],
-    version: Annotated[str, typer.Argument(help="Version label, e.g. v2 or 3.1.")],
-    source: Annotated[str, typer.Argument(help="Local model directory, or a Hub repo id with --revision.")],
+    ref: Annotated[str, typer.Argument(help="FAMILY@VERSION (e.g. llama@v2), or FAMILY followed by VERSION.")],
+    args: Annotated[
+        list[str], typer.Argument(help="SOURCE (a local model directory, or a Hub repo id with --revision).")
+    ],
     revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag) for a repo id.")] = None,
     release_order: Annotated[
         int | None, typer.Option(help="Position in the family's releases (default: after the newest).")
@@ -174,6 +175,13 @@ def base_add(
     json_out: JsonOpt = False,
 ) -> None:
     """Record a base version by location and fingerprint (weights are never copied)."""
+    if "@" in ref and len(args) == 1:
+        family, version = ref.split("@", 1)
+        source = args[0]
+    elif "@" not in ref and len(args) == 2:
+        family, (version, source) = ref, args
+    else:
+        _fail("usage: patchlab base add FAMILY@VERSION SOURCE  (or FAMILY VERSION SOURCE)", 2)
     with _open(registry) as reg:
         b = reg.add_base(family, version, source, revision=revision, release_order=release_order)
     if json_out:
@@ -387,6 +395,12 @@ def log(
         node = reg.lineage(ref)
     if json_out:
         return _print_json(node.to_dict())
+    _out().print(_lineage_tree(node))
+    return None
+
+
+def _lineage_tree(node: Any) -> Tree:
+    """A rich tree of a patch and, below it, what it was ported or merged from."""
 
     def label(n) -> str:
         rel = f"[dim]{n.relation} of[/] " if n.relation else ""
@@ -398,8 +412,7 @@ def log(
 
     tree = Tree(label(node))
     grow(tree, node)
-    _out().print(tree)
-    return None
+    return tree
 
 
 @app.command()
@@ -887,9 +900,17 @@ def port(
     )
 
 
+from cli.compat import register as _register_compat  # noqa: E402
+from cli.demo import register as _register_demo  # noqa: E402
 from cli.lowrank import register as _register_lowrank  # noqa: E402
 
 _register_lowrank(app)
+_register_demo(app)
+_register_compat(app)
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    # Run the app of the importable module, not of __main__: command modules (compat, lowrank, demo)
+    # import cli.main, and a second copy would leave the global options (-R, -v) on the wrong STATE.
+    from cli.main import app as _app
+
+    _app()

@@ -243,6 +243,14 @@ class Checkpoint:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         return self._files[self.weight_map[name]].tensor(name)
 
+    def rows(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
+        """Rows ``[start_row, end_row)`` of one tensor (all of a 0-d tensor), zero-copy: do not modify."""
+        f = self._files[self.weight_map[name]]
+        if isinstance(f, MappedFile):
+            return f.rows(name, start_row, end_row)
+        t = f.tensor(name)
+        return t[start_row:end_row] if t.dim() else t
+
     def advise(self, name: str, start_row: int, end_row: int) -> None:
         self._files[self.weight_map[name]].advise(name, start_row, end_row)
 

@@ -3,8 +3,9 @@
 ``compatibility_report(patch, target, tasks=..., prompts=...)``:
 
 1. weight-space diagnostics of the patch against the target (:func:`patchlab.diagnostics.diagnose`);
-2. with tasks: evaluates the old fine-tune (``old_model``, else the patch re-applied to its own base) and
-   the ported model (``ported``, else ``port(patch, target)``), then negative flips old -> new;
+2. with tasks: evaluates the old fine-tune (``old_model``, else the patch re-applied to its own base), the
+   new base alone (unless ``evaluate_target=False``) and the ported model (``ported``, else
+   ``port(patch, target)``), then negative flips old fine-tune -> ported;
 3. with prompts: TuCo of the ported model against the target base;
 4. assembles the report dict (:func:`patchlab.report.build_report`).
 
@@ -40,6 +41,7 @@ def compatibility_report(
     alpha: float = 1.0,
     vocab_policy: str | None = None,
     allow_missing: bool = False,
+    evaluate_target: bool = True,
     intruders: bool = True,
     batch_size: int = 8,
     max_new_tokens: int = 32,
@@ -47,16 +49,18 @@ def compatibility_report(
     work_dir: str | Path | None = None,
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Diagnostics, evaluation, flips and TuCo of porting ``patch`` onto ``target``, as a report dict."""
+    """Plan, diagnostics, evaluation, flips and TuCo of porting ``patch`` onto ``target``, as a report dict."""
     p = Patch.open(patch)
     tgt = Checkpoint.open(target)
     diag = diagnose(p, tgt, source_base=source_base, intruders=intruders, device=device)
+    plan = None
     flips = None
     evaluations = None
     tuco_report = None
     notes: list[str] = []
     need_ported = bool(tasks) or bool(prompts)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="patchlab-compat-") as tmp:
+        plan = _port_plan(p, tgt, Path(tmp) / "plan", alpha, vocab_policy, notes)
         if need_ported and ported is None:
             import patchlab
 
@@ -80,7 +84,10 @@ def compatibility_report(
             kw = {"batch_size": batch_size, "device": device, "max_new_tokens": max_new_tokens}
             old = evaluate(old_path, list(tasks), model_name=f"old: {old_model or 'base_s + Δ'}", **kw)
             new = evaluate(ported_path, list(tasks), model_name=f"ported: {ported or 'base_t + α·Δ'}", **kw)
-            evaluations = {"old fine-tune": old, "ported": new}
+            evaluations = {"old fine-tune": old}
+            if evaluate_target:  # what the port adds over the new base alone
+                evaluations["new base"] = evaluate(tgt.path, list(tasks), model_name=f"new base: {tgt.path}", **kw)
+            evaluations["ported"] = new
             flips = compare(old.flip_records(), new.flip_records(), allow_missing=allow_missing)
         if prompts:
             from patchlab.tuco import TuCo
@@ -98,6 +105,25 @@ def compatibility_report(
         flips=flips,
         evaluations=evaluations,
         tuco=tuco_report,
+        plan=plan,
         notes=notes,
         meta={"patch": str(p.path), "source base": diag.source, "target": str(tgt.path), "alpha": alpha},
     )
+
+
+def _port_plan(
+    p: Patch, tgt: Checkpoint, out: Path, alpha: float, vocab_policy: str | None, notes: list[str]
+) -> dict[str, Any] | None:
+    """The port's plan summary (a dry run: nothing written); a port that would be refused becomes a note."""
+    import patchlab
+    from patchlab.errors import PatchlabError
+
+    try:
+        plan = patchlab.port(p, tgt, out, alpha=alpha, vocab_policy=vocab_policy, dry_run=True)
+    except PatchlabError as exc:
+        notes.append(f"the port itself would be refused: {exc}")
+        return None
+    summary = plan.summary()
+    if plan.warnings:
+        summary["warnings"] = list(plan.warnings)
+    return summary

@@ -8,6 +8,7 @@ import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 from safetensors.torch import save_file
@@ -181,7 +182,7 @@ def _extract_job(
             s.name,
             s.shape,
             ft_t.dtype,
-            lambda r0, r1: (_rows(ft_t, r0, r1),),
+            lambda r0, r1: (ft.rows(s.name, r0, r1),),
             lambda x, r0, r1: x[0],
             advise=lambda r0, r1: ft.advise(s.name, r0, r1),
         )
@@ -203,13 +204,13 @@ def _extract_job(
     entries[s.name] = entry
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        f = _rows(ft_t, r0, r1).to(dev)
+        f = ft.rows(s.name, r0, r1).to(dev)
         if bmap is not None:
             b = gather_rows(base_t, bmap[r0:r1]).to(dev)
         elif s.shape and r1 > base_t.shape[0]:  # truncate never reads past the base; pad rows are zero
             b = gather_rows(base_t, identity(r1, base_t.shape[0])[r0:r1]).to(dev)
         else:
-            b = _rows(base_t, r0, r1).to(dev)
+            b = base.rows(s.name, r0, r1).to(dev)
         return f, b
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -268,66 +269,31 @@ def _totals(entries: Mapping[str, dict], fixups: Mapping[str, torch.Tensor]) -> 
 # ---------------------------------------------------------------------------------------------------
 # apply / port
 # ---------------------------------------------------------------------------------------------------
+class ApplyOptions(TypedDict, total=False):
+    """Options shared by apply, port and port_fused."""
+
+    alpha: float  # global scale of Δ (default 1.0)
+    alpha_by_pattern: Sequence[tuple[str, float]] | Mapping[str, float] | None  # glob → α, first match wins
+    vocab_policy: str | None  # pad-zero | truncate | by-token | skip-embeddings
+    device: str  # auto | cpu | cuda
+    overwrite: bool
+    force: bool  # accept a plan that skips more than 1% of the patch's parameters
+    dry_run: bool  # return the Plan; write nothing
+    progress: Progress | None  # called with the bytes written
+
+
 def apply(
-    patch: str | Path | Patch,
-    target: str | Path | Checkpoint,
-    out: str | Path,
-    *,
-    alpha: float = 1.0,
-    alpha_by_pattern: Sequence[tuple[str, float]] | Mapping[str, float] | None = None,
-    vocab_policy: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    progress: Progress | None = None,
+    patch: str | Path | Patch, target: str | Path | Checkpoint, out: str | Path, **options: Unpack[ApplyOptions]
 ) -> Checkpoint | Plan:
     """Write ``target + α·Δ`` as a complete model directory at ``out`` (the patch's own base, usually)."""
-    return _apply_source(
-        PatchDelta(Patch.open(patch)),
-        Checkpoint.open(target),
-        out,
-        "apply",
-        alpha,
-        alpha_by_pattern,
-        vocab_policy,
-        device,
-        overwrite,
-        force,
-        dry_run,
-        progress,
-    )
+    return _apply_source(PatchDelta(Patch.open(patch)), Checkpoint.open(target), out, "apply", **options)
 
 
 def port(
-    patch: str | Path | Patch,
-    target: str | Path | Checkpoint,
-    out: str | Path,
-    *,
-    alpha: float = 1.0,
-    alpha_by_pattern: Sequence[tuple[str, float]] | Mapping[str, float] | None = None,
-    vocab_policy: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    progress: Progress | None = None,
+    patch: str | Path | Patch, target: str | Path | Checkpoint, out: str | Path, **options: Unpack[ApplyOptions]
 ) -> Checkpoint | Plan:
     """Fine-tuning transfer: apply a patch made on one base version onto another (``base_t + α·Δ_s``)."""
-    return _apply_source(
-        PatchDelta(Patch.open(patch)),
-        Checkpoint.open(target),
-        out,
-        "port",
-        alpha,
-        alpha_by_pattern,
-        vocab_policy,
-        device,
-        overwrite,
-        force,
-        dry_run,
-        progress,
-    )
+    return _apply_source(PatchDelta(Patch.open(patch)), Checkpoint.open(target), out, "port", **options)
 
 
 def port_fused(
@@ -335,33 +301,12 @@ def port_fused(
     source_base: str | Path | Checkpoint,
     target: str | Path | Checkpoint,
     out: str | Path,
-    *,
-    alpha: float = 1.0,
-    alpha_by_pattern: Sequence[tuple[str, float]] | Mapping[str, float] | None = None,
-    vocab_policy: str | None = None,
-    device: str = "auto",
-    overwrite: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    progress: Progress | None = None,
+    **options: Unpack[ApplyOptions],
 ) -> Checkpoint | Plan:
     """``target + α·(ft − source_base)`` in one streaming pass over three checkpoints; Δ is never written."""
     ft, src = Checkpoint.open(finetuned), Checkpoint.open(source_base)
-    pair = PairDelta(ft, src, plan_extract(src, ft, vocab_policy=vocab_policy))
-    return _apply_source(
-        pair,
-        Checkpoint.open(target),
-        out,
-        "port-fused",
-        alpha,
-        alpha_by_pattern,
-        vocab_policy,
-        device,
-        overwrite,
-        force,
-        dry_run,
-        progress,
-    )
+    pair = PairDelta(ft, src, plan_extract(src, ft, vocab_policy=options.get("vocab_policy")))
+    return _apply_source(pair, Checkpoint.open(target), out, "port-fused", **options)
 
 
 def plan_for(source: DeltaSource, target: Checkpoint, operation: str, **kw: object) -> Plan:
@@ -373,14 +318,15 @@ def _apply_source(
     target: Checkpoint,
     out: str | Path,
     operation: str,
-    alpha: float,
-    alpha_by_pattern,
-    vocab_policy,
-    device,
-    overwrite,
-    force,
-    dry_run,
-    progress,
+    *,
+    alpha: float = 1.0,
+    alpha_by_pattern: Sequence[tuple[str, float]] | Mapping[str, float] | None = None,
+    vocab_policy: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> Checkpoint | Plan:
     plan = plan_for(
         source,
@@ -419,7 +365,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             s.name,
             s.shape,
             dtype,
-            lambda r0, r1: (_rows(t, r0, r1),),
+            lambda r0, r1: (target.rows(s.name, r0, r1),),
             lambda x, r0, r1: x[0],
             advise=lambda r0, r1: target.advise(s.name, r0, r1),
         )
@@ -434,7 +380,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else _rows(t, r0, r1).to(dev)
+        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else target.rows(s.name, r0, r1).to(dev)
         return tr, source.rows(dname, r0, r1, dev, dmap)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:

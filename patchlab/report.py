@@ -84,7 +84,7 @@ def _num(x: Any, digits: int = 3) -> str:
     if isinstance(x, bool):
         return "yes" if x else "no"
     if isinstance(x, int):
-        return str(x)
+        return f"{x:,}" if abs(x) >= 10_000 else str(x)
     if isinstance(x, float):
         if math.isnan(x):
             return "–"
@@ -100,6 +100,15 @@ def _shape(s: Sequence[int] | None) -> str:
     return "–" if s is None else "×".join(str(d) for d in s) or "scalar"
 
 
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of a non-empty sequence, interpolated linearly (numpy's default method)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
 def _ids(ids: Sequence[str]) -> str:
     shown = ", ".join(str(i) for i in ids[:MAX_IDS])
     return shown + (f" … (+{len(ids) - MAX_IDS})" if len(ids) > MAX_IDS else "") if ids else "–"
@@ -108,6 +117,9 @@ def _ids(ids: Sequence[str]) -> str:
 def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(heading, header, rows, caption) of every table, in order; shared by Markdown and HTML."""
     out: list[tuple[str, list[str], list[list[str]], str]] = []
+    p = report.get("plan")
+    if p:
+        out.append(_plan_table(p))
     d = report.get("diagnostics")
     if d:
         o = d["overall"]
@@ -236,16 +248,30 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
         vals = [r["tuco"] for r in res]
         rows = [[r["id"], _num(r["tuco"]), _num(r["ptc_l1"]), _num(r["ftc_l1"]), _num(r["n_tokens"])] for r in res]
         cap = (
-            f"mean {_num(sum(vals) / len(vals))}, min {_num(min(vals))}, max {_num(max(vals))} over {len(vals)} prompts"
+            f"mean {_num(sum(vals) / len(vals))}, min {_num(min(vals))}, p10 {_num(quantile(vals, 0.1))}, "
+            f"median {_num(quantile(vals, 0.5))}, p90 {_num(quantile(vals, 0.9))}, max {_num(max(vals))} "
+            f"over {len(vals)} prompts"
             if vals
             else "no prompts"
         )
         out.append(("TuCo per prompt", ["prompt", "TuCo", "‖ΣPTC‖₁", "‖ΣFTC‖₁", "tokens"], rows[:MAX_ROWS], cap))
-    p = report.get("plan")
-    if p:
-        rows = [[str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else _num(v)] for k, v in p.items()]
-        out.append(("Plan", ["item", "value"], rows, ""))
     return out
+
+
+def _plan_table(p: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]], str]:
+    """The port's plan summary (``Plan.summary()``): tensors and parameters per action, then the rest."""
+    tensors, params = p.get("tensors"), p.get("parameters")
+    if isinstance(tensors, Mapping) and isinstance(params, Mapping):
+        rows = [[str(a), _num(n), _num(params.get(a))] for a, n in tensors.items()]
+        extra = []
+        if p.get("unused_tensors"):
+            extra.append(f"{p['unused_tensors']} patch tensors unused ({_num(p.get('unused_parameters'))} parameters)")
+        if p.get("vocab_policies"):
+            extra.append("vocabulary rows: " + ", ".join(map(str, p["vocab_policies"])))
+        extra += [f"warning: {w}" for w in p.get("warnings") or ()]
+        return "Port plan", ["action", "tensors", "parameters"], rows, "; ".join(extra) or "every patch tensor is used"
+    rows = [[str(k), json.dumps(v, default=str) if isinstance(v, (dict, list)) else _num(v)] for k, v in p.items()]
+    return "Port plan", ["item", "value"], rows, ""
 
 
 # ---- Markdown ---------------------------------------------------------------------------------------
@@ -311,7 +337,7 @@ def hbar_svg(
     marks: Mapping[str, float] | None = None,
 ) -> str:
     """Horizontal grouped bar chart as an inline SVG string (no external references); ``marks`` draws
-    labelled dashed vertical lines (thresholds)."""
+    labelled dashed vertical lines (thresholds, or the end of a bounded scale)."""
     names = list(series)
     palette = list(colors or _COLORS)
     values = [[(v if v is not None and math.isfinite(v) else 0.0) for v in series[n]] for n in names]
@@ -386,7 +412,10 @@ def _charts(report: Mapping[str, Any]) -> dict[str, str]:
     if tc and tc.get("results"):
         res = tc["results"][:MAX_ROWS]
         charts["TuCo per prompt"] = hbar_svg(
-            [r["id"] for r in res], {"TuCo": [r["tuco"] for r in res]}, title="TuCo per prompt"
+            [r["id"] for r in res],
+            {"TuCo": [r["tuco"] for r in res]},
+            title="TuCo per prompt (share of the last state due to fine-tuning, 0 to 1)",
+            marks={"1": 1.0},
         )
     return charts
 

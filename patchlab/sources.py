@@ -120,7 +120,7 @@ class PairDelta:
             base_rows[valid] = bmap[base_rows[valid]]
         base_rows[base_rows >= base_t.shape[0]] = -1
         if index is None and bmap is None and r1 <= min(ft_t.shape[0], base_t.shape[0]):
-            return diff(ft_t[r0:r1].to(device), base_t[r0:r1].to(device))
+            return diff(self.ft.rows(name, r0, r1).to(device), self.base.rows(name, r0, r1).to(device))
         return gather_rows(ft_t, ft_rows).to(device).sub_(gather_rows(base_t, base_rows).to(device))
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:

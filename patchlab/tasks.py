@@ -149,6 +149,41 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
     )
 
 
+def load_prompts(path: str | Path) -> tuple[list[str], list[str]]:
+    """Prompts for TuCo, as ``(ids, prompts)``: a ``.jsonl``/``.json`` file of objects with ``"prompt"``
+    (and optionally ``"id"``; task files qualify), or any other file as plain text, one prompt per line
+    (ids are line numbers). Blank lines are skipped; the file must hold at least one prompt."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskFormatError(f"{p}: prompts file not found")
+    ids: list[str] = []
+    prompts: list[str] = []
+    jsonl = p.suffix in (".jsonl", ".json")
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if not jsonl:
+                ids.append(str(n))
+                prompts.append(line.rstrip("\r\n"))
+                continue
+            where = f"{p} line {n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(where, f"not valid JSON ({e.msg}); use one object per line, or a .txt file") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
+                raise _fail(where, 'needs a non-empty "prompt" string, e.g. {"id": "p1", "prompt": "..."}')
+            ids.append(str(obj.get("id", n)))
+            prompts.append(obj["prompt"])
+    if not prompts:
+        raise TaskFormatError(f"{p}: no prompts; the file is empty")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise TaskFormatError(f"{p}: duplicate prompt id {dup!r}; ids must be unique")
+    return ids, prompts
+
+
 # ---- SQuAD-style answer normalisation and scores ---------------------------------------------------
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)

@@ -118,7 +118,8 @@ class SteeredLayer(nn.Module):
             if self.index == 0:
                 rec.x0 = rec.take(x)
             rec.ptc.append(rec.take(ptc))
-            rec.ftc.append(rec.take(ftc))
+            # the steered model's fine-tuning component is α·FTC (α = 1: the fine-tune's own)
+            rec.ftc.append(rec.take(ftc if self.alpha == 1.0 else self.alpha * ftc))
         out = ft_out if self.alpha == 1.0 else (x + ptc + self.alpha * ftc).to(hidden_states.dtype)
         if rec is not None and self.is_last:
             rec.xL = rec.take(out.float())
@@ -305,9 +306,15 @@ class TuCo:
 
     @torch.no_grad()
     def decompose(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, full: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        full: bool = False,
+        alpha: float = 1.0,
     ) -> Decomposition:
-        """PTC/FTC of every layer on the fine-tuned trajectory (α = 1) for one right-padded batch."""
+        """PTC/FTC of every layer on the fine-tuned trajectory for one right-padded batch; with α ≠ 1, on
+        the α-steered trajectory ``x + PTC + α·FTC``, whose fine-tuning component is α·FTC."""
         dev = next(self.model.parameters()).device
         input_ids = input_ids.to(dev)
         if attention_mask is None:
@@ -316,7 +323,7 @@ class TuCo:
         last = last_positions(attention_mask)
         rec = _Recorder(last, full)
         old = self.layers[0].alpha
-        self.set_alpha(1.0)
+        self.set_alpha(alpha)
         for s in self.layers:
             s.recorder = rec
         try:
@@ -345,10 +352,16 @@ class TuCo:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def measure(
-        self, prompts: Sequence[str], *, ids: Sequence[str] | None = None, batch_size: int = 8, chat: bool = False
+        self,
+        prompts: Sequence[str],
+        *,
+        ids: Sequence[str] | None = None,
+        batch_size: int = 8,
+        chat: bool = False,
+        alpha: float = 1.0,
     ) -> TuCoReport:
         """TuCo of each prompt (tokenised with the fine-tune's tokenizer, right-padded batches); ``chat``
-        applies the chat template first (see :meth:`encode`)."""
+        applies the chat template first (see :meth:`encode`); ``alpha`` measures the α-steered model."""
         if ids is not None and len(ids) != len(prompts):
             raise PatchlabError(f"{len(ids)} ids for {len(prompts)} prompts")
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(prompts))]
@@ -373,7 +386,7 @@ class TuCo:
             for r, e in enumerate(enc):
                 inp[r, : len(e)] = torch.tensor(e)
                 mask[r, : len(e)] = 1
-            d = self.decompose(inp, mask)
+            d = self.decompose(inp, mask, alpha=alpha)
             p_sum, f_sum = d.ptc.sum(0), d.ftc.sum(0)
             values = tuco_value(p_sum, f_sum)
             per_layer = cumulative_tuco(d.ptc, d.ftc)
@@ -394,6 +407,7 @@ class TuCo:
             results=out,
             settings={
                 "chat_template": chat,
+                "alpha": float(alpha),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "norm": "L1",
                 "token": "last non-pad",

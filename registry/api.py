@@ -1302,8 +1302,6 @@ class Registry:
     def eval_result(self, target: str, *, kind: str | None = None, tasks: Iterable[str] | None = None) -> Any:
         """The newest stored evaluation of each task (dataset) of ``target``, as a
         ``patchlab.results.EvalResult`` ready for ``patchlab.flips.compare``."""
-        from patchlab.results import EvalResult, InstanceResult, TaskSummary
-
         wanted = set(tasks) if tasks is not None else None
         newest: dict[str, EvaluationInfo] = {}
         for e in self.list_evaluations(target, kind=kind):
@@ -1315,9 +1313,34 @@ class Registry:
                 + (f" of {', '.join(sorted(wanted))}" if wanted else "")
                 + "; record one with Registry.record_eval_result"
             )
-        instances, summaries, settings, model = [], {}, {}, target
-        for task, e in newest.items():
-            full = self.get_evaluation(e.id)
+        return self._eval_results([self.get_evaluation(e.id) for e in newest.values()], target)
+
+    def evaluations_result(self, evaluation_ids: Iterable[int]) -> Any:
+        """Stored evaluations picked by id (``patchlab evals ls``), merged into one
+        ``patchlab.results.EvalResult`` ready for ``patchlab.flips.compare``."""
+        ids = list(evaluation_ids)
+        if not ids:
+            raise InvalidReferenceError("no evaluation ids given; list them with `patchlab evals ls`")
+        fulls = [self.get_evaluation(int(i)) for i in ids]
+        seen: dict[str, int] = {}
+        for e in fulls:
+            if e.dataset in seen:
+                raise InvalidReferenceError(
+                    f"evaluations {seen[e.dataset]} and {e.id} are both of task {e.dataset!r}; pick one per task"
+                )
+            seen[e.dataset] = e.id
+        return self._eval_results(fulls, fulls[0].target)
+
+    @staticmethod
+    def _eval_results(fulls: Sequence[EvaluationInfo], model: str) -> Any:
+        """Per-task stored evaluations (with their results) as one ``EvalResult``."""
+        from patchlab.results import EvalResult, InstanceResult, TaskSummary
+
+        instances: list[Any] = []
+        summaries: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
+        for full in fulls:
+            task = full.dataset
             model, settings = full.model, full.settings or settings
             for r in full.results:
                 instances.append(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add OpenMP spin, most of all on a shared 2-core machine
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,8 @@ def test_full_report(setup, tmp_path):
     )
     assert rep["diagnostics"]["verdict"]["level"] in ("safe to port", "port with care", "do not port")
     assert rep["flips"]["groups"]["task"]["n"] == 4
-    assert set(rep["evaluations"]) == {"old fine-tune", "ported"}
+    assert list(rep["evaluations"]) == ["old fine-tune", "new base", "ported"]
+    assert rep["plan"]["tensors"]  # the port's plan summary (dry run)
     assert [r["id"] for r in rep["tuco"]["results"]] == ["0", "1"]
     assert all(0.0 <= r["tuco"] <= 1.0 for r in rep["tuco"]["results"])
     assert list(tmp_path.iterdir()) == []  # the temporary models are gone

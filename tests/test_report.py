@@ -80,7 +80,7 @@ def test_markdown_has_verdict_tables_and_values(report):
     row = next(line for line in md.splitlines() if line.startswith("| mc |"))
     assert "| 6 |" in row and "16.7%" in row and "33.3%" in row and "0.667" in row
     assert "| gen | 4 | 50.0% | 25.0% | 0.7 | 0.5 |" in md  # MUSCLE: PFR, NFR, m_g, m_r
-    assert "mean 0.375, min 0.25, max 0.5 over 2 prompts" in md
+    assert "mean 0.375, min 0.25, p10 0.275, median 0.375, p90 0.475, max 0.5 over 2 prompts" in md
     assert "&lt;b&gt;task&lt;/b&gt;" in md and "<b>" not in md  # no raw HTML leaks into Markdown
 
 
@@ -109,3 +109,14 @@ def test_bad_inputs():
         build_report(flips=object())
     empty = render(build_report(), "md")
     assert empty.startswith("# patchlab compatibility report")
+
+
+def test_quantile_matches_numpy():
+    import numpy as np
+
+    from patchlab.report import quantile
+
+    v = [0.3, 0.1, 0.7, 0.2, 0.9, 0.45]
+    for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        assert quantile(v, q) == pytest.approx(float(np.quantile(v, q)))
+    assert quantile([0.4], 0.9) == 0.4

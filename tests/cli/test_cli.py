@@ -33,7 +33,7 @@ def family(tmp_path, run):
     for i, n in enumerate(["v1", "v2", "ft"]):
         make_base(tmp_path / n, i)
     run("base", "add", "tiny", "v1", str(tmp_path / "v1"))
-    run("base", "add", "tiny", "v2", str(tmp_path / "v2"))
+    run("base", "add", "tiny@v2", str(tmp_path / "v2"))  # the FAMILY@VERSION form
     return tmp_path
 
 
@@ -160,3 +160,8 @@ def test_evals_add_ls_show(family, run):
     assert "q2" in run("evals", "show", str(added[0]["id"])).stdout
     r = run("evals", "add", "tiny@v1", str(tmp / "missing.json"), code=1)
     assert "not a readable patchlab evaluation" in r.stderr
+
+
+def test_base_add_with_wrong_arity_is_a_usage_error(run, tmp_path):
+    r = run("base", "add", "tiny@v1", "a", "b", code=2)
+    assert "FAMILY@VERSION SOURCE" in r.output
