@@ -26,7 +26,8 @@ import torch
 from .errors import DeviceError, OutputExistsError
 from .safetensors_io import StreamingWriter, TensorSpec
 
-CHUNK_ELEMS = 1 << 20  # 1M elements: 4 MiB per fp32 operand, near cache-sized
+CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
+READERS = 2  # loader threads: loading (mapping + conversion to fp32) is most of the work
 _STOP, _ABORT = object(), object()
 Inputs = tuple[torch.Tensor, ...]
 
@@ -195,8 +196,8 @@ def run(
     writer = _Writer(out_dir, shards, progress) if out_dir is not None else None
     if writer:
         writer.start()
-    ahead = 2
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchlab-reader")
+    ahead = READERS + 1
+    reader = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="patchlab-reader")
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)

@@ -380,7 +380,8 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else target.rows(s.name, r0, r1).to(dev)
+        # converted to fp32 here, on a loader thread, so the compute thread only adds and casts
+        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else target.rows(s.name, r0, r1).to(dev).float()
         return tr, source.rows(dname, r0, r1, dev, dmap)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
