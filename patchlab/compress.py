@@ -15,7 +15,6 @@ as large as the dense delta) stay dense, as do embeddings unless ``embeddings="e
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import shutil
@@ -26,14 +25,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
 from . import lowrank as lr
 from . import sparse as sp
 from .checkpoint import Checkpoint, is_vocab_tensor
 from .engine import _chunks, atomic_output, check_output, resolve_device
 from .errors import NonFiniteDeltaError, PlanError
 from .kernels import DeltaStats
-from .patch import FINETUNE_DIR, FIXUPS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, Patch
+from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header
 
 DEFAULT_SHARD_BYTES = 512 << 20  # queued tensors are held in memory until their shard is written
 CHUNK = 1 << 22  # elements per row chunk while computing one Δ
@@ -244,8 +242,9 @@ class _FastStats:
             self.ref_sumsq += float(torch.linalg.vector_norm(ref.float())) ** 2
 
     def result(self) -> dict[str, float]:
-        st = DeltaStats(numel=self.numel, sumsq=self.sumsq, ref_sumsq=self.ref_sumsq, max_abs=self.max_abs,
-                        changed=self.changed)
+        st = DeltaStats(
+            numel=self.numel, sumsq=self.sumsq, ref_sumsq=self.ref_sumsq, max_abs=self.max_abs, changed=self.changed
+        )
         return st.result()
 
 
@@ -380,20 +379,12 @@ def _totals(entries: dict[str, dict], root: Path) -> dict:
 def _head(method: str, provenance: dict, enc: Encoding, store: torch.dtype, extra: dict | None = None) -> dict:
     prov = json.loads(json.dumps(provenance))
     params = dict(prov.get("parameters", {}))
-    params.update(
-        {"compression": enc.to_json(), "storage_dtype": str(store).removeprefix("torch."), "exact": False}
-    )
+    params.update({"compression": enc.to_json(), "storage_dtype": str(store).removeprefix("torch."), "exact": False})
     if extra:
         params.update(extra)
     prov["method"] = method
     prov["parameters"] = params
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "patchlab_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "provenance": prov,
-    }
+    return manifest_header(prov)
 
 
 def _store_dtype(storage_dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
@@ -429,9 +420,18 @@ def compress(
     (rank larger than every matrix, energy or density outside (0, 1], a budget below the minimum) are raised
     before anything is written.
     """
-    enc = Encoding(rank=rank, energy=energy, density=density, budget_bytes=budget_bytes, method=method,
-                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback, oversample=oversample,
-                   n_iter=n_iter)
+    enc = Encoding(
+        rank=rank,
+        energy=energy,
+        density=density,
+        budget_bytes=budget_bytes,
+        method=method,
+        seed=seed,
+        embeddings=embeddings,
+        dense_fallback=dense_fallback,
+        oversample=oversample,
+        n_iter=n_iter,
+    )
     src = Patch.open(patch)
     out = Path(out)
     check_output(out, overwrite)
@@ -445,8 +445,9 @@ def compress(
             for k in ("encoding", "scale", "rank", "energy", "rel_error", "density", "method", "nnz", "seed"):
                 meta.pop(k, None)
             fix = e.fixups() if e.fix and e.encoding == "dense" else None
-            items.append(_Item(e.name, meta, delta=(lambda e=e: e.dense(dev)), fix=fix,
-                               extra={"fix": e.fix} if fix else {}))
+            items.append(
+                _Item(e.name, meta, delta=(lambda e=e: e.dense(dev)), fix=fix, extra={"fix": e.fix} if fix else {})
+            )
         elif e.op == "set":
             meta["keys"] = dict(e.meta["keys"])
             items.append(_Item(e.name, meta, tensors=(lambda e=e: {e.meta["keys"]["value"]: e._t("value")})))
@@ -468,9 +469,7 @@ def _check_rank_fits(enc: Encoding, shapes: list[tuple[str, tuple[int, ...]]]) -
     if enc.rank is None:
         return
     mats = [
-        (n, s)
-        for n, s in shapes
-        if lr.worth_factoring(s) and not (enc.embeddings == "dense" and is_vocab_tensor(n))
+        (n, s) for n, s in shapes if lr.worth_factoring(s) and not (enc.embeddings == "dense" and is_vocab_tensor(n))
     ]
     if not mats:
         return
@@ -516,9 +515,18 @@ def extract_encoded(
     from .ops import _describe, _extract_job
     from .plan import plan_extract
 
-    enc = Encoding(rank=rank, energy=energy, density=density, budget_bytes=budget_bytes, method=method,
-                   seed=seed, embeddings=embeddings, dense_fallback=dense_fallback, oversample=oversample,
-                   n_iter=n_iter)
+    enc = Encoding(
+        rank=rank,
+        energy=energy,
+        density=density,
+        budget_bytes=budget_bytes,
+        method=method,
+        seed=seed,
+        embeddings=embeddings,
+        dense_fallback=dense_fallback,
+        oversample=oversample,
+        n_iter=n_iter,
+    )
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
     store = _store_dtype(storage_dtype, torch.float32)
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
@@ -591,18 +599,24 @@ def patch_size_report(patch: str | Path | Patch) -> dict:
         if e.op != "add":
             continue
         m = e.meta
-        rows.append({
-            "name": e.name,
-            "encoding": e.encoding,
-            "shape": list(e.shape),
-            "rank": m.get("rank"),
-            "density": m.get("density"),
-            "energy": m.get("energy", 1.0 if e.encoding == "dense" else None),
-            "rel_error": m.get("rel_error", 0.0 if e.encoding == "dense" else None),
-            "bytes": sum(_stored_bytes(p, m["file"], k) for k in m["keys"].values()),
-        })
-    return {"path": str(p.path), "tensors": rows, "bytes": sum(r["bytes"] for r in rows),
-            "totals": p.manifest.get("totals", {})}
+        rows.append(
+            {
+                "name": e.name,
+                "encoding": e.encoding,
+                "shape": list(e.shape),
+                "rank": m.get("rank"),
+                "density": m.get("density"),
+                "energy": m.get("energy", 1.0 if e.encoding == "dense" else None),
+                "rel_error": m.get("rel_error", 0.0 if e.encoding == "dense" else None),
+                "bytes": sum(_stored_bytes(p, m["file"], k) for k in m["keys"].values()),
+            }
+        )
+    return {
+        "path": str(p.path),
+        "tensors": rows,
+        "bytes": sum(r["bytes"] for r in rows),
+        "totals": p.manifest.get("totals", {}),
+    }
 
 
 def _stored_bytes(p: Patch, fname: str, key: str) -> int:

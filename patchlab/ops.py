@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import shutil
@@ -18,7 +17,7 @@ from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 from .engine import Job, Shard, atomic_output, check_output, resolve_device, run
 from .errors import NonFiniteDeltaError, PlanError
 from .kernels import DeltaStats, add_scaled, all_finite, bits, diff, gather_rows
-from .patch import FINETUNE_DIR, FIXUPS_FILE, FORMAT, FORMAT_VERSION, MANIFEST, Patch, tensor_digest
+from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
 from .vocab import identity
@@ -135,20 +134,18 @@ def extract(
         _copy_meta(ft_ck.path, tmp / FINETUNE_DIR)
         ordered = {s.name: entries[s.name] for s in plan.steps}
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "patchlab_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "provenance": {
-                "base": _describe(base_ck),
-                "finetuned": _describe(ft_ck),
-                "method": "extract",
-                "parameters": {
-                    "vocab_policy": vocab_policy,
-                    "storage_dtype": str(store).removeprefix("torch."),
-                    "exact": exact,
-                },
-            },
+            **manifest_header(
+                {
+                    "base": _describe(base_ck),
+                    "finetuned": _describe(ft_ck),
+                    "method": "extract",
+                    "parameters": {
+                        "vocab_policy": vocab_policy,
+                        "storage_dtype": str(store).removeprefix("torch."),
+                        "exact": exact,
+                    },
+                }
+            ),
             "totals": _totals(ordered, fixups),
             "unused": [{"name": n, "reason": r, "parameters": p} for n, r, p in plan.unused],
             "tensors": ordered,

@@ -20,6 +20,7 @@ tensor; ``apply`` with α = 1 onto that same base tensor writes them back, which
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import math
@@ -39,6 +40,19 @@ FINETUNE_DIR = "finetune"
 FIXUPS_FILE = "fixups.safetensors"
 ENCODINGS = ("dense", "lowrank", "sparse")
 OPS = ("add", "set", "delete")
+
+
+def manifest_header(provenance: dict) -> dict:
+    """The fields every patch manifest starts with; callers add ``totals``, ``tensors`` and the rest."""
+    from . import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "patchlab_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance,
+    }
 
 
 def tensor_digest(t: torch.Tensor) -> str:

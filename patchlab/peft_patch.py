@@ -12,20 +12,18 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .checkpoint import EMBED_SUFFIXES, Checkpoint
 from .compress import PatchWriter, _totals
 from .engine import atomic_output, check_output
 from .errors import IncompatiblePatchError
 from .kernels import DeltaStats
-from .patch import FINETUNE_DIR, FORMAT, FORMAT_VERSION, MANIFEST, Patch
+from .patch import FINETUNE_DIR, MANIFEST, Patch, manifest_header
 from .peft_io import CONFIG_NAME, ExportModule, check_shapes, read_peft_adapter, write_peft_adapter
 
 __all__ = ["import_peft", "export_peft"]
@@ -116,25 +114,33 @@ def import_peft(
         shutil.copy2(adapter.path / CONFIG_NAME, tmp / FINETUNE_DIR / CONFIG_NAME)
         cfg = adapter.config
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "patchlab_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "provenance": {
-                "base": _describe(base_ck),
-                "finetuned": {
-                    "peft_adapter": str(adapter.path.resolve()),
-                    "base_model_name_or_path": adapter.base_model_name_or_path,
-                    "tied": base_ck.tied,
-                },
-                "method": "import-peft",
-                "parameters": {
-                    k: cfg.get(k)
-                    for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-                              "lora_bias", "modules_to_save", "target_modules", "peft_version")
+            **manifest_header(
+                {
+                    "base": _describe(base_ck),
+                    "finetuned": {
+                        "peft_adapter": str(adapter.path.resolve()),
+                        "base_model_name_or_path": adapter.base_model_name_or_path,
+                        "tied": base_ck.tied,
+                    },
+                    "method": "import-peft",
+                    "parameters": {
+                        k: cfg.get(k)
+                        for k in (
+                            "r",
+                            "lora_alpha",
+                            "use_rslora",
+                            "rank_pattern",
+                            "alpha_pattern",
+                            "fan_in_fan_out",
+                            "lora_bias",
+                            "modules_to_save",
+                            "target_modules",
+                            "peft_version",
+                        )
+                    }
+                    | {"storage_dtype": str(store).removeprefix("torch."), "exact": False},
                 }
-                | {"storage_dtype": str(store).removeprefix("torch."), "exact": False},
-            },
+            ),
             "unused": unused,
         }
         manifest["totals"] = _totals(entries, tmp)
