@@ -50,7 +50,7 @@ def manifest_header(provenance: dict) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "patchlab_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "provenance": provenance,
     }
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
 
 def utcnow() -> _dt.datetime:
     """Naive UTC timestamp (SQLite keeps no time zone; every stored time is UTC)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
