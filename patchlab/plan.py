@@ -143,11 +143,40 @@ class _Problems:
             raise PlanError(fmt(self.policy))
 
 
-def _need_policy(name: str, a_rows: int, b_rows: int, a: str, b: str) -> str:
-    return (
-        f"{name}: vocabulary rows differ ({a} {a_rows}, {b} {b_rows}); choose --vocab-policy "
-        "pad-zero|truncate|by-token|skip-embeddings"
-    )
+def _reconcile(
+    name: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    vocab: bool,
+    ids_moved: bool,
+    policy: str | None,
+    sides: tuple[str, str],
+    probs: _Problems,
+    mismatch_hint: str,
+) -> str | None:
+    """How one tensor present on both sides lines up: ``"plain"`` (same rows, same token ids), ``"rows"``
+    (a vocabulary policy maps its rows), or None after recording why it cannot be done."""
+    a, b = sides
+    if a_shape == b_shape and not (vocab and ids_moved and policy in (None, "by-token")):
+        return "plain"
+    if not vocab or a_shape[1:] != b_shape[1:]:
+        probs.incompatible.append(
+            f"{name} has shape {list(a_shape)} in the {a} but {list(b_shape)} in the {b}; {mismatch_hint}"
+        )
+        return None
+    if policy is None:
+        if a_shape == b_shape:
+            probs.policy.append(
+                f"{name}: the {a} and {b} tokenizers give some tokens different ids; "
+                "use --vocab-policy by-token (or pad-zero to align by id)"
+            )
+        else:
+            probs.policy.append(
+                f"{name}: vocabulary rows differ ({a} {a_shape[0]}, {b} {b_shape[0]}); choose --vocab-policy "
+                "pad-zero|truncate|by-token|skip-embeddings"
+            )
+        return None
+    return "rows"
 
 
 def _check_policy(vocab_policy: str | None) -> None:
@@ -193,23 +222,20 @@ def plan_extract(
         if vocab and vocab_policy == "skip-embeddings":
             unused.append((name, "vocab tensor skipped (--vocab-policy skip-embeddings)", fi.numel))
             continue
-        if fi.shape == bi.shape and not (vocab and ids_moved and vocab_policy in (None, "by-token")):
+        how = _reconcile(
+            name,
+            bi.shape,
+            fi.shape,
+            vocab,
+            ids_moved,
+            vocab_policy,
+            ("base", "fine-tune"),
+            probs,
+            "is this fine-tune really made from this base?",
+        )
+        if how == "plain":
             steps.append(Step(name, "diff", fi.shape, store, {"finetuned": name, "base": name}))
-            continue
-        if not vocab or fi.shape[1:] != bi.shape[1:]:
-            probs.incompatible.append(
-                f"{name} has shape {list(bi.shape)} in the base but {list(fi.shape)} in the fine-tune: "
-                "is this fine-tune really made from this base?"
-            )
-            continue
-        if vocab_policy is None:
-            msg = _need_policy(name, bi.shape[0], fi.shape[0], "base", "fine-tune")
-            if fi.shape == bi.shape:
-                msg = (
-                    f"{name}: the tokenizers of base and fine-tune give some tokens different ids; "
-                    "use --vocab-policy by-token (or pad-zero to align by id)"
-                )
-            probs.policy.append(msg)
+        if how != "rows":
             continue
         rows = fi.shape[0]
         if vocab_policy == "pad-zero":
@@ -384,23 +410,22 @@ def plan_apply(
             )
             unused.append((dname, "vocab tensor skipped (--vocab-policy skip-embeddings)", math.prod(d.shape)))
             continue
-        # Same shape is a plain add, unless token ids moved and the user has not chosen id alignment.
-        if d.shape == ti.shape and not (vocab and ids_moved and vocab_policy in (None, "by-token")):
+        how = _reconcile(
+            name,
+            d.shape,
+            ti.shape,
+            vocab,
+            ids_moved,
+            vocab_policy,
+            ("patch", "target"),
+            probs,
+            "the patch was made for another architecture",
+        )
+        if how == "plain":
             steps.append(
                 Step(name, "add", ti.shape, _dt(ti.dtype), {"target": name, "delta": dname}, a, note=note, file=file)
             )
-            continue
-        if not vocab or d.shape[1:] != ti.shape[1:]:
-            probs.incompatible.append(
-                f"{name}: patch delta has shape {list(d.shape)} but the target has {list(ti.shape)}; "
-                "the patch was made for another architecture"
-            )
-            continue
-        if vocab_policy is None:
-            msg = _need_policy(name, d.shape[0], ti.shape[0], "patch", "target")
-            if d.shape == ti.shape:
-                msg = f"{name}: patch and target tokenizers give some tokens different ids; use --vocab-policy by-token"
-            probs.policy.append(msg)
+        if how != "rows":
             continue
         rows = ti.shape[0]
         if vocab_policy == "pad-zero":
