@@ -832,72 +832,68 @@ def _apply_like(
     return None
 
 
-@app.command()
-@handled
-def apply(
-    patch: Annotated[str, typer.Argument(help="A patch directory or registered patch reference.")],
-    target: Annotated[str, typer.Argument(help="Target checkpoint: a directory or family@version.")],
-    out: Annotated[Path, typer.Argument(help="Model directory to write.")],
-    alpha: Annotated[float, typer.Option(help="Scale of the patch.")] = 1.0,
-    vocab_policy: Annotated[str | None, typer.Option(help="pad-zero, truncate, by-token, skip-embeddings.")] = None,
-    device: DeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    force: Annotated[bool, typer.Option(help="Apply even if the patch was made on another base.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    no_register: NoRegisterOpt = False,
-    registry: RegistryOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Write TARGET + alpha * patch as a full model; records a derived model for registered patches."""
-    _apply_like(
-        "apply",
-        patch,
-        target,
-        out,
-        alpha,
-        vocab_policy,
-        device,
-        overwrite,
-        force,
-        dry_run,
-        no_register,
-        registry,
-        json_out,
-    )
+def _apply_command(op: str, target_help: str, force_help: str, doc: str) -> Callable[..., None]:
+    """``apply`` and ``port`` take the same arguments and differ only in the operation they record."""
+
+    def command(
+        patch: Annotated[str, typer.Argument(help="A patch directory or registered patch reference.")],
+        target: str,
+        out: Annotated[Path, typer.Argument(help="Model directory to write.")],
+        alpha: Annotated[float, typer.Option(help="Scale of the patch.")] = 1.0,
+        vocab_policy: Annotated[str | None, typer.Option(help="pad-zero, truncate, by-token, skip-embeddings.")] = None,
+        device: DeviceOpt = "auto",
+        overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+        force: bool = False,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+        no_register: NoRegisterOpt = False,
+        registry: RegistryOpt = None,
+        json_out: JsonOpt = False,
+    ) -> None:
+        _apply_like(
+            op,
+            patch,
+            target,
+            out,
+            alpha,
+            vocab_policy,
+            device,
+            overwrite,
+            force,
+            dry_run,
+            no_register,
+            registry,
+            json_out,
+        )
+
+    # this module postpones annotations, which typer evaluates in module globals: set the two that
+    # depend on the command as objects
+    command.__annotations__["target"] = Annotated[str, typer.Argument(help=target_help)]
+    command.__annotations__["force"] = Annotated[bool, typer.Option(help=force_help)]
+    command.__doc__ = doc
+    command.__name__ = op
+    return command
 
 
-@app.command()
-@handled
-def port(
-    patch: Annotated[str, typer.Argument(help="A patch directory or registered patch reference.")],
-    target: Annotated[str, typer.Argument(help="The newer base: a directory or family@version.")],
-    out: Annotated[Path, typer.Argument(help="Model directory to write.")],
-    alpha: Annotated[float, typer.Option(help="Scale of the patch.")] = 1.0,
-    vocab_policy: Annotated[str | None, typer.Option(help="pad-zero, truncate, by-token, skip-embeddings.")] = None,
-    device: DeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    force: Annotated[bool, typer.Option(help="Port even when the plan finds problems.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    no_register: NoRegisterOpt = False,
-    registry: RegistryOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Port a patch onto a newer base version (fine-tuning transfer) and record the derived model."""
-    _apply_like(
-        "port",
-        patch,
-        target,
-        out,
-        alpha,
-        vocab_policy,
-        device,
-        overwrite,
-        force,
-        dry_run,
-        no_register,
-        registry,
-        json_out,
+apply = app.command("apply")(
+    handled(
+        _apply_command(
+            "apply",
+            "Target checkpoint: a directory or family@version.",
+            "Apply even if the plan would skip part of the patch.",
+            "Write TARGET + alpha * patch as a full model; records a derived model for registered patches.",
+        )
     )
+)
+port = app.command("port")(
+    handled(
+        _apply_command(
+            "port",
+            "The newer base: a directory or family@version.",
+            "Port even when the plan would skip part of the patch.",
+            "Port a patch onto a newer base version (fine-tuning transfer) and record the derived model.",
+        )
+    )
+)
 
 
 from cli.compat import register as _register_compat  # noqa: E402
