@@ -82,6 +82,8 @@ class Job:
     compute: Callable[[Inputs, int, int], torch.Tensor]
     advise: Callable[[int, int], None] | None = None
     finish: Callable[[], None] | None = None
+    # compute has no side effects, so chunks may be computed on the loader threads, in parallel
+    parallel: bool = False
 
     @property
     def rows(self) -> int:
@@ -201,23 +203,27 @@ def run(
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
-    pending: dict[int, Future[Inputs]] = {}
+    pending: dict[int, Future[tuple[bool, object]]] = {}
 
-    def fetch(i: int) -> Inputs:
-        return pending.pop(i).result()
+    def task(job: Job, r0: int, r1: int) -> tuple[bool, object]:
+        inputs = job.load(r0, r1)
+        if not job.parallel:
+            return False, inputs
+        out = job.compute(inputs, r0, r1)
+        return True, out.to(dtype=job.dtype).to("cpu") if writer else out
 
     try:
         for i in range(len(work)):
             for k in range(i, min(i + ahead + 1, len(work))):
                 if k not in pending:
-                    pending[k] = reader.submit(work[k][1].load, work[k][2], work[k][3])
+                    pending[k] = reader.submit(task, work[k][1], work[k][2], work[k][3])
             nxt = i + ahead
             if nxt < len(work) and work[nxt][1].advise:
                 work[nxt][1].advise(work[nxt][2], work[nxt][3])
             si, job, r0, r1 = work[i]
-            inputs = fetch(i)
-            out = job.compute(inputs, r0, r1)
-            del inputs
+            done, value = pending.pop(i).result()
+            out = value if done else job.compute(value, r0, r1)
+            del value
             if writer:
                 out = out.to(dtype=job.dtype).to("cpu")
                 expect = (r1 - r0, *job.shape[1:]) if job.shape else ()

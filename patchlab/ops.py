@@ -365,10 +365,18 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             lambda r0, r1: (target.rows(s.name, r0, r1),),
             lambda x, r0, r1: x[0],
             advise=lambda r0, r1: target.advise(s.name, r0, r1),
+            parallel=True,
         )
     dname = s.sources["delta"]
     if s.action == "set":
-        return Job(s.name, s.shape, dtype, lambda r0, r1: (source.raw_rows(dname, r0, r1),), lambda x, r0, r1: x[0])
+        return Job(
+            s.name,
+            s.shape,
+            dtype,
+            lambda r0, r1: (source.raw_rows(dname, r0, r1),),
+            lambda x, r0, r1: x[0],
+            parallel=True,
+        )
     t = target.tensor(s.name)
     tmap = plan.row_maps.get((s.name, "target"))
     dmap = plan.row_maps.get((s.name, "delta"))
@@ -409,6 +417,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
         load,
         compute,
         advise=lambda r0, r1: target.advise(s.name, r0, min(r1, t.shape[0]) if t.dim() else 1),
+        parallel=True,  # fix_state is set idempotently; everything else is local to the chunk
     )
 
 
