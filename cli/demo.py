@@ -11,7 +11,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from cli.main import DeviceOpt, JsonOpt, _out, handled
+    from cli.main import STATE, DeviceOpt, JsonOpt, _out, handled
 
     @app.command()
     @handled
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         hf_logging.disable_progress_bar()  # our own lines say what is happening
 
         out = _out()
-        log = (lambda s: None) if json_out else (lambda s: out.print(f"[dim]•[/] {s}"))
+        log = (lambda s: None) if json_out or STATE.quiet else (lambda s: out.print(f"[dim]•[/] {s}"))
         if work is None:
             with tempfile.TemporaryDirectory(prefix="patchlab-demo-") as tmp:
                 result = run_demo(Path(tmp), fixtures, device=device, log=log)
@@ -54,8 +54,6 @@ def register(app: typer.Typer) -> None:
             t.add_row(label, f"{acc:.1%}", f"{result.general[label]:.1%}")
         out.print(t)
         if result.recovered is not None:
-            out.print(
-                f"the training-free port recovers [bold]{result.recovered:.0%}[/] of the fine-tune's gain on v2"
-            )
+            out.print(f"the training-free port recovers [bold]{result.recovered:.0%}[/] of the fine-tune's gain on v2")
         if work is not None:
             out.print(f"registry, patches and models kept in {work}")

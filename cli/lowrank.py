@@ -3,7 +3,6 @@
 # No "from __future__ import annotations": typer evaluates the option annotations, which refer to names
 # imported inside register().
 
-
 import re
 from pathlib import Path
 from typing import Annotated

@@ -42,6 +42,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class _State:
     registry: str | None = None
     verbose: bool = False
+    quiet: bool = False
 
 
 STATE = _State()
@@ -63,6 +64,12 @@ KindOpt = Annotated[
 
 def _out() -> Console:
     return Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _status(message: str) -> None:
+    """A status line ("wrote ..."), silenced by ``-q``."""
+    if not STATE.quiet:
+        _out().print(message)
 
 
 def _err() -> Console:
@@ -135,10 +142,14 @@ def _params(n: int | None) -> str:
 def main(
     registry: RegistryOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or status lines (errors and requested output only).")
+    ] = False,
 ) -> None:
     """patchlab: base versions, fine-tuning patches and their lineage, in one registry."""
     STATE.registry = registry
     STATE.verbose = verbose or bool(os.environ.get("PATCHLAB_DEBUG"))
+    STATE.quiet = quiet
 
 
 # ---- registry lifecycle ---------------------------------------------------------------------------
@@ -659,7 +670,8 @@ class _Bytes:
     """A rich progress display for the core's ``progress(nbytes)`` callback (stderr, terminals only)."""
 
     def __init__(self, what: str, enabled: bool) -> None:
-        self.what, self.enabled, self._progress, self._task = what, enabled and sys.stderr.isatty(), None, None
+        self.what, self._progress, self._task = what, None, None
+        self.enabled = enabled and sys.stderr.isatty() and not STATE.quiet
 
     def __enter__(self):
         if not self.enabled:
@@ -773,7 +785,7 @@ def diff(
     msg = f"wrote {_escape(str(patch.path))}"
     if info:
         msg += f"; registered [bold]{_escape(info.ref)}[/] on {_escape(info.base or '?')}"
-    _out().print(msg)
+    _status(msg)
     return None
 
 
@@ -828,7 +840,7 @@ def _apply_like(
     msg = f"wrote {_escape(str(result.path))}"
     if derived:
         msg += f"; recorded {derived.ref}"
-    _out().print(msg)
+    _status(msg)
     return None
 
 

@@ -165,3 +165,10 @@ def test_evals_add_ls_show(family, run):
 def test_base_add_with_wrong_arity_is_a_usage_error(run, tmp_path):
     r = run("base", "add", "tiny@v1", "a", "b", code=2)
     assert "FAMILY@VERSION SOURCE" in r.output
+
+
+def test_quiet_silences_status_lines(family, run, tmp_path):
+    r = run("-q", "diff", "tiny@v1", str(family / "ft"), str(tmp_path / "p"), "--name", "quiet")
+    assert r.stdout.strip() == ""
+    r = run("diff", "tiny@v1", str(family / "ft"), str(tmp_path / "p2"), "--name", "loud")
+    assert "registered" in r.stdout
