@@ -164,7 +164,7 @@ def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) ->
 def register(app: typer.Typer) -> None:
     from rich.table import Table
 
-    from cli.main import DeviceOpt, JsonOpt, RegistryOpt, _escape, _open, _out, _print_json, handled
+    from cli.main import DeviceOpt, JsonOpt, RegistryOpt, _err, _escape, _open, _out, _print_json, handled
 
     BatchOpt = Annotated[int, typer.Option("--batch-size", help="Instances per forward pass.")]
     MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Generation budget when a task sets none.")]
@@ -383,7 +383,9 @@ def register(app: typer.Typer) -> None:
         values = [r.tuco for r in rep.results]
         summary = {"n": len(values), "mean": rep.mean, "min": min(values), "max": max(values), **quantiles(values)}
         if json_out:
-            return _print_json({**rep.to_json(), "summary": summary})
+            return _print_json({**rep.to_json(), "summary": summary, "tokenizer_note": tc.tokenizer_note})
+        if tc.tokenizer_note:
+            _err().print(f"note: {tc.tokenizer_note}")
         t = Table("prompt", "TuCo", "‖ΣPTC‖₁", "‖ΣFTC‖₁", "tokens", title=f"TuCo of {finetuned} over {base}")
         for r in rep.results:
             t.add_row(_escape(r.id), f"{r.tuco:.4f}", f"{r.ptc_l1:.4g}", f"{r.ftc_l1:.4g}", str(r.n_tokens))

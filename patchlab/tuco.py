@@ -236,6 +236,9 @@ class TuCo:
         self.base = base.eval()
         self.model = finetuned.eval()
         self.tokenizer = tokenizer
+        # Set when base and fine-tune tokenizers differ: TuCo is still defined (prompts are tokenised and
+        # embedded by the fine-tune; the base contributes only its blocks), but the user is told.
+        self.tokenizer_note: str | None = None
         self.names = names
         pt_layers = _layers(base, "base")
         ft_layers = _layers(finetuned, "fine-tuned")
@@ -273,7 +276,9 @@ class TuCo:
         b = AutoModelForCausalLM.from_pretrained(base, **kw).to(dev)
         f = AutoModelForCausalLM.from_pretrained(finetuned, **kw).to(dev)
         tok = AutoTokenizer.from_pretrained(finetuned)
-        return cls(b, f, tok, names=(str(base), str(finetuned)))
+        tc = cls(b, f, tok, names=(str(base), str(finetuned)))
+        tc.tokenizer_note = tokenizer_note(Path(base), Path(finetuned))
+        return tc
 
     def close(self) -> None:
         """Put the fine-tuned model's own layers back."""
@@ -413,3 +418,18 @@ class TuCo:
                 "token": "last non-pad",
             },
         )
+
+
+def tokenizer_note(base: Path, finetuned: Path) -> str | None:
+    """A one-line note when the two checkpoints' tokenizers differ, else None."""
+    from .checkpoint import load_vocab
+    from .vocab import same_ids
+
+    vb, vf = load_vocab(base), load_vocab(finetuned)
+    if vb is None or vf is None or (len(vb) == len(vf) and same_ids(vb, vf)):
+        return None
+    return (
+        f"tokenizers differ (base {len(vb)} tokens, fine-tune {len(vf)}"
+        + ("" if same_ids(vb, vf) else ", some ids moved")
+        + "): prompts are tokenised and embedded by the fine-tune; the base contributes only its blocks"
+    )

@@ -200,3 +200,16 @@ def test_chat_template_prompts(tuco):
         assert chat.n_tokens == plain.n_tokens - 1 and 0.0 < chat.tuco < 1.0
     finally:
         tok.chat_template = None
+
+
+def test_tokenizer_difference_is_reported(tmp_path):
+    """TuCo across checkpoints whose tokenizers differ is defined (the fine-tune tokenises and embeds) and said."""
+    from patchlab.tuco import tokenizer_note
+    from tests.factory import WORDS, make_model
+
+    a = make_model(tmp_path / "a")
+    b = make_model(tmp_path / "b", words=WORDS + ["extra"])
+    c = make_model(tmp_path / "c", from_model=a, noise=0.01)
+    assert tokenizer_note(a, c) is None
+    note = tokenizer_note(a, b)
+    assert note and "tokenizers differ" in note and "fine-tune" in note
