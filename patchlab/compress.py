@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import torch
 from safetensors.torch import save_file
@@ -28,9 +29,9 @@ from safetensors.torch import save_file
 from . import lowrank as lr
 from . import sparse as sp
 from .checkpoint import Checkpoint, is_vocab_tensor
-from .engine import _chunks, atomic_output, check_output, resolve_device
+from .engine import Job, _chunks, atomic_output, check_output, resolve_device
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats
+from .kernels import DeltaStats, diff
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header
 
 DEFAULT_SHARD_BYTES = 512 << 20  # queued tensors are held in memory until their shard is written
@@ -213,39 +214,20 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class _FastStats:
-    """The core's per-tensor statistics (norm, rel_norm, max_abs, changed_frac) with fp32 chunk reductions.
-
-    Same result keys as ``kernels.DeltaStats``; a non-finite Δ shows as a non-finite norm and is then
-    located exactly for the error message.
-    """
-
-    def __init__(self) -> None:
-        self.numel = self.changed = 0
-        self.sumsq = self.ref_sumsq = self.max_abs = 0.0
-
-    def update(self, d: torch.Tensor, ref: torch.Tensor | None, name: str) -> None:
-        if d.numel() == 0:
-            return
-        n = float(torch.linalg.vector_norm(d))
-        if not math.isfinite(n):
-            bad = int((~torch.isfinite(d)).reshape(-1).nonzero()[0]) + self.numel
-            raise NonFiniteDeltaError(
-                f"Δ of {name} has NaN/Inf (first at flat element {bad}); the base or the fine-tune holds "
-                "non-finite weights"
-            )
-        self.sumsq += n * n
-        self.max_abs = max(self.max_abs, float(torch.linalg.vector_norm(d, ord=math.inf)))
-        self.changed += int(torch.count_nonzero(d))
-        self.numel += d.numel()
-        if ref is not None and ref.numel():
-            self.ref_sumsq += float(torch.linalg.vector_norm(ref.float())) ** 2
-
-    def result(self) -> dict[str, float]:
-        st = DeltaStats(
-            numel=self.numel, sumsq=self.sumsq, ref_sumsq=self.ref_sumsq, max_abs=self.max_abs, changed=self.changed
-        )
-        return st.result()
+def _assemble(job: Job, dev: torch.device, stats: DeltaStats | None = None) -> torch.Tensor:
+    """One tensor's fp32 Δ, from row chunks as the engine loads them (vocabulary row maps included)."""
+    out = torch.empty(job.shape, dtype=torch.float32, device=dev)
+    for r0, r1 in _chunks(job, CHUNK):
+        f, b = job.load(r0, r1)
+        d = diff(f, b)
+        if stats is not None:
+            stats.update(d, b, offset=r0 * job.row_elems)
+            if stats.nonfinite:
+                break
+        if not job.shape:
+            return d.reshape(())
+        out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
+    return out
 
 
 @dataclass
@@ -387,6 +369,21 @@ def _head(method: str, provenance: dict, enc: Encoding, store: torch.dtype, extr
     return manifest_header(prov)
 
 
+class EncodingOptions(TypedDict, total=False):
+    """The fields of ``Encoding`` as keyword arguments of ``compress`` and ``extract_encoded``."""
+
+    rank: int | None
+    energy: float | None
+    density: float | None
+    budget_bytes: int | None
+    method: str  # topk | dare
+    seed: int
+    embeddings: str  # dense | encode
+    dense_fallback: bool
+    oversample: int
+    n_iter: int
+
+
 def _store_dtype(storage_dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
     from .ops import _dtype
 
@@ -397,21 +394,12 @@ def compress(
     patch: str | Path | Patch,
     out: str | Path,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    density: float | None = None,
-    budget_bytes: int | None = None,
-    method: str = "topk",
-    seed: int = 0,
-    embeddings: str = "dense",
-    dense_fallback: bool = True,
-    oversample: int = 10,
-    n_iter: int = 2,
     storage_dtype: str | torch.dtype | None = None,
     device: str = "auto",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    **encoding: Unpack[EncodingOptions],
 ) -> Patch:
     """Re-encode an existing patch low-rank (``rank``/``energy``/``budget_bytes``) or sparse (``density``).
 
@@ -420,18 +408,7 @@ def compress(
     (rank larger than every matrix, energy or density outside (0, 1], a budget below the minimum) are raised
     before anything is written.
     """
-    enc = Encoding(
-        rank=rank,
-        energy=energy,
-        density=density,
-        budget_bytes=budget_bytes,
-        method=method,
-        seed=seed,
-        embeddings=embeddings,
-        dense_fallback=dense_fallback,
-        oversample=oversample,
-        n_iter=n_iter,
-    )
+    enc = Encoding(**encoding)
     src = Patch.open(patch)
     out = Path(out)
     check_output(out, overwrite)
@@ -489,22 +466,13 @@ def extract_encoded(
     finetuned: str | Path | Checkpoint,
     out: str | Path,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    density: float | None = None,
-    budget_bytes: int | None = None,
-    method: str = "topk",
-    seed: int = 0,
-    embeddings: str = "dense",
-    dense_fallback: bool = True,
-    oversample: int = 10,
-    n_iter: int = 2,
     storage_dtype: str | torch.dtype | None = None,
     vocab_policy: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    **encoding: Unpack[EncodingOptions],
 ) -> Patch:
     """``patchlab diff --rank R | --energy E | --density D | --budget B``: extract Δ = ft − base encoded.
 
@@ -515,18 +483,7 @@ def extract_encoded(
     from .ops import _describe, _extract_job
     from .plan import plan_extract
 
-    enc = Encoding(
-        rank=rank,
-        energy=energy,
-        density=density,
-        budget_bytes=budget_bytes,
-        method=method,
-        seed=seed,
-        embeddings=embeddings,
-        dense_fallback=dense_fallback,
-        oversample=oversample,
-        n_iter=n_iter,
-    )
+    enc = Encoding(**encoding)
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
     store = _store_dtype(storage_dtype, torch.float32)
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
@@ -548,31 +505,18 @@ def extract_encoded(
             continue
 
         def delta(job=job, meta=meta, name=s.name) -> torch.Tensor:
-            # Row chunks as the engine loads them (vocabulary row maps included), assembled in fp32; the
-            # statistics are accumulated per chunk with fp32 reductions summed in fp64.
-            out = torch.empty(job.shape, dtype=torch.float32, device=dev)
-            st = _FastStats()
-            for r0, r1 in _chunks(job, CHUNK):
-                f, b = job.load(r0, r1)
-                d = f.float() - b
-                st.update(d, b, name)
-                if job.shape:
-                    out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
-                else:
-                    out = d.reshape(())
+            st = DeltaStats()
+            out = _assemble(job, dev, st)
+            if st.nonfinite:
+                raise NonFiniteDeltaError(
+                    f"Δ of {name} has NaN/Inf (first at flat element {st.first_nonfinite}); the base or the "
+                    "fine-tune holds non-finite weights"
+                )
             meta["stats"] = st.result()
             return out
 
         def peek(job=job) -> torch.Tensor:
-            out = torch.empty(job.shape, dtype=torch.float32, device=dev)
-            for r0, r1 in _chunks(job, CHUNK):
-                f, b = job.load(r0, r1)
-                d = f.float() - b
-                if job.shape:
-                    out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
-                else:
-                    out = d.reshape(())
-            return out
+            return _assemble(job, dev)
 
         items.append(_Item(s.name, meta, delta=delta, peek=peek))
 

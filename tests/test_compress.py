@@ -178,3 +178,19 @@ def test_diagnostics_read_any_encoding(family, tmp_path):
         if isinstance(v, float):
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-8), k
     assert a != c  # the low-rank patch is a different Δ, and is diagnosed as one
+
+
+def test_encoded_extract_refuses_non_finite_delta_and_writes_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    from patchlab.errors import NonFiniteDeltaError
+
+    base = make_model(tmp_path / "base", hidden=32)
+    ft = make_model(tmp_path / "ft", from_model=base, noise=0.02, seed=1)
+    sd = state(ft)
+    sd["model.layers.0.mlp.up_proj.weight"][2, 3] = float("nan")
+    save_file(sd, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NonFiniteDeltaError, match="model.layers.0.mlp.up_proj.weight"):
+        extract_encoded(base, ft, tmp_path / "out", rank=4)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
