@@ -243,13 +243,17 @@ class Checkpoint:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         return self._files[self.weight_map[name]].tensor(name)
 
-    def rows(self, name: str, start_row: int, end_row: int) -> torch.Tensor:
-        """Rows ``[start_row, end_row)`` of one tensor (all of a 0-d tensor), zero-copy: do not modify."""
+    def rows(self, name: str, start_row: int, end_row: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start_row, end_row)`` of one tensor (all of a 0-d tensor), read into ``out`` when given.
+
+        Without ``out`` the result may be a view of the file's data: do not modify it.
+        """
         f = self._files[self.weight_map[name]]
         if isinstance(f, MappedFile):
-            return f.rows(name, start_row, end_row)
+            return f.rows(name, start_row, end_row, out)
         t = f.tensor(name)
-        return t[start_row:end_row] if t.dim() else t
+        t = t[start_row:end_row] if t.dim() else t
+        return t if out is None else out.copy_(t)
 
     def advise(self, name: str, start_row: int, end_row: int) -> None:
         self._files[self.weight_map[name]].advise(name, start_row, end_row)

@@ -1,10 +1,11 @@
-"""The one streaming engine: read ahead, compute on the device, write behind.
+"""The one streaming engine: read, compute on the device, write, one chunk at a time per worker.
 
 Work is a list of shards, each a list of ``Job``s (one output tensor each). A job is split into row chunks of
-about ``chunk_elems`` elements; while chunk *k* is computed, chunk *k+1* is being read on a thread and chunk
-*k−1* written on another. Nothing but a few chunks is ever in memory, whatever the size of the model, and
-the output directory appears atomically: everything is written into a temporary sibling and renamed at
-the end; on any error the temporary directory is removed.
+about ``chunk_elems`` elements. Workers take chunks in order; each reads its chunk's inputs, computes it and
+writes it at its fixed place in the output shard, so reading, computing and writing overlap across workers
+and nothing but one chunk per worker is ever in memory, whatever the size of the model. The output directory
+appears atomically: everything is written into a temporary sibling and renamed at the end; on any error the
+temporary directory is removed.
 """
 
 from __future__ import annotations
@@ -12,23 +13,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import queue
 import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import DeviceError, OutputExistsError
-from .safetensors_io import StreamingWriter, TensorSpec
+from .safetensors_io import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
-READERS = 2  # loader threads: loading (mapping + conversion to fp32) is most of the work
-_STOP, _ABORT = object(), object()
+READERS = 2  # worker threads, the calling one included: one per core of the 2-core target machine
 Inputs = tuple[torch.Tensor, ...]
 
 
@@ -56,6 +54,33 @@ def _keep_chunk_buffers() -> None:
         libc.mallopt(m_trim_threshold, 256 << 20)
     except (OSError, AttributeError):
         pass
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A reusable buffer of ``shape`` for the chunk in hand, private to the calling thread.
+
+    It stays valid until the same slot is asked for again on this thread. The engine's workers finish a
+    chunk (load, compute, write) before they take the next, so a job may use scratch for anything that
+    does not outlive its chunk, its output included. Warm, reused buffers halved the wall time of a CPU
+    port against fresh ones per chunk, which the allocator hands back to the kernel and then has to
+    page-fault and zero again.
+    """
+    pool: dict | None = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    n = math.prod(shape)
+    key = (slot, dtype, str(device))
+    buf = pool.get(key)
+    if buf is None or buf.numel() < n:
+        buf = pool[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _drop_scratch() -> None:
+    _SCRATCH.pool = None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -118,59 +143,59 @@ def _chunks(job: Job, chunk_elems: int) -> Iterator[tuple[int, int]]:
         yield r0, min(job.rows, r0 + step)
 
 
-class _Writer(threading.Thread):
-    """Writes chunks in order, opening each shard's file when its first chunk arrives."""
+class _Schedule:
+    """Hands out chunks in order to the workers and keeps the per-job bookkeeping.
 
-    def __init__(self, out_dir: Path, shards: list[Shard], progress: Callable[[int], None] | None):
-        super().__init__(daemon=True, name="patchlab-writer")
-        self.q: queue.Queue = queue.Queue(maxsize=3)
-        self.out_dir, self.shards, self.progress = out_dir, shards, progress
+    Chunks of ``parallel`` jobs are computed wherever they are loaded. Chunks of the other jobs carry
+    state from chunk to chunk (running statistics, residuals), so their ``compute`` calls take turns in
+    chunk order; their loads still overlap. A job's ``finish`` runs once, after its last chunk.
+    """
+
+    def __init__(self, work: list[tuple[int, Job, int, int]], progress: Callable[[int], None] | None):
+        self.work, self.progress = work, progress
+        self.next = 0
+        self.turn = 0  # the next ordered chunk allowed to compute
+        self.order: list[int] = []
+        self.left: dict[int, int] = {}
+        seq = 0
+        for _, job, _, _ in work:
+            self.left[id(job)] = self.left.get(id(job), 0) + 1
+            self.order.append(-1 if job.parallel else seq)
+            seq += 0 if job.parallel else 1
         self.error: BaseException | None = None
-        self._current: tuple[int, StreamingWriter] | None = None
+        self.cond = threading.Condition()
 
-    def run(self) -> None:
-        item = None
-        try:
-            while True:
-                item = self.q.get()
-                if item is _STOP or item is _ABORT:
-                    break
-                si, chunk = item
-                if self._current is None or self._current[0] != si:
-                    self._close()
-                    sh = self.shards[si]
-                    specs = [j.spec for j in sh.jobs]
-                    self._current = (si, StreamingWriter(self.out_dir / sh.file, specs, sh.metadata))
-                self._current[1].write(chunk)
-                if self.progress:
-                    self.progress(chunk.numel() * chunk.element_size())
-            if item is _ABORT:
-                if self._current is not None:
-                    self._current[1].abort()
-                    self._current = None
-            else:
-                self._close()
-        except BaseException as e:  # surfaced by the main thread
-            self.error = e
-            if self._current is not None:
-                self._current[1].abort()
-            while item is not _STOP and item is not _ABORT:  # drain so the producer never blocks
-                item = self.q.get()
+    def take(self) -> int | None:
+        with self.cond:
+            if self.error is not None or self.next >= len(self.work):
+                return None
+            self.next += 1
+            return self.next - 1
 
-    def _close(self) -> None:
-        if self._current is not None:
-            self._current[1].finish()
-            self._current = None
+    def wait_turn(self, i: int) -> bool:
+        with self.cond:
+            while self.turn != self.order[i] and self.error is None:
+                self.cond.wait()
+            return self.error is None
 
-    def put(self, item: object) -> None:
-        while True:
-            if self.error is not None and isinstance(item, tuple):
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def end_turn(self) -> None:
+        with self.cond:
+            self.turn += 1
+            self.cond.notify_all()
+
+    def done(self, job: Job, nbytes: int) -> bool:
+        """Count a finished chunk; True when it was the job's last."""
+        with self.cond:
+            self.left[id(job)] -= 1
+            if self.progress and nbytes:
+                self.progress(nbytes)
+            return self.left[id(job)] == 0
+
+    def fail(self, e: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = e
+            self.cond.notify_all()
 
 
 def run(
@@ -184,68 +209,91 @@ def run(
     """Execute every job of every shard, streaming. ``out_dir=None`` runs the jobs for their side effects
     only (statistics, diagnostics) and writes nothing.
 
-    Three stages overlap: a reader thread loads chunk *k+1* (one ``preadv`` per input, with the kernel
-    asked to read further ahead), the calling thread computes chunk *k*, a writer thread writes chunk
-    *k−1*. On CPU torch runs single-threaded for the duration: the chunks are small and memory-bound, and
-    an OpenMP pool spinning on every chunk cost 5x in wall time on a busy 2-core machine; the reader and
-    writer threads use the other core instead. The previous thread count is restored afterwards.
+    ``READERS`` workers (the calling thread is one) each take the next chunk, read its inputs with
+    positional reads, compute it and write it at its place in its output file, with no hand-off between
+    threads: on a 2-core machine every hand-off was a futex wake-up and a fight for the GIL, and those
+    cost more than the arithmetic. On CPU torch runs single-threaded for the duration (the chunks are
+    small and memory-bound; an OpenMP pool spinning on every chunk cost 5x in wall time on a busy 2-core
+    machine); the previous thread count is restored afterwards. Memory is bounded by one chunk per worker.
     """
     chunk_elems = chunk_elems or CHUNK_ELEMS
     _keep_chunk_buffers()
     work = [
         (si, job, r0, r1) for si, sh in enumerate(shards) for job in sh.jobs for r0, r1 in _chunks(job, chunk_elems)
     ]
-    writer = _Writer(out_dir, shards, progress) if out_dir is not None else None
-    if writer:
-        writer.start()
-    ahead = READERS + 1
-    reader = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="patchlab-reader")
+    sched = _Schedule(work, progress)
+    files: list[ShardWriter] = []
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
-    pending: dict[int, Future[tuple[bool, object]]] = {}
-
-    def task(job: Job, r0: int, r1: int) -> tuple[bool, object]:
-        inputs = job.load(r0, r1)
-        if not job.parallel:
-            return False, inputs
-        out = job.compute(inputs, r0, r1)
-        return True, out.to(dtype=job.dtype).to("cpu") if writer else out
-
     try:
-        for i in range(len(work)):
-            for k in range(i, min(i + ahead + 1, len(work))):
-                if k not in pending:
-                    pending[k] = reader.submit(task, work[k][1], work[k][2], work[k][3])
-            nxt = i + ahead
-            if nxt < len(work) and work[nxt][1].advise:
-                work[nxt][1].advise(work[nxt][2], work[nxt][3])
-            si, job, r0, r1 = work[i]
-            done, value = pending.pop(i).result()
-            out = value if done else job.compute(value, r0, r1)
-            del value
-            if writer:
-                out = out.to(dtype=job.dtype).to("cpu")
-                expect = (r1 - r0, *job.shape[1:]) if job.shape else ()
-                writer.put((si, out.reshape(expect)))
-            del out
-            if r1 == job.rows and job.finish:
-                job.finish()
+        if out_dir is not None:
+            for sh in shards:
+                files.append(ShardWriter(out_dir / sh.file, [j.spec for j in sh.jobs], sh.metadata))
+        helpers = [
+            threading.Thread(target=_worker, args=(sched, files), name=f"patchlab-worker-{k}", daemon=True)
+            for k in range(1, READERS)
+        ]
+        for t in helpers:
+            t.start()
+        try:
+            _worker(sched, files)
+        except BaseException as e:  # KeyboardInterrupt in the calling thread: stop the helpers too
+            sched.fail(e)
+            raise
+        finally:
+            for t in helpers:
+                t.join()
+        if sched.error is not None:
+            raise sched.error
+        for f in files:
+            f.finish()
     except BaseException:
-        for f in pending.values():
-            f.cancel()
-        if writer:
-            writer.put(_ABORT)
-            writer.join()
+        for f in files:
+            f.abort()
         raise
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
-    if writer:
-        writer.put(_STOP)
-        writer.join()
-        if writer.error:
-            raise writer.error
+
+
+def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
+    """Take chunks until there are none left or another worker failed."""
+    ahead = READERS + 1
+    try:
+        while (i := sched.take()) is not None:
+            si, job, r0, r1 = sched.work[i]
+            if i + ahead < len(sched.work):
+                nxt = sched.work[i + ahead]
+                if nxt[1].advise:
+                    nxt[1].advise(nxt[2], nxt[3])
+            inputs = job.load(r0, r1)
+            if job.parallel:
+                out = job.compute(inputs, r0, r1)
+            else:
+                if not sched.wait_turn(i):
+                    return
+                try:
+                    out = job.compute(inputs, r0, r1)
+                finally:
+                    sched.end_turn()
+            del inputs
+            nbytes = 0
+            if files:
+                if out.dtype != job.dtype or out.device.type != "cpu":
+                    out = out.to(dtype=job.dtype).to("cpu")
+                expect = (r1 - r0, *job.shape[1:]) if job.shape else ()
+                if tuple(out.shape) != expect:
+                    out = out.reshape(expect)
+                nbytes = files[si].write(job.name, r0 * job.row_elems * out.element_size(), out)
+            del out
+            if sched.done(job, nbytes) and job.finish:
+                job.finish()
+    except BaseException as e:
+        sched.fail(e)
+        if threading.current_thread() is threading.main_thread():
+            raise
+    finally:
+        _drop_scratch()
 
 
 def check_output(out: Path, overwrite: bool) -> None:

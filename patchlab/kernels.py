@@ -21,6 +21,17 @@ def diff(finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return finetuned.to(torch.float32, copy=True).sub_(base.float())
 
 
+def as_float(t: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32: itself when it already is, else converted into ``scratch`` (fp32, same shape)."""
+    return t if t.dtype == torch.float32 else scratch.copy_(t)
+
+
+def diff_into(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``Δ = ft − base`` in fp32 written into ``out``, with ``scratch`` for the converted base (both fp32, the
+    inputs' shape): bit-identical to ``diff``, without allocating."""
+    return out.copy_(finetuned).sub_(as_float(base, scratch))
+
+
 def add_scaled(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``target + α·Δ`` in fp32 (the caller casts once on output). Inputs may be low-precision views."""
     out = target.to(torch.float32, copy=True)

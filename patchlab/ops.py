@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
-from .engine import Job, Shard, atomic_output, check_output, resolve_device, run
+from .engine import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, add_scaled, all_finite, bits, diff, gather_rows
+from .kernels import DeltaStats, add_scaled, all_finite, as_float, bits, diff_into, gather_rows
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
@@ -201,26 +201,29 @@ def _extract_job(
     entries[s.name] = entry
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        f = ft.rows(s.name, r0, r1).to(dev)
+        shape = (r1 - r0, *s.shape[1:]) if s.shape else ()
+        f = ft.rows(s.name, r0, r1, scratch("extract.ft", shape, ft_t.dtype)).to(dev)
         if bmap is not None:
             b = gather_rows(base_t, bmap[r0:r1]).to(dev)
         elif s.shape and r1 > base_t.shape[0]:  # truncate never reads past the base; pad rows are zero
             b = gather_rows(base_t, identity(r1, base_t.shape[0])[r0:r1]).to(dev)
         else:
-            b = base.rows(s.name, r0, r1).to(dev)
+            b = base.rows(s.name, r0, r1, scratch("extract.base", shape, base_t.dtype)).to(dev)
         return f, b
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         f, b = x
-        d = diff(f, b)
+        shape, d_dev = tuple(f.shape), f.device
+        b32 = as_float(b, scratch("extract.b32", shape, torch.float32, d_dev))
+        d = diff_into(scratch("extract.delta", shape, torch.float32, d_dev), f, b32, b32)
         stats.update(d, b, offset=r0 * row)
         if stats.nonfinite:
             raise NonFiniteDeltaError(
                 f"Δ of {s.name} has NaN/Inf (first at flat element {stats.first_nonfinite}); "
                 "the base or the fine-tune holds non-finite weights"
             )
-        if exact:
-            back = add_scaled(b, d).to(f.dtype)
+        if exact:  # does cast(base + Δ) give ft back? Elements where it does not are stored verbatim
+            back = scratch("extract.back", shape, f.dtype, d_dev).copy_(b32.add_(d))
             if not torch.equal(bits(back), bits(f)):
                 bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
                 fix_idx.append((bad + r0 * row).cpu())
@@ -385,8 +388,11 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        # converted to fp32 here, on a loader thread, so the compute thread only adds and casts
-        tr = gather_rows(t, tmap[r0:r1]).to(dev) if tmap is not None else target.rows(s.name, r0, r1).to(dev).float()
+        if tmap is not None:
+            tr = gather_rows(t, tmap[r0:r1]).to(dev)
+        else:
+            shape = (min(r1, t.shape[0]) - r0, *s.shape[1:]) if s.shape else ()
+            tr = target.rows(s.name, r0, r1, scratch("apply.target", shape, t.dtype)).to(dev)
         return tr, source.rows(dname, r0, r1, dev, dmap)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -395,8 +401,10 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             raise NonFiniteDeltaError(
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
-        if source.owns_rows:  # reuse the fresh Δ buffer: one allocation per chunk
-            outc = (d.mul_(s.alpha) if s.alpha != 1 else d).add_(tr.float()).to(dtype)
+        if source.owns_rows:  # Δ is this chunk's own buffer: scale and accumulate in place, no allocation
+            acc = d.mul_(s.alpha) if s.alpha != 1 else d
+            acc = acc.add_(as_float(tr, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device)))
+            outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
         else:
             outc = add_scaled(tr, d, s.alpha).to(dtype)
         if fix is not None:

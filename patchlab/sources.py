@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .kernels import diff, gather_rows
+from .engine import scratch
+from .kernels import diff, diff_into, gather_rows
 from .patch import Patch, PatchTensor
 from .plan import DeltaEntry, DeltaView, Plan, plan_extract
 
@@ -82,7 +83,7 @@ class PatchDelta:
 class PairDelta:
     """``ft − base`` computed on demand, following an extract plan (row maps included)."""
 
-    owns_rows = True  # every call returns a fresh fp32 buffer the caller may reuse
+    owns_rows = True  # every call returns an fp32 buffer of the chunk's own (fresh or scratch) to modify
 
     def __init__(self, finetuned: Checkpoint, base: Checkpoint, plan: Plan | None = None):
         self.ft, self.base = finetuned, base
@@ -101,6 +102,22 @@ class PairDelta:
         self, name: str, r0: int, r1: int, device: torch.device, index: torch.Tensor | None = None
     ) -> torch.Tensor:
         s = self._steps[name]
+        ft_info, base_info = self.ft.info(name), (self.base.info(name) if name in self.base else None)
+        bmap = self.plan.row_maps.get((name, "base"))
+        if (
+            s.action == "diff"
+            and s.shape
+            and index is None
+            and bmap is None
+            and r1 <= min(ft_info.shape[0], base_info.shape[0])
+        ):  # the common case, once per chunk: read both into scratch, subtract in place
+            shape = (r1 - r0, *s.shape[1:])
+            f = self.ft.rows(name, r0, r1, scratch("pair.ft", shape, ft_info.dtype))
+            b = self.base.rows(name, r0, r1, scratch("pair.base", shape, base_info.dtype))
+            if device.type != "cpu":
+                return diff(f.to(device), b.to(device))
+            d, tmp = scratch("pair.delta", shape, torch.float32), scratch("pair.tmp", shape, torch.float32)
+            return diff_into(d, f, b, tmp)
         rows = index[r0:r1] if index is not None else torch.arange(r0, r1)
         if s.action == "set":
             return (
@@ -111,7 +128,6 @@ class PairDelta:
         ft_t, base_t = self.ft.tensor(name), self.base.tensor(name)
         if not s.shape:
             return ft_t.to(device).float() - base_t.to(device).float()
-        bmap = self.plan.row_maps.get((name, "base"))
         ft_rows = rows.clone()
         ft_rows[ft_rows >= ft_t.shape[0]] = -1
         base_rows = rows.clone()
@@ -119,8 +135,6 @@ class PairDelta:
             valid = base_rows >= 0
             base_rows[valid] = bmap[base_rows[valid]]
         base_rows[base_rows >= base_t.shape[0]] = -1
-        if index is None and bmap is None and r1 <= min(ft_t.shape[0], base_t.shape[0]):
-            return diff(self.ft.rows(name, r0, r1).to(device), self.base.rows(name, r0, r1).to(device))
         return gather_rows(ft_t, ft_rows).to(device).sub_(gather_rows(base_t, base_rows).to(device))
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:

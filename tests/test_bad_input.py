@@ -145,15 +145,15 @@ def test_error_midway_leaves_nothing(tmp_path, pair, monkeypatch):
     import patchlab.safetensors_io as sio
 
     calls = {"n": 0}
-    real = sio.StreamingWriter.write
+    real = sio.ShardWriter.write
 
-    def flaky(self, chunk):
+    def flaky(self, name, offset, chunk):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("No space left on device")
-        return real(self, chunk)
+        return real(self, name, offset, chunk)
 
-    monkeypatch.setattr(sio.StreamingWriter, "write", flaky)
+    monkeypatch.setattr(sio.ShardWriter, "write", flaky)
     with pytest.raises(OSError, match="No space"):
         patchlab.extract(base, ft, tmp_path / "out")
     assert_clean(tmp_path, tmp_path / "out")
