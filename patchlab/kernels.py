@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
@@ -51,6 +52,25 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors of one dtype and shape hold identical bits (``-0.0`` differs from ``0.0``)."""
+    if a.device.type == "cpu" and b.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+        # a vectorised byte comparison: torch.equal on 16-bit integer views is 6x slower
+        return bool(np.array_equal(a.view(-1).view(torch.uint8).numpy(), b.view(-1).view(torch.uint8).numpy()))
+    return torch.equal(bits(a), bits(b))
+
+
+def count_nonzero(t: torch.Tensor) -> int:
+    """Non-zero elements of a finite float tensor.
+
+    ``torch.count_nonzero`` is not vectorised on CPU (1.1 ms per 512K fp32 elements, 20x a norm); the sum
+    of ``|sign(x)|`` is, and counts exactly while every partial sum stays below 2**24.
+    """
+    if t.dtype in (torch.float32, torch.float64) and t.numel() < 1 << 24:
+        return int(t.sign().abs_().sum())
+    return int(torch.count_nonzero(t))
+
+
 def exact_mismatches(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """Flat indices where ``cast(base + Δ)`` does not reproduce ``finetuned`` bit for bit."""
     back = add_scaled(base, delta).to(finetuned.dtype)
@@ -92,10 +112,21 @@ class DeltaStats:
         self.sumsq += norm * norm
         lo, hi = torch.aminmax(d)  # 20x cheaper than an ∞-norm on CPU
         self.max_abs = max(self.max_abs, -float(lo), float(hi))
-        self.changed += int(torch.count_nonzero(d))
+        self.changed += count_nonzero(d)
         if reference is not None and reference.numel():
             r = float(torch.linalg.vector_norm(reference, dtype=torch.float32))
             self.ref_sumsq += r * r
+
+    def merge(self, other: DeltaStats) -> None:
+        """Add another part's statistics (merging parts in order equals updating with them in order)."""
+        self.numel += other.numel
+        self.sumsq += other.sumsq
+        self.ref_sumsq += other.ref_sumsq
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.changed += other.changed
+        self.nonfinite += other.nonfinite
+        if self._first_bad is None:
+            self._first_bad = other._first_bad
 
     @property
     def first_nonfinite(self) -> int | None:

@@ -16,7 +16,7 @@ from . import __version__
 from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 from .engine import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, add_scaled, all_finite, as_float, bits, diff_into, gather_rows
+from .kernels import DeltaStats, add_scaled, all_finite, as_float, bits, diff_into, gather_rows, same_bits
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
@@ -185,9 +185,9 @@ def _extract_job(
         )
     base_t = base.tensor(s.name)
     bmap = plan.row_maps.get((s.name, "base"))
-    stats = DeltaStats()
-    fix_idx: list[torch.Tensor] = []
-    fix_val: list[torch.Tensor] = []
+    # per chunk (first row → statistics, residual positions, residual values), combined in row order by
+    # finish: chunks are computed in parallel, and the manifest must not depend on which finished first
+    parts: dict[int, tuple[DeltaStats, torch.Tensor | None, torch.Tensor | None]] = {}
     row = math.prod(s.shape[1:]) if s.shape else 1
     entry: dict = {
         "op": "add",
@@ -216,21 +216,33 @@ def _extract_job(
         shape, d_dev = tuple(f.shape), f.device
         b32 = as_float(b, scratch("extract.b32", shape, torch.float32, d_dev))
         d = diff_into(scratch("extract.delta", shape, torch.float32, d_dev), f, b32, b32)
+        stats = DeltaStats()
         stats.update(d, b, offset=r0 * row)
         if stats.nonfinite:
             raise NonFiniteDeltaError(
-                f"Δ of {s.name} has NaN/Inf (first at flat element {stats.first_nonfinite}); "
+                f"Δ of {s.name} has NaN/Inf (at flat element {stats.first_nonfinite}); "
                 "the base or the fine-tune holds non-finite weights"
             )
+        fix_at = fix_to = None
         if exact:  # does cast(base + Δ) give ft back? Elements where it does not are stored verbatim
             back = scratch("extract.back", shape, f.dtype, d_dev).copy_(b32.add_(d))
-            if not torch.equal(bits(back), bits(f)):
+            if not same_bits(back, f):
                 bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
-                fix_idx.append((bad + r0 * row).cpu())
-                fix_val.append(f.reshape(-1)[bad].cpu())
+                fix_at, fix_to = (bad + r0 * row).cpu(), f.reshape(-1)[bad].cpu()
+        parts[r0] = (stats, fix_at, fix_to)
         return d
 
     def finish() -> None:
+        stats = DeltaStats()
+        fix_idx: list[torch.Tensor] = []
+        fix_val: list[torch.Tensor] = []
+        for r0 in sorted(parts):
+            st, at, to = parts[r0]
+            stats.merge(st)
+            if at is not None and to is not None:
+                fix_idx.append(at)
+                fix_val.append(to)
+        parts.clear()
         entry["stats"] = stats.result()
         if fix_idx:
             key = s.name
@@ -248,7 +260,7 @@ def _extract_job(
         if bmap is None:
             base.advise(s.name, r0, min(r1, base_t.shape[0] if s.shape else 1))
 
-    return Job(s.name, s.shape, _dtype(s.dtype), load, compute, advise, finish)
+    return Job(s.name, s.shape, _dtype(s.dtype), load, compute, advise, finish, parallel=True)
 
 
 def _totals(entries: Mapping[str, dict], fixups: Mapping[str, torch.Tensor]) -> dict:

@@ -264,6 +264,7 @@ class ShardWriter:
         self._expected = pos - len(header)
         self._written = 0
         self._lock = threading.Lock()
+        self._wlock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
         try:
             self._pwrite(memoryview(header), 0)
@@ -275,7 +276,8 @@ class ShardWriter:
     def write(self, name: str, byte_offset: int, chunk: torch.Tensor | memoryview | bytes) -> int:
         """Write ``chunk`` at ``byte_offset`` within tensor ``name``; returns the bytes written."""
         data = memoryview(tensor_bytes(chunk) if isinstance(chunk, torch.Tensor) else chunk).cast("B")
-        self._pwrite(data, self._offsets[name] + byte_offset)
+        with self._wlock:  # the kernel serialises buffered writes to one file anyway, spinning while it waits
+            self._pwrite(data, self._offsets[name] + byte_offset)
         with self._lock:
             self._written += data.nbytes
         return data.nbytes
