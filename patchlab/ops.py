@@ -16,7 +16,7 @@ from . import __version__
 from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 from .engine import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, add_scaled, all_finite, as_float, bits, diff_into, gather_rows, same_bits
+from .kernels import DeltaStats, all_finite, as_float, bits, diff_into, gather_rows, same_bits
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
@@ -413,12 +413,10 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             raise NonFiniteDeltaError(
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
-        if source.owns_rows:  # Δ is this chunk's own buffer: scale and accumulate in place, no allocation
-            acc = d.mul_(s.alpha) if s.alpha != 1 else d
-            acc = acc.add_(as_float(tr, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device)))
-            outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
-        else:
-            outc = add_scaled(tr, d, s.alpha).to(dtype)
+        # Δ is this chunk's own buffer (see sources): scale and accumulate in place, no allocation
+        acc = d.mul_(s.alpha) if s.alpha != 1 else d
+        acc = acc.add_(as_float(tr, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device)))
+        outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
         if fix is not None:
             if "ok" not in fix_state:  # the residuals are only valid on the exact base tensor they came from
                 fix_state["ok"] = tensor_digest(t) == fix[0]

@@ -102,15 +102,26 @@ class PatchTensor:
     def _t(self, role: str) -> torch.Tensor:
         return self._patch._tensor(self.meta["file"], self.meta["keys"][role])
 
-    def rows(self, r0: int, r1: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Dense fp32 rows ``[r0, r1)`` of ΔW (or of the value, for ``set``)."""
+    def rows(
+        self, r0: int, r1: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense fp32 rows ``[r0, r1)`` of ΔW (or of the value, for ``set``).
+
+        Rows of ``add`` entries are the caller's own to modify: read (into ``out`` when it is given and
+        matches the stored rows' shape and dtype) or computed afresh, never a view of the file.
+        """
         if self.op == "set":
             return self._slice(self._t("value"), r0, r1).to(device).float()
         if self.op != "add":
             raise PatchFormatError(f"tensor {self.name!r} is deleted by the patch; it has no rows")
         enc = self.encoding
         if enc == "dense":
-            return self._slice(self._t("delta"), r0, r1).to(device).float()
+            if not self.shape:
+                return self._t("delta").to(device, torch.float32, copy=True)
+            f, key = self._patch._file(self.meta["file"]), self.meta["keys"]["delta"]
+            want = (min(r1, self.shape[0]) - r0, *self.shape[1:])
+            fits = out is not None and tuple(out.shape) == want and out.dtype == f.entries[key].dtype
+            return f.rows(key, r0, r1, out if fits else None).to(device).float()
         if enc == "lowrank":
             b = self._t("B")[r0:r1].to(device).float()
             a = self._t("A").to(device).float()

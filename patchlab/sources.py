@@ -3,7 +3,8 @@
 ``PatchDelta`` reads a stored patch (any encoding); ``PairDelta`` computes ``ft − base`` on the fly, which is
 what makes the fused port ``target + α·(ft − base)`` a single streaming pass that never writes Δ.
 Both answer the same two questions: what entries exist (for planning), and the dense fp32 rows of one
-entry for a row map (for execution).
+entry for a row map (for execution). Rows of ``add`` entries are the caller's own for the chunk in hand
+(fresh, or engine scratch), so an apply scales and accumulates into them in place.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ def _gather_entry(e: PatchTensor, index: torch.Tensor, device: torch.device) -> 
 class PatchDelta:
     """A stored patch as a delta source."""
 
-    owns_rows = False  # dense rows are views of the mapped patch: never modify them in place
-
     def __init__(self, patch: Patch):
         self.patch = patch
 
@@ -59,6 +58,10 @@ class PatchDelta:
         e = self.patch.entry(name)
         if index is not None:
             return _gather_entry(e, index[r0:r1], device)
+        if e.op == "add" and e.encoding == "dense" and e.shape:  # fp32 Δ (the default) is read into scratch
+            return e.rows(
+                r0, r1, device, scratch("patch.delta", (min(r1, e.shape[0]) - r0, *e.shape[1:]), torch.float32)
+            )
         return e.rows(r0, r1, device)
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
@@ -82,8 +85,6 @@ class PatchDelta:
 
 class PairDelta:
     """``ft − base`` computed on demand, following an extract plan (row maps included)."""
-
-    owns_rows = True  # every call returns an fp32 buffer of the chunk's own (fresh or scratch) to modify
 
     def __init__(self, finetuned: Checkpoint, base: Checkpoint, plan: Plan | None = None):
         self.ft, self.base = finetuned, base

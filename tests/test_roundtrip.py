@@ -109,12 +109,14 @@ def test_port_output_loads_and_matches_manual_sum(tmp_path):
     assert json.loads((out.path / "patchlab.json").read_text())["operation"] == "port"
 
 
-def test_fused_port_equals_two_step_port(tmp_path):
+@pytest.mark.parametrize("alpha", [1.0, 0.37])
+def test_fused_port_equals_two_step_port(tmp_path, alpha):
+    """Both paths compute ``target + (α·Δ)`` in one order, so they agree bit for bit at any α."""
     src = make_model(tmp_path / "src", dtype=torch.bfloat16)
     ft = make_model(tmp_path / "ft", from_model=src, noise=0.02, seed=1, dtype=torch.bfloat16)
     tgt = make_model(tmp_path / "tgt", from_model=src, noise=0.01, seed=2, dtype=torch.bfloat16)
-    two = patchlab.port(patchlab.extract(src, ft, tmp_path / "patch"), tgt, tmp_path / "two")
-    fused = patchlab.port_fused(ft, src, tgt, tmp_path / "fused")
+    two = patchlab.port(patchlab.extract(src, ft, tmp_path / "patch"), tgt, tmp_path / "two", alpha=alpha)
+    fused = patchlab.port_fused(ft, src, tgt, tmp_path / "fused", alpha=alpha)
     assert_bitwise_equal(state(two.path), state(fused.path))
     assert not (tmp_path / "fused" / "delta-00001-of-00001.safetensors").exists()
 
