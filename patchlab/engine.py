@@ -26,6 +26,7 @@ from .errors import DeviceError, OutputExistsError
 from .safetensors_io import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
+ADVISE_AHEAD = 16  # chunks: ask the kernel to start reading this far ahead (cold files; no cost when cached)
 READERS = 2  # worker threads, the calling one included: one per core of the 2-core target machine
 Inputs = tuple[torch.Tensor, ...]
 
@@ -258,7 +259,7 @@ def run(
 
 def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
     """Take chunks until there are none left or another worker failed."""
-    ahead = READERS + 1
+    ahead = ADVISE_AHEAD
     try:
         while (i := sched.take()) is not None:
             si, job, r0, r1 = sched.work[i]
