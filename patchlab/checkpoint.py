@@ -1,7 +1,8 @@
 """Hugging Face model directories, read lazily one tensor at a time.
 
-A ``Checkpoint`` knows names, shapes and dtypes from the file headers alone; tensor data is a zero-copy
-view of the mapped file, so opening even a 70B checkpoint costs milliseconds and no memory.
+A ``Checkpoint`` knows names, shapes and dtypes from the file headers alone, so opening even a 70B
+checkpoint costs milliseconds and no memory. Data is read a row range at a time (``rows``, one positional
+read into a buffer the caller may supply) or viewed zero-copy through a mapping (``tensor``).
 """
 
 from __future__ import annotations

@@ -31,32 +31,6 @@ READERS = 2  # worker threads, the calling one included: one per core of the 2-c
 Inputs = tuple[torch.Tensor, ...]
 
 
-_ALLOCATOR_TUNED = False
-
-
-def _keep_chunk_buffers() -> None:
-    """Stop glibc from returning every freed chunk buffer to the kernel.
-
-    By default glibc serves multi-MiB allocations with fresh mmaps (or trims the heap after freeing
-    them), so each chunk's buffers are page-faulted in anew: 560-680k minor faults per 1.1B-parameter
-    port, more system than user time. Raising the mmap and trim thresholds lets freed buffers be reused;
-    what is retained is bounded by the few chunks that are alive at once. No-op off glibc.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return
-    _ALLOCATOR_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 64 << 20)
-        libc.mallopt(m_trim_threshold, 256 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 _SCRATCH = threading.local()
 
 
@@ -218,7 +192,6 @@ def run(
     machine); the previous thread count is restored afterwards. Memory is bounded by one chunk per worker.
     """
     chunk_elems = chunk_elems or CHUNK_ELEMS
-    _keep_chunk_buffers()
     work = [
         (si, job, r0, r1) for si, sh in enumerate(shards) for job in sh.jobs for r0, r1 in _chunks(job, chunk_elems)
     ]

@@ -43,6 +43,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+_OPEN_LOCK = threading.Lock()
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -162,7 +163,9 @@ class MappedFile:
 
     def _fileno(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            with _OPEN_LOCK:  # workers may ask at once; open one descriptor, not one each
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return self._fd
 
     def raw(self, name: str) -> memoryview:
