@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeviceError, OutputExistsError
+from .errors import DeviceError, NoSpaceError, OutputExistsError
 from .safetensors_io import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
@@ -200,6 +200,8 @@ def run(
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
+    if out_dir is not None:
+        _check_space(out_dir, sum(sh.nbytes for sh in shards))
     try:
         if out_dir is not None:
             for sh in shards:
@@ -228,6 +230,16 @@ def run(
         raise
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_space(out_dir: Path, need: int) -> None:
+    """Refuse, before the first byte, an output the file system cannot hold (rather than fail at 90%)."""
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise NoSpaceError(
+            f"the output needs {need / 1e9:.2f} GB but {out_dir.parent} has {free / 1e9:.2f} GB free; "
+            "free some space or write the output elsewhere"
+        )
 
 
 def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:

@@ -44,5 +44,9 @@ class OutputExistsError(PatchlabError):
     """The output directory exists and ``overwrite`` was not given."""
 
 
+class NoSpaceError(PatchlabError):
+    """The output's file system has less free space than the output needs."""
+
+
 class DeviceError(PatchlabError):
     """The requested compute device is not available."""

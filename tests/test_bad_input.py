@@ -157,3 +157,17 @@ def test_error_midway_leaves_nothing(tmp_path, pair, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         patchlab.extract(base, ft, tmp_path / "out")
     assert_clean(tmp_path, tmp_path / "out")
+
+
+def test_output_larger_than_free_space_is_refused_before_writing(tmp_path, pair, monkeypatch):
+    import shutil as _shutil
+
+    import patchlab.engine as eng
+    from patchlab.errors import NoSpaceError
+
+    base, ft = pair
+    real = _shutil.disk_usage
+    monkeypatch.setattr(eng.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(NoSpaceError, match="GB free; free some space"):
+        patchlab.extract(base, ft, tmp_path / "out")
+    assert_clean(tmp_path, tmp_path / "out")
