@@ -51,6 +51,20 @@ def test_stateful_jobs_compute_in_chunk_order_and_finish_once(tmp_path, monkeypa
         j = _jittery_job(name, 40, 4, parallel=False, log=log)
         j.finish = lambda n=name: finished.append(n)
         jobs.append(j)
+    # the first chunk's load waits until another worker is loading too, so chunks really do overlap
+    first, other = threading.current_thread(), threading.Event()
+    load_a = jobs[0].load
+
+    def load(r0: int, r1: int):
+        if r0 == 0:
+            nonlocal first
+            first = threading.current_thread()
+            other.wait(timeout=10)
+        elif threading.current_thread() is not first:
+            other.set()
+        return load_a(r0, r1)
+
+    jobs[0].load = load
     run([Shard("x.safetensors", jobs)], tmp_path, torch.device("cpu"), chunk_elems=8)
     assert [(n, r0) for n, r0, _ in log] == [(n, r0) for n in ("a", "b") for r0 in range(0, 40, 2)]
     assert len({t for _, _, t in log}) > 1  # the work really was spread over workers
