@@ -82,7 +82,7 @@ class Job:
     compute: Callable[[Inputs, int, int], torch.Tensor]
     advise: Callable[[int, int], None] | None = None
     finish: Callable[[], None] | None = None
-    # compute has no side effects, so chunks may be computed on the loader threads, in parallel
+    # compute keeps no state from chunk to chunk, so chunks may be computed by several workers at once
     parallel: bool = False
 
     @property

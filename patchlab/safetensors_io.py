@@ -116,7 +116,7 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
 
 
 class MappedFile:
-    """A read-only view of a safetensors file; tensors are zero-copy views of the page cache."""
+    """A read-only safetensors file: row ranges read with ``preadv``, whole tensors as zero-copy mapped views."""
 
     def __init__(self, path: Path):
         self.path = path
