@@ -126,10 +126,11 @@ class MappedFile:
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                # ACCESS_COPY gives a writable (copy-on-write) buffer, so torch.frombuffer does not warn;
-                # nothing ever writes to it, so pages stay file-backed and are not process memory.
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with _OPEN_LOCK, open(self.path, "rb") as f:  # workers may ask at once: map the file once
+                if self._mm is None:
+                    # ACCESS_COPY gives a writable (copy-on-write) buffer, so torch.frombuffer does not warn;
+                    # nothing ever writes to it, so pages stay file-backed and are not process memory.
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mm
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -163,7 +164,7 @@ class MappedFile:
 
     def _fileno(self) -> int:
         if self._fd is None:
-            with _OPEN_LOCK:  # workers may ask at once; open one descriptor, not one each
+            with _OPEN_LOCK:  # workers may ask at once: open one descriptor, not one each
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return self._fd
