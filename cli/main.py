@@ -490,11 +490,7 @@ def tag_add(
     registry: RegistryOpt = None,
 ) -> None:
     """Tag a patch or base version."""
-    with _open(registry) as reg:
-        label = ""
-        for t in tags:
-            label = reg.add_tag(ref, t, kind=kind)
-    _out().print(f"tagged {_escape(label)}: {_escape(', '.join(tags))}")
+    _retag(registry, "add_tag", "tagged", ref, tags, kind)
 
 
 @tag_app.command("rm")
@@ -506,11 +502,16 @@ def tag_rm(
     registry: RegistryOpt = None,
 ) -> None:
     """Remove tags from a patch or base version."""
+    _retag(registry, "remove_tag", "untagged", ref, tags, kind)
+
+
+def _retag(registry: Path | None, method: str, verb: str, ref: str, tags: list[str], kind: str | None) -> None:
+    """Add or remove each tag (``Registry.add_tag`` / ``remove_tag``) and say what was done."""
     with _open(registry) as reg:
         label = ""
         for t in tags:
-            label = reg.remove_tag(ref, t, kind=kind)
-    _out().print(f"untagged {_escape(label)}: {_escape(', '.join(tags))}")
+            label = getattr(reg, method)(ref, t, kind=kind)
+    _out().print(f"{verb} {_escape(label)}: {_escape(', '.join(tags))}")
 
 
 # ---- evaluations -----------------------------------------------------------------------------------
