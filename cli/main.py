@@ -505,7 +505,7 @@ def tag_rm(
     _retag(registry, "remove_tag", "untagged", ref, tags, kind)
 
 
-def _retag(registry: Path | None, method: str, verb: str, ref: str, tags: list[str], kind: str | None) -> None:
+def _retag(registry: str | None, method: str, verb: str, ref: str, tags: list[str], kind: str | None) -> None:
     """Add or remove each tag (``Registry.add_tag`` / ``remove_tag``) and say what was done."""
     with _open(registry) as reg:
         label = ""
