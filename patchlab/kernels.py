@@ -33,18 +33,14 @@ def diff_into(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor, sc
     return out.copy_(finetuned).sub_(as_float(base, scratch))
 
 
-def add_scaled(target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``target + α·Δ`` in fp32 (the caller casts once on output). Inputs may be low-precision views."""
-    out = target.to(torch.float32, copy=True)
-    return out.add_(delta.float(), alpha=alpha) if alpha != 0 else out
+def scaled_add_into(delta: torch.Tensor, target: torch.Tensor, alpha: float, scratch: torch.Tensor) -> torch.Tensor:
+    """``α·Δ + target`` in fp32, in place in ``delta`` (``scratch``: fp32, for a low-precision target).
 
-
-def port(target: torch.Tensor, finetuned: torch.Tensor, source: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Fused fine-tuning transfer ``target + α·(ft − source)`` in fp32, without keeping Δ."""
-    d = finetuned.to(torch.float32, copy=True).sub_(source.float())
+    The one formula of apply, port and the fused port, so all three agree bit for bit at any α.
+    """
     if alpha != 1:
-        d.mul_(alpha)
-    return d.add_(target.float())
+        delta.mul_(alpha)
+    return delta.add_(as_float(target, scratch))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -69,12 +65,6 @@ def count_nonzero(t: torch.Tensor) -> int:
     if t.dtype in (torch.float32, torch.float64) and t.numel() < 1 << 24:
         return int(t.sign().abs_().sum())
     return int(torch.count_nonzero(t))
-
-
-def exact_mismatches(base: torch.Tensor, delta: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """Flat indices where ``cast(base + Δ)`` does not reproduce ``finetuned`` bit for bit."""
-    back = add_scaled(base, delta).to(finetuned.dtype)
-    return (bits(back) != bits(finetuned)).reshape(-1).nonzero().squeeze(1)
 
 
 @dataclass

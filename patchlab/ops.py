@@ -16,7 +16,7 @@ from . import __version__
 from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 from .engine import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
 from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, all_finite, as_float, bits, diff_into, gather_rows, same_bits
+from .kernels import DeltaStats, all_finite, as_float, bits, diff_into, gather_rows, same_bits, scaled_add_into
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
 from .plan import Plan, Step, plan_apply, plan_extract
 from .sources import DeltaSource, PairDelta, PatchDelta
@@ -414,8 +414,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
         # Δ is this chunk's own buffer (see sources): scale and accumulate in place, no allocation
-        acc = d.mul_(s.alpha) if s.alpha != 1 else d
-        acc = acc.add_(as_float(tr, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device)))
+        acc = scaled_add_into(d, tr, s.alpha, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device))
         outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
         if fix is not None:
             if "ok" not in fix_state:  # the residuals are only valid on the exact base tensor they came from

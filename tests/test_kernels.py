@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchlab.kernels import DeltaStats, count_nonzero, diff, diff_into, same_bits
+from patchlab.kernels import DeltaStats, count_nonzero, diff, diff_into, same_bits, scaled_add_into
 
 
 def test_same_bits_sees_signed_zeros_and_nan_payloads():
@@ -44,3 +44,12 @@ def test_stats_merged_by_part_equal_stats_updated_in_order():
         part.update(d[r0 : r0 + 13], ref[r0 : r0 + 13])
         merged.merge(part)
     assert merged.result() == whole.result()
+
+
+def test_scaled_add_into_is_alpha_delta_plus_target_in_fp32():
+    g = torch.Generator().manual_seed(3)
+    d, tgt = torch.randn(32, 4, generator=g), torch.randn(32, 4, generator=g).bfloat16()
+    want = (d * 0.37) + tgt.float()
+    got = scaled_add_into(d.clone(), tgt, 0.37, torch.empty(32, 4))
+    assert same_bits(got, want)
+    assert same_bits(scaled_add_into(d.clone(), tgt, 1.0, torch.empty(32, 4)), d + tgt.float())
