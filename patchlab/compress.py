@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from . import lowrank as lr
 from . import sparse as sp
 from .checkpoint import Checkpoint, is_vocab_tensor
-from .engine import Job, _chunks, atomic_output, check_output, resolve_device
+from .engine import Job, _chunks, atomic_output, check_output, release_scratch, resolve_device
 from .errors import NonFiniteDeltaError, PlanError
 from .kernels import DeltaStats, diff
 from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header
@@ -217,17 +217,20 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
 def _assemble(job: Job, dev: torch.device, stats: DeltaStats | None = None) -> torch.Tensor:
     """One tensor's fp32 Δ, from row chunks as the engine loads them (vocabulary row maps included)."""
     out = torch.empty(job.shape, dtype=torch.float32, device=dev)
-    for r0, r1 in _chunks(job, CHUNK):
-        f, b = job.load(r0, r1)
-        d = diff(f, b)
-        if stats is not None:
-            stats.update(d, b, offset=r0 * job.row_elems)
-            if stats.nonfinite:
-                break
-        if not job.shape:
-            return d.reshape(())
-        out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
-    return out
+    try:
+        for r0, r1 in _chunks(job, CHUNK):
+            f, b = job.load(r0, r1)  # into engine scratch: consumed before the next load
+            d = diff(f, b)
+            if stats is not None:
+                stats.update(d, b, offset=r0 * job.row_elems)
+                if stats.nonfinite:
+                    break
+            if not job.shape:
+                return d.reshape(())
+            out[r0:r1] = d.reshape((r1 - r0, *job.shape[1:]))
+        return out
+    finally:
+        release_scratch()
 
 
 @dataclass

@@ -54,7 +54,8 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buf[:n].view(shape)
 
 
-def _drop_scratch() -> None:
+def release_scratch() -> None:
+    """Free the calling thread's scratch buffers (workers do so when a run ends; so should other callers)."""
     _SCRATCH.pool = None
 
 
@@ -279,7 +280,7 @@ def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
         if threading.current_thread() is threading.main_thread():
             raise
     finally:
-        _drop_scratch()
+        release_scratch()
 
 
 def check_output(out: Path, overwrite: bool) -> None:

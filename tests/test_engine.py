@@ -106,7 +106,7 @@ def test_scratch_is_reused_per_slot_and_private_to_each_thread():
     t.start()
     t.join()
     assert other[0] != a.data_ptr()
-    engine._drop_scratch()
+    engine.release_scratch()
 
 
 def test_rows_read_into_a_buffer_and_refuse_a_wrong_one(tmp_path):
