@@ -161,7 +161,7 @@ def _own_family(family: Path, layers: int) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ error
 def reconstruction_errors(src: Path, ft: Path, approx: dict[str, callable]) -> dict[str, float]:
     """Per-matrix relative errors of ``approx[name]() ≈ ft − src`` and the pooled error (key '*')."""
-    from patchlab.checkpoint import Checkpoint
+    from patchlab.io.checkpoint import Checkpoint
 
     s_ck, f_ck = Checkpoint.open(src), Checkpoint.open(ft)
     errs: dict[str, float] = {}
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     code = (
-        "import time; from patchlab.compress import extract_encoded; t = time.perf_counter(); "
+        "import time; from patchlab.methods.compress import extract_encoded; t = time.perf_counter(); "
         f"extract_encoded({str(src)!r}, {str(ft)!r}, {str(ours_out)!r}, rank={args.rank}, "
         f"storage_dtype='bfloat16', device={args.device!r}, oversample={args.oversample}, n_iter={args.n_iter}); "
         "print('inner', time.perf_counter() - t)"
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(no mergekit venv at {args.mergekit_venv}: mergekit column skipped)")
 
     # ---- reconstruction errors on the matrices both factorised
-    from patchlab.patch import Patch
-    from patchlab.peft_io import read_peft_adapter
+    from patchlab.io.patch import Patch
+    from patchlab.io.peft import read_peft_adapter
 
     ours = Patch.open(ours_out)
     ours_low = {e.name: e for e in ours.entries() if e.op == "add" and e.encoding == "lowrank"}

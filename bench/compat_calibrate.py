@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patchlab  # noqa: E402
-from patchlab.diagnostics import diagnose  # noqa: E402
-from patchlab.evaluate import evaluate  # noqa: E402
+from patchlab.measure.diagnose import diagnose  # noqa: E402
+from patchlab.measure.evaluate import evaluate  # noqa: E402
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patchlab  # noqa: E402
-from patchlab.diagnostics import diagnose  # noqa: E402
-from patchlab.evaluate import evaluate  # noqa: E402
-from patchlab.tuco import TuCo  # noqa: E402
+from patchlab.measure.diagnose import diagnose  # noqa: E402
+from patchlab.measure.evaluate import evaluate  # noqa: E402
+from patchlab.measure.tuco import TuCo  # noqa: E402
 from tests._tiny_llama import make_pair  # noqa: E402
 
 WORDS = "the cat sat on a mat and dog log capital of france is paris two plus four".split()
@@ -77,7 +77,7 @@ def main() -> None:
                 for i in range(a.n)
             )
         )
-        from patchlab.evaluate import load_model
+        from patchlab.measure.evaluate import load_model
 
         model, tok = load_model(ft, device=a.device)
         dev = next(model.parameters()).device

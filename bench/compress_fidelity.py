@@ -2,7 +2,7 @@
 
 For the fine-tune patch ``Δ = ft-v1 − v1`` it writes the dense patch, then low-rank versions (several
 ranks and energies) and sparse ones (top-k and DARE at several densities), applies each to ``v1`` and
-evaluates the result on the family's task (and general) eval sets with ``patchlab.evaluate``. Printed as a
+evaluates the result on the family's task (and general) eval sets with ``patchlab.measure.evaluate``. Printed as a
 Markdown table (the one in docs/lowrank.md):
 
     python bench/compress_fidelity.py                       # fixtures/models/{v1,ft-v1}, fixtures/eval/*.jsonl
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import patchlab
-    from patchlab.compress import compress
-    from patchlab.evaluate import evaluate
+    from patchlab.measure.evaluate import evaluate
+    from patchlab.methods.compress import compress
 
     models, evals = args.fixtures / "models", args.fixtures / "eval"
     base, ft = models / args.base, models / args.ft

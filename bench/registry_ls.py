@@ -38,7 +38,7 @@ def make_patch_dir(path: Path, seed: int, base_content: str) -> Path:
         "changed_frac": 1,
     }
     manifest = {
-        "format": "patchlab.patch",
+        "format": "patchlab.io.patch",
         "format_version": 1,
         "provenance": {
             "base": {"content": base_content},

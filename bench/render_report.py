@@ -2,7 +2,7 @@
 
     python bench/render_report.py [--out DIR] [--limit N] [--prompts K] [--device cpu]
 
-Builds Δ = ft-v1 − v1 from the bundled family (``fixtures/``), runs ``patchlab.compat.compatibility_report``
+Builds Δ = ft-v1 − v1 from the bundled family (``fixtures/``), runs ``patchlab.report.compat.compatibility_report``
 onto v2 with the task and general eval sets (the first N instances of each, all by default) and K task
 prompts for TuCo, writes report.md / report.json / report.html into DIR and, when ``chromium`` is on PATH,
 screenshots report.html headless at 1200×2400 into report.png. Prints timings, the figures and what the
@@ -27,12 +27,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 WINDOW = (1200, 2400)
-VERDICT_RGB = {  # the verdict box backgrounds of patchlab.report's CSS
+VERDICT_RGB = {  # the verdict box backgrounds of patchlab.report.render's CSS
     "safe to port": (0xE3, 0xF6, 0xE5),
     "port with care": (0xFF, 0xF4, 0xD6),
     "do not port": (0xFD, 0xE2, 0xE1),
 }
-BAR_RGB = (0x4E, 0x79, 0xA7)  # the first series colour of patchlab.report's SVG charts
+BAR_RGB = (0x4E, 0x79, 0xA7)  # the first series colour of patchlab.report.render's SVG charts
 
 
 def screenshot(html: Path, png: Path, size: tuple[int, int] = WINDOW, timeout: float = 120.0) -> Path:
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import patchlab
     from fixtures import EVAL, model_path
-    from patchlab.compat import compatibility_report
-    from patchlab.report import render
+    from patchlab.report.compat import compatibility_report
+    from patchlab.report.render import render
 
     hf_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -294,7 +294,7 @@ def port_diff(out: Path, ref: dict) -> float:
 def extract_diff(out: Path, src: Path, ft: Path, names: list[str]) -> float:
     """Largest |dense ΔW - (ft - src)| over ``names`` of a patchlab patch."""
     sys.path.insert(0, str(REPO))
-    from patchlab.patch import Patch
+    from patchlab.io.patch import Patch
 
     patch = Patch.open(out)
     worst = 0.0

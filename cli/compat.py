@@ -1,7 +1,7 @@
 """CLI commands for compatibility: ``eval``, ``flips``, ``tuco``, ``diagnose``, ``report`` (thin shells).
 
-They parse, resolve registry references, call the library (``patchlab.evaluate``, ``patchlab.flips``,
-``patchlab.tuco``, ``patchlab.diagnostics``, ``patchlab.compat``) and print; no tensor math, no SQL.
+They parse, resolve registry references, call the library (``patchlab.measure.evaluate``, ``patchlab.measure.flips``,
+``patchlab.measure.tuco``, ``patchlab.measure.diagnose``, ``patchlab.report.compat``) and print; no tensor math, no SQL.
 """
 
 # No "from __future__ import annotations": typer evaluates the option annotations.
@@ -73,8 +73,8 @@ def load_flip_side(
 
     ``eval:...`` reads the registry; a JSON file in patchlab's results format is an ``EvalResult``; any
     other file or directory is lm-evaluation-harness ``--log_samples`` output."""
-    from patchlab.lmeval import read_samples, read_samples_dir
-    from patchlab.results import RESULTS_FORMAT, EvalResult
+    from patchlab.measure.lmeval import read_samples, read_samples_dir
+    from patchlab.measure.results import RESULTS_FORMAT, EvalResult
 
     if spec.startswith(EVAL_PREFIX):
         from cli.main import _open
@@ -126,7 +126,7 @@ def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[
 
 def quantiles(values: list[float], qs: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
     """Quantiles of a non-empty list keyed ``p10``, ``p50``... (linear interpolation, as numpy)."""
-    from patchlab.report import quantile
+    from patchlab.report.render import quantile
 
     return {f"p{round(q * 100)}": quantile(values, q) for q in qs}
 
@@ -141,7 +141,7 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Render ``report`` in each format into ``out_dir/report.<ext>``; each file appears whole (temp + rename)."""
-    from patchlab.report import render
+    from patchlab.report.render import render
 
     texts = {fmt: render(report, fmt) for fmt in formats}  # render everything before writing anything
     written = []
@@ -194,8 +194,8 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Evaluate a model on task files and print per-task accuracy; store it in the registry."""
-        from patchlab.evaluate import evaluate
-        from patchlab.tasks import load_task
+        from patchlab.measure.evaluate import evaluate
+        from patchlab.measure.tasks import load_task
 
         if record is not None and no_record:
             raise CliInputError("--record and --no-record contradict each other; pass one")
@@ -280,7 +280,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Negative flips between two evaluations of the same instances: NFR, PFR, NFR_mc, BTC, BEC, MUSCLE."""
-        from patchlab.flips import compare
+        from patchlab.measure.flips import compare
 
         kw = {"registry": registry, "tasks": task or None, "metric": metric, "score_metric": score_metric}
         old_recs, old_src = load_flip_side(old, **kw)
@@ -364,8 +364,8 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Tuning Contribution (TuCo) of a fine-tune per prompt, with mean and quantiles."""
-        from patchlab.tasks import load_prompts
-        from patchlab.tuco import TuCo
+        from patchlab.measure.tasks import load_prompts
+        from patchlab.measure.tuco import TuCo
 
         ids, texts = load_prompts(prompts)
         quiet_hf()
@@ -426,7 +426,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Weight-space diagnostics of porting PATCH onto TARGET, and a verdict with its reasons."""
-        from patchlab.diagnostics import diagnose
+        from patchlab.measure.diagnose import diagnose
 
         p, t, s = resolve_patch_and_target(registry, patch, target, source_base)
         d = diagnose(p, t, source_base=s, intruders=intruders, device=device)
@@ -490,8 +490,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compatibility report of porting PATCH onto TARGET: plan, diagnostics, and with --eval/--prompts
         accuracy, negative flips (ported vs old fine-tune) and TuCo; writes report.md/.json/.html."""
-        from patchlab.compat import compatibility_report
-        from patchlab.tasks import load_prompts, load_task
+        from patchlab.measure.tasks import load_prompts, load_task
+        from patchlab.report.compat import compatibility_report
 
         formats = REPORT_FORMATS if fmt == "all" else (fmt,)
         if fmt != "all" and fmt not in REPORT_FORMATS:

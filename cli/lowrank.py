@@ -14,7 +14,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 def parse_size(text: str) -> int:
     """``"200MB"`` → 200_000_000; ``"1.5GiB"``; plain numbers are bytes."""
-    from patchlab.lowrank import LowRankError
+    from patchlab.kernels.lowrank import LowRankError
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text or "")
     if not m or m.group(2).upper() not in _UNITS:
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Re-encode a patch low-rank (--rank/--energy/--budget) or sparse (--density), tensor by tensor."""
-        from patchlab.compress import compress as _compress
+        from patchlab.methods.compress import compress as _compress
 
         p = _compress(
             patch,
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Turn a PEFT LoRA adapter into a low-rank patch (ΔW = s·B·A per module)."""
-        from patchlab.peft_patch import import_peft
+        from patchlab.methods.peft import import_peft
 
         p = import_peft(adapter, base, out, storage_dtype=storage_dtype, overwrite=overwrite)
         s = _summary(p)
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
     ) -> None:
         """Write a low-rank patch as a PEFT LoRA adapter that PeftModel.from_pretrained loads."""
-        from patchlab.peft_patch import export_peft
+        from patchlab.methods.peft import export_peft
 
         path = export_peft(
             patch,

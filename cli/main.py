@@ -749,7 +749,7 @@ def diff(
     try:
         base_path = reg.checkpoint_path(base) if reg is not None else base
         if encoded:
-            from patchlab.compress import extract_encoded
+            from patchlab.methods.compress import extract_encoded
 
             patch = extract_encoded(
                 base_path,

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Checkpoint": "checkpoint",
-    "Fingerprint": "checkpoint",
-    "TensorInfo": "checkpoint",
-    "Patch": "patch",
-    "PatchTensor": "patch",
+    "Checkpoint": "io.checkpoint",
+    "Fingerprint": "io.checkpoint",
+    "TensorInfo": "io.checkpoint",
+    "Patch": "io.patch",
+    "PatchTensor": "io.patch",
     "Plan": "plan",
     "Step": "plan",
     "PatchlabError": "errors",
-    "extract": "ops",
-    "apply": "ops",
-    "port": "ops",
-    "port_fused": "ops",
+    "extract": "methods.port",
+    "apply": "methods.port",
+    "port": "methods.port",
+    "port_fused": "methods.port",
 }
 
 __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
@@ -59,8 +59,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint, Fingerprint, TensorInfo
-    from .errors import PatchlabError
-    from .ops import apply, extract, port, port_fused
-    from .patch import Patch, PatchTensor
-    from .plan import Plan, Step
+    from patchlab.errors import PatchlabError
+    from patchlab.io.checkpoint import Checkpoint, Fingerprint, TensorInfo
+    from patchlab.io.patch import Patch, PatchTensor
+    from patchlab.methods.port import apply, extract, port, port_fused
+    from patchlab.plan import Plan, Step

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import Checkpoint, check_dtype, is_vocab_tensor
-from .errors import IncompatiblePatchError, PlanError
-from .vocab import POLICIES, by_token, identity, same_ids
+from patchlab.errors import IncompatiblePatchError, PlanError
+from patchlab.io.checkpoint import Checkpoint, check_dtype, is_vocab_tensor
+from patchlab.kernels.vocab import POLICIES, by_token, identity, same_ids
 
 # Steps of an extract plan: diff | set | delete. Steps of an apply/port plan: copy | add | set | drop.
 DEFAULT_MAX_SKIP = 0.01

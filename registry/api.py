@@ -1254,9 +1254,9 @@ class Registry:
     def record_eval_result(
         self, target: str, result: Any, *, model: str | None = None, kind: str | None = None
     ) -> list[EvaluationInfo]:
-        """Store a ``patchlab.results.EvalResult`` (or its saved JSON file, or its ``to_json()`` dict) as one
+        """Store a ``patchlab.measure.results.EvalResult`` (or its saved JSON file, or its ``to_json()`` dict) as one
         evaluation per task of ``target``; :meth:`eval_result` gives it back."""
-        from patchlab.results import EvalResult
+        from patchlab.measure.results import EvalResult
 
         if isinstance(result, (str, os.PathLike)):
             try:
@@ -1301,7 +1301,7 @@ class Registry:
 
     def eval_result(self, target: str, *, kind: str | None = None, tasks: Iterable[str] | None = None) -> Any:
         """The newest stored evaluation of each task (dataset) of ``target``, as a
-        ``patchlab.results.EvalResult`` ready for ``patchlab.flips.compare``."""
+        ``patchlab.measure.results.EvalResult`` ready for ``patchlab.measure.flips.compare``."""
         wanted = set(tasks) if tasks is not None else None
         newest: dict[str, EvaluationInfo] = {}
         for e in self.list_evaluations(target, kind=kind):
@@ -1317,7 +1317,7 @@ class Registry:
 
     def evaluations_result(self, evaluation_ids: Iterable[int]) -> Any:
         """Stored evaluations picked by id (``patchlab evals ls``), merged into one
-        ``patchlab.results.EvalResult`` ready for ``patchlab.flips.compare``."""
+        ``patchlab.measure.results.EvalResult`` ready for ``patchlab.measure.flips.compare``."""
         ids = list(evaluation_ids)
         if not ids:
             raise InvalidReferenceError("no evaluation ids given; list them with `patchlab evals ls`")
@@ -1334,7 +1334,7 @@ class Registry:
     @staticmethod
     def _eval_results(fulls: Sequence[EvaluationInfo], model: str) -> Any:
         """Per-task stored evaluations (with their results) as one ``EvalResult``."""
-        from patchlab.results import EvalResult, InstanceResult, TaskSummary
+        from patchlab.measure.results import EvalResult, InstanceResult, TaskSummary
 
         instances: list[Any] = []
         summaries: dict[str, Any] = {}
@@ -1362,7 +1362,7 @@ class Registry:
             if {"task", "n", "n_correct", "accuracy", "mean_score"} <= set(m):
                 summaries[task] = TaskSummary(**{k: v for k, v in m.items() if k in known})
             else:
-                from patchlab.results import summarise
+                from patchlab.measure.results import summarise
 
                 summaries.update(summarise([i for i in instances if i.task == task]))
         return EvalResult(model=model, tasks=summaries, instances=instances, settings=dict(settings))
@@ -1392,7 +1392,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ManifestError(
                 f"{mf} says tensor {name!r} is in {f}, which is missing from {path}; the patch is incomplete"
             )
-    from patchlab.patch import Patch as CorePatch  # lazy: torch is not needed to list a registry
+    from patchlab.io.patch import Patch as CorePatch  # lazy: torch is not needed to list a registry
 
     try:  # the core's own checks: format, version, encodings, every key present in its shard
         CorePatch.open(path)
@@ -1459,9 +1459,9 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _checkpoint_facts(path: Path) -> dict[str, Any]:
-    """Fingerprint and facts of a local checkpoint, from ``patchlab.checkpoint`` when it is available."""
+    """Fingerprint and facts of a local checkpoint, from ``patchlab.io.checkpoint`` when it is available."""
     try:
-        from patchlab.checkpoint import Checkpoint
+        from patchlab.io.checkpoint import Checkpoint
     except ImportError:  # the core is not installed: facts must be passed explicitly
         return {}
     ck = Checkpoint.open(path)

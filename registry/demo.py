@@ -10,7 +10,7 @@ from pathlib import Path
 
 import patchlab
 from patchlab.errors import CheckpointNotFoundError
-from patchlab.evaluate import evaluate
+from patchlab.measure.evaluate import evaluate
 
 from .api import LineageNode, Registry
 

@@ -7,9 +7,9 @@ torch.set_num_threads(1)  # tiny models: threads only add OpenMP spin, most of a
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Force many uneven row chunks so every test exercises the streaming path, not one big read."""
-    import patchlab.engine
+    import patchlab.engine.executor
 
-    monkeypatch.setattr(patchlab.engine, "CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(patchlab.engine.executor, "CHUNK_ELEMS", 1000)
 
 
 def no_partial_dirs(parent):

@@ -142,7 +142,7 @@ def test_cuda_requested_without_cuda(tmp_path, pair):
 def test_error_midway_leaves_nothing(tmp_path, pair, monkeypatch):
     """A failure after some shards were written (a crash, a full disk) removes the temporary directory."""
     base, ft = pair
-    import patchlab.safetensors_io as sio
+    import patchlab.io.safetensors as sio
 
     calls = {"n": 0}
     real = sio.ShardWriter.write
@@ -162,7 +162,7 @@ def test_error_midway_leaves_nothing(tmp_path, pair, monkeypatch):
 def test_output_larger_than_free_space_is_refused_before_writing(tmp_path, pair, monkeypatch):
     import shutil as _shutil
 
-    import patchlab.engine as eng
+    import patchlab.engine.executor as eng
     from patchlab.errors import NoSpaceError
 
     base, ft = pair

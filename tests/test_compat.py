@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from patchlab.compat import compatibility_report
-from patchlab.evaluate import evaluate
-from patchlab.flips import compare
-from patchlab.report import render
+from patchlab.measure.evaluate import evaluate
+from patchlab.measure.flips import compare
+from patchlab.report.compat import compatibility_report
+from patchlab.report.render import render
 from tests.factory import make_model
 
 ROWS = [

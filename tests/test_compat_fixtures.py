@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import patchlab
-from patchlab.diagnostics import diagnose
-from patchlab.diagnostics_kernels import CARE, SAFE
-from patchlab.evaluate import evaluate
+from patchlab.kernels.drift import CARE, SAFE
+from patchlab.measure.diagnose import diagnose
+from patchlab.measure.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures"
 MODELS = ROOT / "models"

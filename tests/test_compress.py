@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import patchlab
-from patchlab.compress import compress, extract_encoded, patch_size_report
 from patchlab.errors import PlanError
-from patchlab.lowrank import LowRankError
-from patchlab.sparse import SparseError
+from patchlab.kernels.lowrank import LowRankError
+from patchlab.kernels.sparse import SparseError
+from patchlab.methods.compress import compress, extract_encoded, patch_size_report
 from tests.factory import make_model, state
 
 
@@ -165,7 +165,7 @@ def test_diagnostics_read_any_encoding(family, tmp_path):
     """Statistics consume patches tensor by tensor through rows(): sparse at density 1 gives the dense result."""
     from dataclasses import asdict
 
-    from patchlab.diagnostics import diagnose
+    from patchlab.measure.diagnose import diagnose
 
     root, base, ft, dense = family
     v2 = make_model(root / "v2d", seed=3, from_model=base, noise=0.001)

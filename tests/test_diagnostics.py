@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import patchlab
-from patchlab.diagnostics import PortDiagnostics, diagnose
-from patchlab.diagnostics_kernels import CARE, DO_NOT, SAFE, DriftAccumulator, drift_stats
 from patchlab.errors import IncompatiblePatchError
+from patchlab.kernels.drift import CARE, DO_NOT, SAFE, DriftAccumulator, drift_stats
+from patchlab.measure.diagnose import PortDiagnostics, diagnose
 from tests.factory import make_model, state
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"

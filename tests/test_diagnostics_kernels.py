@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchlab.diagnostics_kernels import (
+from patchlab.kernels.drift import (
     CARE,
     DO_NOT,
     SAFE,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from patchlab import engine
-from patchlab.engine import Job, Shard, run, scratch
+from patchlab.engine import executor as engine
+from patchlab.engine.executor import Job, Shard, run, scratch
 from patchlab.errors import CorruptCheckpointError
-from patchlab.safetensors_io import MappedFile
+from patchlab.io.safetensors import MappedFile
 
 
 def _jittery_job(name: str, rows: int, cols: int, *, parallel: bool, log: list | None = None) -> Job:

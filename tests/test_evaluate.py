@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from patchlab.evaluate import PromptTooLongError, encode_choice, evaluate, load_model
-from patchlab.flips import compare
-from patchlab.results import EvalResult
-from patchlab.tasks import TaskFormatError, exact_match, load_task, normalize_answer, token_f1
+from patchlab.measure.evaluate import PromptTooLongError, encode_choice, evaluate, load_model
+from patchlab.measure.flips import compare
+from patchlab.measure.results import EvalResult
+from patchlab.measure.tasks import TaskFormatError, exact_match, load_task, normalize_answer, token_f1
 from tests._tiny_llama import make_pair
 
 
@@ -128,7 +128,7 @@ def test_generation_greedy_exact_match_and_stop(tmp_path, loaded):
     res2 = evaluate(model, write_jsonl(tmp_path / "stop.jsonl", rows2), tokenizer=tok, max_new_tokens=6)
     assert res2.instances[0].details["raw_generation"] == text[: text.index(stop_at)]
     # decoding stops early once the stop string appears
-    from patchlab.evaluate import greedy_generate
+    from patchlab.measure.evaluate import greedy_generate
 
     full = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6)[0]
     early = greedy_generate(model, tok, [tok(prompts[1])["input_ids"]], 6, stop=[stop_at])[0]
@@ -227,7 +227,7 @@ def test_results_round_trip_and_flips(tmp_path, pair):
 
 def test_bad_arguments(tmp_path, loaded):
     from patchlab.errors import CheckpointNotFoundError, PatchlabError
-    from patchlab.tuco import TuCo
+    from patchlab.measure.tuco import TuCo
 
     model, tok = loaded
     task = write_jsonl(tmp_path / "general.jsonl", MC_ROWS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from patchlab.flips import FlipRecord, FlipReport, ResultsMismatchError, compare, muscle_stats
+from patchlab.measure.flips import FlipRecord, FlipReport, ResultsMismatchError, compare, muscle_stats
 
 
 def mc(doc: str, correct: bool, pred: int, task: str = "mc", **kw) -> FlipRecord:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchlab.kernels import DeltaStats, count_nonzero, diff, diff_into, same_bits, scaled_add_into
+from patchlab.kernels.delta import DeltaStats, count_nonzero, diff, diff_into, same_bits, scaled_add_into
 
 
 def test_same_bits_sees_signed_zeros_and_nan_payloads():

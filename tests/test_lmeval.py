@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from patchlab.flips import compare
-from patchlab.lmeval import LMEvalFormatError, read_samples, read_samples_dir, task_from_filename
+from patchlab.measure.flips import compare
+from patchlab.measure.lmeval import LMEvalFormatError, read_samples, read_samples_dir, task_from_filename
 
 
 def mc_row(doc_id, lls, acc, acc_norm, prompt="Q?", choices=(" a", " bbbb", " cc"), target=0):
@@ -124,7 +124,7 @@ def test_compare_two_runs_from_files(tmp_path):
 def test_prompt_change_between_runs_refused(tmp_path):
     a = write(tmp_path / "samples_arc_2024-01-01T00-00-00.jsonl", [mc_row(0, [-1.0, -2.0], 1, 1, prompt="A")])
     b = write(tmp_path / "samples_arc_2024-02-01T00-00-00.jsonl", [mc_row(0, [-1.0, -2.0], 1, 1, prompt="B")])
-    from patchlab.flips import ResultsMismatchError
+    from patchlab.measure.flips import ResultsMismatchError
 
     with pytest.raises(ResultsMismatchError, match="prompts differ"):
         compare(read_samples(a), read_samples(b))

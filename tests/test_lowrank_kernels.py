@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from patchlab import lowrank as lr
-from patchlab import sparse as sp
+from patchlab.kernels import lowrank as lr
+from patchlab.kernels import sparse as sp
 
 
 def _lowrank_plus_noise(m: int, n: int, r: int, noise: float, seed: int = 0) -> torch.Tensor:

@@ -11,8 +11,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from patchlab import peft_io  # noqa: E402
 from patchlab.errors import IncompatiblePatchError, OutputExistsError  # noqa: E402
+from patchlab.io import peft as peft_io  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, vocab: int = 96) -> LlamaForCausalLM:

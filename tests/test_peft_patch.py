@@ -12,10 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 import patchlab  # noqa: E402
-from patchlab.compress import compress  # noqa: E402
 from patchlab.errors import IncompatiblePatchError  # noqa: E402
-from patchlab.peft_io import UnsupportedAdapterError  # noqa: E402
-from patchlab.peft_patch import export_peft, import_peft  # noqa: E402
+from patchlab.io.peft import UnsupportedAdapterError  # noqa: E402
+from patchlab.methods.compress import compress  # noqa: E402
+from patchlab.methods.peft import export_peft, import_peft  # noqa: E402
 from tests.factory import make_model, state  # noqa: E402
 
 IDS = torch.tensor([[0, 5, 9, 17, 33, 44, 12, 3]])

@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from patchlab.diagnostics import PortDiagnostics, TensorDiagnostics
-from patchlab.diagnostics_kernels import DriftStats, IntruderStats, port_verdict
-from patchlab.flips import compare
-from patchlab.report import build_report, hbar_svg, render
-from patchlab.results import EvalResult, InstanceResult, summarise
-from patchlab.tuco import TuCoReport, TuCoResult
+from patchlab.kernels.drift import DriftStats, IntruderStats, port_verdict
+from patchlab.measure.diagnose import PortDiagnostics, TensorDiagnostics
+from patchlab.measure.flips import compare
+from patchlab.measure.results import EvalResult, InstanceResult, summarise
+from patchlab.measure.tuco import TuCoReport, TuCoResult
+from patchlab.report.render import build_report, hbar_svg, render
 from tests.test_flips import NEW_GEN, NEW_MC, OLD_GEN, OLD_MC
 
 
@@ -114,7 +114,7 @@ def test_bad_inputs():
 def test_quantile_matches_numpy():
     import numpy as np
 
-    from patchlab.report import quantile
+    from patchlab.report.render import quantile
 
     v = [0.3, 0.1, 0.7, 0.2, 0.9, 0.45]
     for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):

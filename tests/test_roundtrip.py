@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import patchlab
-from patchlab.kernels import bits
+from patchlab.kernels.delta import bits
 from tests.factory import make_model, state
 
 
@@ -76,7 +76,7 @@ def test_patch_manifest_records_provenance_and_stats(tmp_path):
     ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, seed=1)
     p = patchlab.extract(base, ft, tmp_path / "patch")
     m = p.manifest
-    assert m["format"] == "patchlab.patch" and m["format_version"] == 1
+    assert m["format"] == "patchlab.io.patch" and m["format_version"] == 1
     prov = m["provenance"]
     assert prov["base"]["architecture"] == patchlab.Checkpoint.open(base).architecture_digest
     assert prov["finetuned"]["path"].endswith("ft") and prov["method"] == "extract"

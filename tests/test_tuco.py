@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from patchlab.errors import PatchlabError
-from patchlab.evaluate import encode_choice, evaluate, load_model
-from patchlab.tuco import IncompatibleModelsError, TuCo, TuCoReport, cumulative_tuco, tuco_value
+from patchlab.measure.evaluate import encode_choice, evaluate, load_model
+from patchlab.measure.tuco import IncompatibleModelsError, TuCo, TuCoReport, cumulative_tuco, tuco_value
 from tests._tiny_llama import make_pair, make_tokenizer, save_model
 
 PROMPTS = [
@@ -180,7 +180,7 @@ def test_steered_generation_batched_equals_one_by_one(tmp_path, tuco):
 
 
 def test_prompt_longer_than_context_refused(tuco):
-    from patchlab.evaluate import PromptTooLongError
+    from patchlab.measure.evaluate import PromptTooLongError
 
     with pytest.raises(PromptTooLongError, match="over the model's context length 64"):
         tuco.measure(["the cat sat on the mat " * 20])
@@ -204,7 +204,7 @@ def test_chat_template_prompts(tuco):
 
 def test_tokenizer_difference_is_reported(tmp_path):
     """TuCo across checkpoints whose tokenizers differ is defined (the fine-tune tokenises and embeds) and said."""
-    from patchlab.tuco import tokenizer_note
+    from patchlab.measure.tuco import tokenizer_note
     from tests.factory import WORDS, make_model
 
     a = make_model(tmp_path / "a")

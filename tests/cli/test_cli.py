@@ -134,7 +134,7 @@ def test_user_mistakes_exit_nonzero_without_traceback(family, run):
 
 
 def test_evals_add_ls_show(family, run):
-    from patchlab.results import EvalResult, InstanceResult, summarise
+    from patchlab.measure.results import EvalResult, InstanceResult, summarise
 
     tmp = family
     inst = [

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from fixtures import EVAL, model_path
-from patchlab.flips import compare
-from patchlab.results import EvalResult
+from patchlab.measure.flips import compare
+from patchlab.measure.results import EvalResult
 from tests.test_lmeval import mc_row, write
 
 N = 8

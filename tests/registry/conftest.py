@@ -46,7 +46,7 @@ def make_patch(
     delta = torch.randn(16, 8, generator=g) * 0.01
     save_file({"model.layers.0.mlp.up_proj.weight": delta}, str(path / "delta-00001.safetensors"))
     manifest = {
-        "format": "patchlab.patch",
+        "format": "patchlab.io.patch",
         "format_version": 1,
         "patchlab_version": "0.1.0",
         "created": "2026-11-25T00:00:00Z",

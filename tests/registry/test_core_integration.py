@@ -50,7 +50,7 @@ def test_unregistered_base_and_bad_patch(tmp_path, reg):
     with pytest.raises(UnknownReferenceError, match="base add"):
         reg.add_patch(tmp_path / "patch")
     mf = tmp_path / "patch" / "patch.json"
-    mf.write_text(mf.read_text().replace('"patchlab.patch"', '"something-else"'))
+    mf.write_text(mf.read_text().replace('"patchlab.io.patch"', '"something-else"'))
     with pytest.raises(ManifestError, match="not a patchlab patch"):
         reg.add_patch(tmp_path / "patch", require_base=False)
     assert reg.list_patches() == []

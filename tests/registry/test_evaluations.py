@@ -1,11 +1,11 @@
-"""Evaluations in the registry round-trip patchlab.results.EvalResult, so flips can be computed from them."""
+"""Evaluations in the registry round-trip patchlab.measure.results.EvalResult, so flips can be computed from them."""
 
 from __future__ import annotations
 
 import pytest
 
-from patchlab.flips import compare
-from patchlab.results import EvalResult, InstanceResult, summarise
+from patchlab.measure.flips import compare
+from patchlab.measure.results import EvalResult, InstanceResult, summarise
 from registry import InvalidReferenceError, UnknownReferenceError
 
 

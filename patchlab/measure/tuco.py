@@ -107,7 +107,7 @@ class SteeredLayer(nn.Module):
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise PatchlabError(
                 "the α-steered model runs without a KV cache; call generate(..., use_cache=False) "
-                "(patchlab.evaluate does this for you)"
+                "(patchlab.measure.evaluate does this for you)"
             )
         pt_out = self.pretrained(hidden_states, *args, **kwargs)
         x = hidden_states.float()
@@ -265,7 +265,7 @@ class TuCo:
         """Load both checkpoints in fp32 on ``device`` (refusing mismatched configs before the weights)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from patchlab.engine import resolve_device
+        from patchlab.engine.executor import resolve_device
 
         dev = resolve_device(device)
         for p in (base, finetuned):
@@ -290,7 +290,7 @@ class TuCo:
         """Scale the fine-tuning component by α in every layer (α = 1: the fine-tuned model)."""
         for s in self.layers:
             s.alpha = float(alpha)
-        # patchlab.evaluate decodes without a KV cache when this is False.
+        # patchlab.measure.evaluate decodes without a KV cache when this is False.
         self.model.patchlab_use_cache = float(alpha) == 1.0
 
     @contextmanager
@@ -370,7 +370,7 @@ class TuCo:
         if ids is not None and len(ids) != len(prompts):
             raise PatchlabError(f"{len(ids)} ids for {len(prompts)} prompts")
         names = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(prompts))]
-        from patchlab.evaluate import PromptTooLongError, context_length
+        from patchlab.measure.evaluate import PromptTooLongError, context_length
 
         max_len = context_length(self.model)
         out: list[TuCoResult] = []
@@ -422,8 +422,8 @@ class TuCo:
 
 def tokenizer_note(base: Path, finetuned: Path) -> str | None:
     """A one-line note when the two checkpoints' tokenizers differ, else None."""
-    from .checkpoint import load_vocab
-    from .vocab import same_ids
+    from patchlab.io.checkpoint import load_vocab
+    from patchlab.kernels.vocab import same_ids
 
     vb, vf = load_vocab(base), load_vocab(finetuned)
     if vb is None or vf is None or (len(vb) == len(vf) and same_ids(vb, vf)):

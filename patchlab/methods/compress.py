@@ -26,13 +26,13 @@ from typing import TypedDict, Unpack
 import torch
 from safetensors.torch import save_file
 
-from . import lowrank as lr
-from . import sparse as sp
-from .checkpoint import Checkpoint, is_vocab_tensor
-from .engine import Job, _chunks, atomic_output, check_output, release_scratch, resolve_device
-from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, diff
-from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header
+from patchlab.engine.executor import Job, _chunks, atomic_output, check_output, release_scratch, resolve_device
+from patchlab.errors import NonFiniteDeltaError, PlanError
+from patchlab.io.checkpoint import Checkpoint, is_vocab_tensor
+from patchlab.io.patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header
+from patchlab.kernels import lowrank as lr
+from patchlab.kernels import sparse as sp
+from patchlab.kernels.delta import DeltaStats, diff
 
 DEFAULT_SHARD_BYTES = 512 << 20  # queued tensors are held in memory until their shard is written
 CHUNK = 1 << 22  # elements per row chunk while computing one Δ
@@ -388,7 +388,7 @@ class EncodingOptions(TypedDict, total=False):
 
 
 def _store_dtype(storage_dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
-    from .ops import _dtype
+    from patchlab.methods.port import _dtype
 
     return _dtype(storage_dtype) or default
 
@@ -483,8 +483,8 @@ def extract_encoded(
     each tensor's Δ is computed whole in fp32 on ``device`` and encoded before the next is read; the dense
     diff is never written. Storage dtype defaults to fp32.
     """
-    from .ops import _describe, _extract_job
-    from .plan import plan_extract
+    from patchlab.methods.port import _describe, _extract_job
+    from patchlab.plan import plan_extract
 
     enc = Encoding(**encoding)
     base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
@@ -524,7 +524,7 @@ def extract_encoded(
         items.append(_Item(s.name, meta, delta=delta, peek=peek))
 
     def copy_ft(dst: Path) -> None:
-        from .ops import META_FILES, _copy_meta
+        from patchlab.methods.port import META_FILES, _copy_meta
 
         _copy_meta(ft_ck.path, dst, META_FILES)
 

@@ -1,7 +1,7 @@
 """Weight-space diagnostics of a patch against a target base, streamed tensor by tensor.
 
 For every ``add`` tensor of the patch, row chunks of ``base_s`` (the base the patch was made on),
-``base_t`` (the target) and ``Δ`` feed :class:`~patchlab.diagnostics_kernels.DriftAccumulator`; tensors
+``base_t`` (the target) and ``Δ`` feed :class:`~patchlab.kernels.drift.DriftAccumulator`; tensors
 are combined per decoder layer and overall. Matrices (embeddings skipped by default) get an intruder
 dimension count: top-k left singular vectors of the fine-tune ``base_s + Δ`` against those of ``base_s``.
 Memory stays at a few row chunks, plus one matrix pair while its SVD runs.
@@ -9,7 +9,7 @@ Memory stays at a few row chunks, plus one matrix pair while its SVD runs.
 Structural differences are listed rather than compared: patch tensors absent from the target, shape
 changes (vocabulary growth compares the shared rows and is reported as such), tensors only the target has,
 and the patch's own ``set``/``delete`` entries. The verdict comes from
-:func:`~patchlab.diagnostics_kernels.port_verdict`.
+:func:`~patchlab.kernels.drift.port_verdict`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 
-from patchlab.checkpoint import Checkpoint, is_vocab_tensor
-from patchlab.diagnostics_kernels import (
+from patchlab.engine.executor import resolve_device
+from patchlab.errors import IncompatiblePatchError, PatchlabError
+from patchlab.io.checkpoint import Checkpoint, is_vocab_tensor
+from patchlab.io.patch import Patch
+from patchlab.kernels.drift import (
     DriftAccumulator,
     DriftStats,
     IntruderStats,
@@ -34,9 +37,6 @@ from patchlab.diagnostics_kernels import (
     layer_of,
     port_verdict,
 )
-from patchlab.engine import resolve_device
-from patchlab.errors import IncompatiblePatchError, PatchlabError
-from patchlab.patch import Patch
 from patchlab.plan import _align_names
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per input per chunk

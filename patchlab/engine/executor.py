@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeviceError, NoSpaceError, OutputExistsError
-from .safetensors_io import ShardWriter, TensorSpec
+from patchlab.errors import DeviceError, NoSpaceError, OutputExistsError
+from patchlab.io.safetensors import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
 ADVISE_AHEAD = 16  # chunks: ask the kernel to start reading this far ahead (cold files; no cost when cached)

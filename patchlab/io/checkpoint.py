@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
-from .safetensors_io import MappedFile
+from patchlab.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
+from patchlab.io.safetensors import MappedFile
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

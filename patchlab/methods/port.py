@@ -12,15 +12,24 @@ from typing import TypedDict, Unpack
 import torch
 from safetensors.torch import save_file
 
-from . import __version__
-from .checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
-from .engine import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
-from .errors import NonFiniteDeltaError, PlanError
-from .kernels import DeltaStats, all_finite, as_float, bits, diff_into, gather_rows, same_bits, scaled_add_into
-from .patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
-from .plan import Plan, Step, plan_apply, plan_extract
-from .sources import DeltaSource, PairDelta, PatchDelta
-from .vocab import identity
+from patchlab import __version__
+from patchlab.engine.executor import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
+from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta
+from patchlab.errors import NonFiniteDeltaError, PlanError
+from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint
+from patchlab.io.patch import FINETUNE_DIR, FIXUPS_FILE, MANIFEST, Patch, manifest_header, tensor_digest
+from patchlab.kernels.delta import (
+    DeltaStats,
+    all_finite,
+    as_float,
+    bits,
+    diff_into,
+    gather_rows,
+    same_bits,
+    scaled_add_into,
+)
+from patchlab.kernels.vocab import identity
+from patchlab.plan import Plan, Step, plan_apply, plan_extract
 
 Progress = Callable[[int], None]
 DEFAULT_SHARD_BYTES = 4 << 30

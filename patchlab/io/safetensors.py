@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsupportedDtypeError
+from patchlab.errors import CorruptCheckpointError, UnsupportedDtypeError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

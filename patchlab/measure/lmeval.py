@@ -1,4 +1,4 @@
-"""Read lm-evaluation-harness ``--log_samples`` files into :class:`~patchlab.flips.FlipRecord` values.
+"""Read lm-evaluation-harness ``--log_samples`` files into :class:`~patchlab.measure.flips.FlipRecord` values.
 
 A samples file (``samples_<task>_<date>.jsonl``) holds one JSON object per (doc_id, filter): ``doc_id``,
 ``filter`` (absent in old versions: ``"none"``), ``metrics`` (names, absent in old versions), the metric
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from patchlab.errors import PatchlabError
-from patchlab.flips import NO_FILTER, FlipRecord
+from patchlab.measure.flips import NO_FILTER, FlipRecord
 
 # Correctness metrics tried in this order when none is named.
 CORRECTNESS_METRICS = ("acc", "exact_match", "acc_norm", "em", "pass@1", "f1")

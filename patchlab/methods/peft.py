@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import EMBED_SUFFIXES, Checkpoint
-from .compress import PatchWriter, _totals
-from .engine import atomic_output, check_output
-from .errors import IncompatiblePatchError
-from .kernels import DeltaStats
-from .patch import FINETUNE_DIR, MANIFEST, Patch, manifest_header
-from .peft_io import CONFIG_NAME, ExportModule, check_shapes, read_peft_adapter, write_peft_adapter
+from patchlab.engine.executor import atomic_output, check_output
+from patchlab.errors import IncompatiblePatchError
+from patchlab.io.checkpoint import EMBED_SUFFIXES, Checkpoint
+from patchlab.io.patch import FINETUNE_DIR, MANIFEST, Patch, manifest_header
+from patchlab.io.peft import CONFIG_NAME, ExportModule, check_shapes, read_peft_adapter, write_peft_adapter
+from patchlab.kernels.delta import DeltaStats
+from patchlab.methods.compress import PatchWriter, _totals
 
 __all__ = ["import_peft", "export_peft"]
 
@@ -58,7 +58,7 @@ def import_peft(
     Raises ``UnsupportedAdapterError`` (DoRA, LoHa, IA3, ...), ``PeftAdapterError`` (damaged or inconsistent
     adapter) or ``IncompatiblePatchError`` (shapes or names that do not fit ``base``) before writing.
     """
-    from .ops import META_FILES, _copy_meta, _describe, _dtype
+    from patchlab.methods.port import META_FILES, _copy_meta, _describe, _dtype
 
     adapter = read_peft_adapter(adapter_dir)
     base_ck = Checkpoint.open(base)
@@ -166,7 +166,7 @@ def export_peft(
     pass ``base``, or ``skip_dense=True`` to leave them out (the adapter then reproduces only the low-rank
     part), or compress the patch to low rank first. ``set``/``delete`` entries cannot be expressed in PEFT.
     """
-    from .ops import _dtype
+    from patchlab.methods.port import _dtype
 
     p = Patch.open(patch)
     out = Path(out)

@@ -2,12 +2,12 @@
 
 ``compatibility_report(patch, target, tasks=..., prompts=...)``:
 
-1. weight-space diagnostics of the patch against the target (:func:`patchlab.diagnostics.diagnose`);
+1. weight-space diagnostics of the patch against the target (:func:`patchlab.measure.diagnose.diagnose`);
 2. with tasks: evaluates the old fine-tune (``old_model``, else the patch re-applied to its own base), the
    new base alone (unless ``evaluate_target=False``) and the ported model (``ported``, else
    ``port(patch, target)``), then negative flips old fine-tune -> ported;
 3. with prompts: TuCo of the ported model against the target base;
-4. assembles the report dict (:func:`patchlab.report.build_report`).
+4. assembles the report dict (:func:`patchlab.report.render.build_report`).
 
 Models it has to build go to a temporary directory that is removed afterwards (or to ``work_dir``).
 """
@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patchlab.checkpoint import Checkpoint
-from patchlab.diagnostics import diagnose
-from patchlab.evaluate import evaluate
-from patchlab.flips import compare
-from patchlab.patch import Patch
-from patchlab.report import build_report
-from patchlab.tasks import Task
+from patchlab.io.checkpoint import Checkpoint
+from patchlab.io.patch import Patch
+from patchlab.measure.diagnose import diagnose
+from patchlab.measure.evaluate import evaluate
+from patchlab.measure.flips import compare
+from patchlab.measure.tasks import Task
+from patchlab.report.render import build_report
 
 
 def compatibility_report(
@@ -90,7 +90,7 @@ def compatibility_report(
             evaluations["ported"] = new
             flips = compare(old.flip_records(), new.flip_records(), allow_missing=allow_missing)
         if prompts:
-            from patchlab.tuco import TuCo
+            from patchlab.measure.tuco import TuCo
 
             tc = TuCo.load(tgt.path, ported_path, device=device)
             try:

@@ -1,7 +1,7 @@
 """Evaluation results as plain dataclasses: per-instance records plus per-task aggregates.
 
 No torch here: results round-trip through JSON (``to_json``/``from_json``) so the registry can store them
-and :mod:`patchlab.flips` can compare two of them.
+and :mod:`patchlab.measure.flips` can compare two of them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchlab.flips import NO_FILTER, FlipRecord
+from patchlab.measure.flips import NO_FILTER, FlipRecord
 
 RESULTS_FORMAT = "patchlab-eval"
 RESULTS_FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ class EvalResult:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def flip_records(self) -> list[FlipRecord]:
-        """The instances as records for :func:`patchlab.flips.compare`."""
+        """The instances as records for :func:`patchlab.measure.flips.compare`."""
         return [i.to_flip_record() for i in self.instances]
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from patchlab.engine import resolve_device
+from patchlab.engine.executor import resolve_device
 from patchlab.errors import CheckpointNotFoundError, PatchlabError
-from patchlab.results import EvalResult, InstanceResult, summarise
-from patchlab.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
+from patchlab.measure.results import EvalResult, InstanceResult, summarise
+from patchlab.measure.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
 
 OVERFLOW_POLICIES = ("error", "truncate")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
-from .engine import scratch
-from .kernels import diff, diff_into, gather_rows
-from .patch import Patch, PatchTensor
-from .plan import DeltaEntry, DeltaView, Plan, plan_extract
+from patchlab.engine.executor import scratch
+from patchlab.io.checkpoint import Checkpoint
+from patchlab.io.patch import Patch, PatchTensor
+from patchlab.kernels.delta import diff, diff_into, gather_rows
+from patchlab.plan import DeltaEntry, DeltaView, Plan, plan_extract
 
 
 def _gather_entry(e: PatchTensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import PatchFormatError
-from .safetensors_io import MappedFile
+from patchlab.errors import PatchFormatError
+from patchlab.io.safetensors import MappedFile
 
-FORMAT = "patchlab.patch"
+FORMAT = "patchlab.io.patch"
 FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 FINETUNE_DIR = "finetune"
@@ -44,7 +44,7 @@ OPS = ("add", "set", "delete")
 
 def manifest_header(provenance: dict) -> dict:
     """The fields every patch manifest starts with; callers add ``totals``, ``tensors`` and the rest."""
-    from . import __version__
+    from patchlab import __version__
 
     return {
         "format": FORMAT,
@@ -203,7 +203,7 @@ class Patch:
             fp = self.path / fname
             if not fp.exists():
                 raise PatchFormatError(f"{self.path}: shard {fname} is missing; the patch is incomplete")
-            from .errors import CorruptCheckpointError
+            from patchlab.errors import CorruptCheckpointError
 
             try:
                 f = self._files[fname] = MappedFile(fp)
@@ -237,7 +237,7 @@ class Patch:
 
     @cached_property
     def source_vocab(self) -> dict[str, int] | None:
-        from .checkpoint import load_vocab
+        from patchlab.io.checkpoint import load_vocab
 
         return load_vocab(self.finetune_dir) if self.finetune_dir.exists() else None
 

@@ -2,7 +2,7 @@
 
 Pure functions over :class:`FlipRecord` values: no model, no I/O. Records come from patchlab's own
 evaluation results (:func:`records_from_eval`) or from lm-evaluation-harness ``--log_samples`` files
-(:mod:`patchlab.lmeval`). Definitions (ALGORITHMS.md section 5), over the N instances both sides have:
+(:mod:`patchlab.measure.lmeval`). Definitions (ALGORITHMS.md section 5), over the N instances both sides have:
 
 - negative flip (NF): old correct, new wrong; ``NFR = #NF / N``.
 - positive flip (PF): old wrong, new correct; ``PFR = #PF / N``.

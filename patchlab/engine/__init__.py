@@ -1,0 +1,1 @@
+"""The one streaming executor, the delta sources it reads from, and device resolution."""

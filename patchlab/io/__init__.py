@@ -1,0 +1,1 @@
+"""Bytes on disk <-> tensors, no math: safetensors files, checkpoints, the patch format, PEFT adapters."""

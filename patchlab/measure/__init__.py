@@ -1,0 +1,1 @@
+"""Measurements: tasks and results, evaluation, lm-eval files, negative flips, TuCo, diagnostics."""
