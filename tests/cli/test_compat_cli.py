@@ -17,7 +17,7 @@ from cli.main import app
 from fixtures import EVAL, model_path
 from patchlab.measure.flips import compare
 from patchlab.measure.results import EvalResult
-from tests.test_lmeval import mc_row, write
+from tests.measure.test_lmeval import mc_row, write
 
 N = 8
 FAST = ["--device", "cpu", "--max-new-tokens", "8"]

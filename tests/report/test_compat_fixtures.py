@@ -12,7 +12,7 @@ from patchlab.kernels.drift import CARE, SAFE
 from patchlab.measure.diagnose import diagnose
 from patchlab.measure.evaluate import evaluate
 
-ROOT = Path(__file__).resolve().parents[1] / "fixtures"
+ROOT = Path(__file__).resolve().parents[2] / "fixtures"
 MODELS = ROOT / "models"
 TASKS = [ROOT / "eval" / "task.jsonl", ROOT / "eval" / "general.jsonl"]
 

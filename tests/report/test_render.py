@@ -13,7 +13,7 @@ from patchlab.measure.flips import compare
 from patchlab.measure.results import EvalResult, InstanceResult, summarise
 from patchlab.measure.tuco import TuCoReport, TuCoResult
 from patchlab.report.render import build_report, hbar_svg, render
-from tests.test_flips import NEW_GEN, NEW_MC, OLD_GEN, OLD_MC
+from tests.measure.test_flips import NEW_GEN, NEW_MC, OLD_GEN, OLD_MC
 
 
 def drift(rel_delta: float) -> DriftStats:
