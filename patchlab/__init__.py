@@ -26,7 +26,7 @@ _EXPORTS = {
     "Plan": "plan",
     "Step": "plan",
     "PatchlabError": "errors",
-    "extract": "methods.port",
+    "extract": "methods.extract",
     "apply": "methods.port",
     "port": "methods.port",
     "port_fused": "methods.port",
@@ -62,5 +62,6 @@ if TYPE_CHECKING:
     from patchlab.errors import PatchlabError
     from patchlab.io.checkpoint import Checkpoint, Fingerprint, TensorInfo
     from patchlab.io.patch import Patch, PatchTensor
-    from patchlab.methods.port import apply, extract, port, port_fused
+    from patchlab.methods.extract import extract
+    from patchlab.methods.port import apply, port, port_fused
     from patchlab.plan import Plan, Step

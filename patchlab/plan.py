@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from patchlab.errors import IncompatiblePatchError, PlanError
-from patchlab.io.checkpoint import Checkpoint, check_dtype, is_vocab_tensor
+from patchlab.io.checkpoint import Checkpoint, check_dtype
 from patchlab.kernels.vocab import POLICIES, by_token, identity, same_ids
+from patchlab.names import align_names, is_vocab_tensor
 
 # Steps of an extract plan: diff | set | delete. Steps of an apply/port plan: copy | add | set | drop.
 DEFAULT_MAX_SKIP = 0.01
-KNOWN_PREFIXES = ("base_model.model.", "language_model.", "model.language_model.")
-
-
 @dataclass(frozen=True)
 class Step:
     """One output tensor (or one manifest entry) and how it is made."""
@@ -303,24 +301,6 @@ def alpha_for(
     return float(alpha)
 
 
-def _align_names(delta_names: Sequence[str], target: Checkpoint) -> tuple[dict[str, str], str | None]:
-    """Map delta names to target names, stripping or adding a known prefix when that matches more keys."""
-    best: tuple[int, dict[str, str], str | None] = (
-        sum(n in target for n in delta_names),
-        {n: n for n in delta_names},
-        None,
-    )
-    if best[0] == len(delta_names):
-        return best[1], None
-    for p in KNOWN_PREFIXES:
-        for how, f in (("strip", lambda n, p=p: n.removeprefix(p)), ("add", lambda n, p=p: p + n)):
-            m = {n: f(n) for n in delta_names}
-            hits = sum(v in target for v in m.values())
-            if hits > best[0]:
-                best = (hits, m, f"{how} prefix {p!r}")
-    return best[1], best[2]
-
-
 def plan_apply(
     delta: DeltaView,
     target: Checkpoint,
@@ -340,7 +320,7 @@ def plan_apply(
     warnings: list[str] = []
     maps: dict[tuple[str, str], torch.Tensor] = {}
     out_vocab_rows: int | None = None
-    rename, how = _align_names(list(delta.entries), target)
+    rename, how = align_names(list(delta.entries), target)
     if how:
         warnings.append(f"patch tensor names matched the target after we {how}")
     by_target = {rename[n]: n for n in delta.entries}

@@ -27,7 +27,6 @@ from patchlab.io.safetensors import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
 ADVISE_AHEAD = 16  # chunks: ask the kernel to start reading this far ahead (cold files; no cost when cached)
-READERS = 2  # worker threads, the calling one included: one per core of the 2-core target machine
 Inputs = tuple[torch.Tensor, ...]
 
 
@@ -59,6 +58,23 @@ def release_scratch() -> None:
     _SCRATCH.pool = None
 
 
+def worker_count() -> int:
+    """Worker threads, the calling one included: ``PATCHLAB_WORKERS``, else one per core this process may use."""
+    env = os.environ.get("PATCHLAB_WORKERS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise DeviceError(f"PATCHLAB_WORKERS must be a positive integer, got {env!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU. Asking for CUDA without it is an error."""
     d = str(device)
@@ -70,6 +86,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(d)
     except RuntimeError:
         raise DeviceError(f"unknown device {d!r}; use auto, cpu or cuda") from None
+
+
+Sink = Callable[["Job", int, int, torch.Tensor], None]  # (job, first row, end row, output chunk)
 
 
 @dataclass
@@ -127,8 +146,10 @@ class _Schedule:
     chunk order; their loads still overlap. A job's ``finish`` runs once, after its last chunk.
     """
 
-    def __init__(self, work: list[tuple[int, Job, int, int]], progress: Callable[[int], None] | None):
-        self.work, self.progress = work, progress
+    def __init__(
+        self, work: list[tuple[int, Job, int, int]], progress: Callable[[int], None] | None, sink: Sink | None
+    ):
+        self.work, self.progress, self.sink = work, progress, sink
         self.next = 0
         self.turn = 0  # the next ordered chunk allowed to compute
         self.order: list[int] = []
@@ -181,13 +202,15 @@ def run(
     *,
     progress: Callable[[int], None] | None = None,
     chunk_elems: int | None = None,
+    sink: Sink | None = None,
+    workers: int | None = None,
 ) -> None:
-    """Execute every job of every shard, streaming. ``out_dir=None`` runs the jobs for their side effects
-    only (statistics, diagnostics) and writes nothing.
+    """Execute every job of every shard, streaming. ``out_dir=None`` writes no file: each output chunk goes
+    to ``sink`` (when given), or the jobs run for their side effects only (statistics, diagnostics).
 
-    ``READERS`` workers (the calling thread is one) each take the next chunk, read its inputs with
-    positional reads, compute it and write it at its place in its output file, with no hand-off between
-    threads: on a 2-core machine every hand-off was a futex wake-up and a fight for the GIL, and those
+    ``workers`` threads (default :func:`worker_count`; the calling thread is one) each take the next chunk,
+    read its inputs with positional reads, compute it and write it at its place in its output file, with no
+    hand-off between threads: on a 2-core machine every hand-off was a futex wake-up and a fight for the GIL, and those
     cost more than the arithmetic. On CPU torch runs single-threaded for the duration (the chunks are
     small and memory-bound; an OpenMP pool spinning on every chunk cost 5x in wall time on a busy 2-core
     machine); the previous thread count is restored afterwards. Memory is bounded by one chunk per worker.
@@ -196,7 +219,7 @@ def run(
     work = [
         (si, job, r0, r1) for si, sh in enumerate(shards) for job in sh.jobs for r0, r1 in _chunks(job, chunk_elems)
     ]
-    sched = _Schedule(work, progress)
+    sched = _Schedule(work, progress, sink)
     files: list[ShardWriter] = []
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -209,7 +232,7 @@ def run(
                 files.append(ShardWriter(out_dir / sh.file, [j.spec for j in sh.jobs], sh.metadata))
         helpers = [
             threading.Thread(target=_worker, args=(sched, files), name=f"patchlab-worker-{k}", daemon=True)
-            for k in range(1, READERS)
+            for k in range(1, workers or worker_count())
         ]
         for t in helpers:
             t.start()
@@ -231,6 +254,21 @@ def run(
         raise
     finally:
         torch.set_num_threads(threads)
+
+
+def assemble(job: Job, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One job's whole output in memory, computed chunk by chunk by the engine (then its ``finish`` runs).
+
+    For consumers that need a tensor whole (an SVD, a top-k): memory is that tensor plus one chunk per worker.
+    """
+    out = torch.empty(job.shape, dtype=dtype or job.dtype, device=device)
+    flat = out.reshape(job.rows, -1) if job.shape else out.reshape(1, 1)
+
+    def put(j: Job, r0: int, r1: int, chunk: torch.Tensor) -> None:
+        flat[r0:r1].copy_(chunk.reshape(r1 - r0, -1))
+
+    run([Shard("", [job])], None, device, sink=put)
+    return out
 
 
 def _check_space(out_dir: Path, need: int) -> None:
@@ -272,6 +310,8 @@ def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
                 if tuple(out.shape) != expect:
                     out = out.reshape(expect)
                 nbytes = files[si].write(job.name, r0 * job.row_elems * out.element_size(), out)
+            elif sched.sink is not None:
+                sched.sink(job, r0, r1, out)
             del out
             if sched.done(job, nbytes) and job.finish:
                 job.finish()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from patchlab.encodings import codec
 from patchlab.engine.executor import scratch
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch, PatchTensor
@@ -27,15 +28,10 @@ def _gather_entry(e: PatchTensor, index: torch.Tensor, device: torch.device) -> 
     if not bool(ok.any()):
         return out
     idx = index[ok]
-    if e.op == "add" and e.encoding == "lowrank":
-        b = e._t("B")[idx].to(device).float()
-        vals = (b @ e._t("A").to(device).float()).mul_(float(e.meta.get("scale", 1.0)))
-    elif e.op == "add" and e.encoding == "sparse":
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        vals = e.rows(lo, hi, device)[(idx - lo).to(device)]
+    if e.op == "add":
+        vals = codec(e.encoding, str(e.name)).gather(e, idx, device)
     else:
-        key = "value" if e.op == "set" else "delta"
-        vals = e._t(key)[idx].to(device).float()
+        vals = e.stored("value")[idx].to(device).float()
     out[ok.to(device)] = vals.reshape((idx.numel(), *e.shape[1:]))
     return out
 
@@ -67,7 +63,7 @@ class PatchDelta:
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows of a ``set`` entry in their stored dtype (no float conversion: integer buffers stay exact)."""
         e = self.patch.entry(name)
-        t = e._t("value")
+        t = e.stored("value")
         return t[r0:r1] if e.shape else t
 
     def fixups(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor] | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from patchlab.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
 from patchlab.io.safetensors import MappedFile
+from patchlab.names import EMBED_SUFFIXES
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -35,14 +38,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Tensors whose first dimension is the vocabulary (input embeddings and output heads).
-VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight", "word_embeddings.weight")
-EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)  # what a model directory has besides weights
 HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-
-
-def is_vocab_tensor(name: str) -> bool:
-    return name.endswith(VOCAB_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -181,6 +178,20 @@ class Checkpoint:
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
+    def describe(self) -> dict:
+        """Provenance of this checkpoint for a manifest (the content digest only when already computed)."""
+        d = {
+            "path": str(self.path.resolve()),
+            "architecture": self.architecture_digest,
+            "dtype": self.dtype,
+            "vocab_size": self.vocab_size,
+            "tied": self.tied,
+            "parameters": self.num_parameters,
+        }
+        if "content_digest" in self.__dict__:  # hashing every byte is not free: never done just for this
+            d["content"] = self.content_digest
+        return d
+
     @cached_property
     def num_parameters(self) -> int:
         return sum(i.numel for i in self._infos.values())
@@ -312,3 +323,20 @@ def check_dtype(t: TensorInfo) -> None:
         raise UnsupportedDtypeError(
             f"tensor {t.name!r} is {t.dtype}; patchlab computes deltas for fp64/fp32/fp16/bf16 only"
         )
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name (``"bfloat16"``, ``"torch.float16"``); None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    d = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(d, torch.dtype):
+        raise UnsupportedDtypeError(f"unknown dtype {name!r}; use e.g. float32, bfloat16 or float16")
+    return d
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str] = META_FILES) -> None:
+    """Copy those of ``names`` that exist in ``src`` into ``dst`` (config, tokenizer and template files)."""
+    for n in names:
+        if (src / n).is_file():
+            shutil.copy2(src / n, dst / n)

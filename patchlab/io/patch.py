@@ -24,11 +24,14 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from patchlab.errors import PatchFormatError
 from patchlab.io.safetensors import MappedFile
@@ -38,8 +41,10 @@ FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 FINETUNE_DIR = "finetune"
 FIXUPS_FILE = "fixups.safetensors"
-ENCODINGS = ("dense", "lowrank", "sparse")
 OPS = ("add", "set", "delete")
+SHARD_PREFIX = "delta"
+MAX_SHARD_BYTES = 4 << 30  # a shard file is at most this large (as the Hugging Face hub's own default)
+BUFFER_BYTES = 512 << 20  # tensors handed to PatchWriter.add are held in memory up to this much
 
 
 def manifest_header(provenance: dict) -> dict:
@@ -99,8 +104,16 @@ class PatchTensor:
     def nrows(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def _t(self, role: str) -> torch.Tensor:
+    def stored(self, role: str) -> torch.Tensor:
+        """The stored tensor playing ``role`` (``delta``, ``A``, ``B``, ``indices``, ``value``...), zero-copy."""
         return self._patch._tensor(self.meta["file"], self.meta["keys"][role])
+
+    def stored_rows(self, role: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of a stored tensor, read into ``out`` when it has the right shape and dtype."""
+        f, key = self._patch._file(self.meta["file"]), self.meta["keys"][role]
+        want = (min(r1, self.shape[0]) - r0, *self.shape[1:])
+        fits = out is not None and tuple(out.shape) == want and out.dtype == f.entries[key].dtype
+        return f.rows(key, r0, r1, out if fits else None)
 
     def rows(
         self, r0: int, r1: int, device: torch.device | str = "cpu", out: torch.Tensor | None = None
@@ -111,38 +124,13 @@ class PatchTensor:
         matches the stored rows' shape and dtype) or computed afresh, never a view of the file.
         """
         if self.op == "set":
-            return self._slice(self._t("value"), r0, r1).to(device).float()
+            v = self.stored("value")
+            return (v if not self.shape else v[r0:r1]).to(device).float()
         if self.op != "add":
             raise PatchFormatError(f"tensor {self.name!r} is deleted by the patch; it has no rows")
-        enc = self.encoding
-        if enc == "dense":
-            if not self.shape:
-                return self._t("delta").to(device, torch.float32, copy=True)
-            f, key = self._patch._file(self.meta["file"]), self.meta["keys"]["delta"]
-            want = (min(r1, self.shape[0]) - r0, *self.shape[1:])
-            fits = out is not None and tuple(out.shape) == want and out.dtype == f.entries[key].dtype
-            return f.rows(key, r0, r1, out if fits else None).to(device).float()
-        if enc == "lowrank":
-            b = self._t("B")[r0:r1].to(device).float()
-            a = self._t("A").to(device).float()
-            return (b @ a).mul_(float(self.meta.get("scale", 1.0))).reshape((r1 - r0, *self.shape[1:]))
-        if enc == "sparse":
-            return self._sparse_rows(r0, r1, device)
-        raise PatchFormatError(f"tensor {self.name!r} has unknown encoding {enc!r}; upgrade patchlab")
+        from patchlab.encodings import codec
 
-    def _slice(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        return t if not self.shape else t[r0:r1]
-
-    def _sparse_rows(self, r0: int, r1: int, device: torch.device | str) -> torch.Tensor:
-        row = math.prod(self.shape[1:]) if self.shape else 1
-        idx = self._t("indices")
-        lo, hi = r0 * row, r1 * row
-        a = int(torch.searchsorted(idx, torch.tensor(lo, dtype=idx.dtype)))
-        b = int(torch.searchsorted(idx, torch.tensor(hi, dtype=idx.dtype)))
-        out = torch.zeros((r1 - r0) * row, dtype=torch.float32, device=device)
-        if b > a:
-            out[(idx[a:b] - lo).to(device)] = self._t("values")[a:b].to(device).float()
-        return out.reshape((r1 - r0, *self.shape[1:])) if self.shape else out.reshape(())
+        return codec(self.encoding, str(self._patch.path)).rows(self, r0, r1, device, out)
 
     def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return self.rows(0, self.nrows, device)
@@ -186,8 +174,11 @@ class Patch:
                 f"{mpath}: format version {v} is newer than this patchlab understands ({FORMAT_VERSION}); upgrade"
             )
         p = cls(path, manifest)
+        from patchlab.encodings import names as encodings
+
+        known = encodings()
         for name, meta in manifest.get("tensors", {}).items():
-            if meta.get("op") not in OPS or meta.get("encoding", "dense") not in ENCODINGS:
+            if meta.get("op") not in OPS or meta.get("encoding", "dense") not in known:
                 raise PatchFormatError(f"{mpath}: tensor {name!r} has op/encoding this patchlab does not know")
             for role, key in meta.get("keys", {}).items():
                 f = p._file(meta["file"])
@@ -259,3 +250,153 @@ class Patch:
 
     def __repr__(self) -> str:
         return f"Patch({str(self.path)!r}, tensors={len(self.manifest['tensors'])})"
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+def shard_file(i: int, n: int) -> str:
+    """Name of shard ``i`` (0-based) of ``n``: ``delta-00001-of-00002.safetensors``."""
+    return f"{SHARD_PREFIX}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def group_shards(sizes: Sequence[tuple[str, int]], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
+    """Names grouped in order into shards of at most ``max_bytes`` (a tensor larger than that is alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, n in sizes:
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups if groups[0] else []
+
+
+def totals(entries: Mapping[str, dict], fixups: int, nbytes: int) -> dict:
+    """Patch-wide figures for the manifest, from the tensor entries alone (every writer uses this)."""
+    adds = [e for e in entries.values() if e["op"] == "add"]
+    n = sum(math.prod(e["shape"]) for e in adds)
+    norms2 = [e.get("stats", {}).get("norm", 0.0) ** 2 for e in adds]
+    sumsq = sum(norms2)
+    by_enc: dict[str, int] = {}
+    for e in adds:
+        by_enc[e.get("encoding", "dense")] = by_enc.get(e.get("encoding", "dense"), 0) + 1
+    # Energy kept over the whole patch: Σ kept / Σ ‖Δ‖², dense tensors counted as fully kept. DARE entries
+    # have no energy share (their survivors are rescaled: not a projection of Δ), so a patch with any of them
+    # reports energy None and only the pooled relative error.
+    kept: float | None = 0.0
+    err2 = 0.0
+    for e, norm2 in zip(adds, norms2, strict=True):
+        if e.get("method") == "dare":
+            kept = None
+        elif kept is not None:
+            kept += norm2 * e.get("energy", 1.0)
+        err2 += norm2 * e.get("rel_error", 0.0) ** 2
+    out = {
+        "tensors": len(entries),
+        "delta_tensors": len(adds),
+        "delta_parameters": n,
+        "norm": sumsq**0.5,
+        "encodings": by_enc,
+        "energy": None if kept is None else (kept / sumsq if sumsq > 0 else 1.0),
+        "rel_error": math.sqrt(err2 / sumsq) if sumsq > 0 else 0.0,
+        "bytes": nbytes,
+        "fixups": fixups,
+    }
+    if all("changed_frac" in e.get("stats", {}) for e in adds):
+        changed = sum(e["stats"]["changed_frac"] * math.prod(e["shape"]) for e in adds)
+        out["changed_frac"] = changed / n if n else 0.0
+    return out
+
+
+class PatchWriter:
+    """THE writer of the patch format, inside a directory that ``atomic_output`` will publish.
+
+    Tensors reach the shards in one of two ways: ``add`` (encoded tensors, held in memory up to
+    ``BUFFER_BYTES`` and then written as a shard), or ``plan_shards`` (names and sizes known in advance; the
+    engine streams the shards itself). ``finish`` names the shards ``delta-NNNNN-of-NNNNN``, writes the fixups,
+    and writes the manifest with its ``totals``.
+    """
+
+    def __init__(self, root: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.root = Path(root)
+        self.max_bytes = min(max_shard_bytes, BUFFER_BYTES)
+        self._buf: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[str] = []  # provisional names of buffered shards, renamed by finish
+        self._planned: list[str] = []
+        self._fixups: dict[str, torch.Tensor] = {}
+        self._plan_bytes = max_shard_bytes
+
+    def plan_shards(self, sizes: Sequence[tuple[str, int]]) -> list[tuple[str, list[str]]]:
+        """Final shard names for tensors the engine writes itself: ``[(file, [tensor names])]``."""
+        groups = group_shards(sizes, self._plan_bytes)
+        planned = [(shard_file(i, len(groups)), g) for i, g in enumerate(groups)]
+        self._planned = [f for f, _ in planned]
+        return planned
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Queue tensors (all in one shard); returns the provisional shard name (``finish`` renames it)."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._buf and self._size + size > self.max_bytes:
+            self._flush()
+        self._buf.update({k: t.detach().cpu().contiguous() for k, t in tensors.items()})
+        self._size += size
+        return self._current
+
+    @property
+    def _current(self) -> str:
+        return f".{SHARD_PREFIX}-{len(self._written) + 1:05d}.safetensors"
+
+    def _flush(self) -> None:
+        if self._buf:
+            save_file(self._buf, str(self.root / self._current), metadata={"format": "pt"})
+            self._written.append(self._current)
+            self._buf, self._size = {}, 0
+
+    def add_fixups(self, name: str, indices: torch.Tensor, values: torch.Tensor, base_digest: str) -> dict:
+        """Store exact-reconstruction residuals of ``name``; returns the entry's ``fix`` field."""
+        self._fixups[f"{name}::indices"] = indices.cpu().contiguous()
+        self._fixups[f"{name}::values"] = values.cpu().contiguous()
+        return {
+            "indices": f"{name}::indices",
+            "values": f"{name}::values",
+            "count": int(indices.numel()),
+            "base_digest": base_digest,
+        }
+
+    def copy_files(self, src: Path, names: Iterable[str], into: str = FINETUNE_DIR) -> None:
+        """Copy those of ``names`` that exist in ``src`` into ``into/`` (the fine-tune's config and tokenizer)."""
+        dst = self.root / into
+        dst.mkdir(exist_ok=True)
+        for n in names:
+            if (src / n).is_file():
+                shutil.copy2(src / n, dst / n)
+
+    def copy_tree(self, src: Path, into: str = FINETUNE_DIR) -> None:
+        (self.root / into).mkdir(exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, self.root / into, dirs_exist_ok=True)
+
+    def finish(self, provenance: dict, entries: dict[str, dict], unused: Sequence[dict] = ()) -> dict:
+        """Name the shards, write fixups and the manifest; returns the manifest."""
+        self._flush()
+        (self.root / FINETUNE_DIR).mkdir(exist_ok=True)
+        if self._written:
+            final = {old: shard_file(i, len(self._written)) for i, old in enumerate(self._written)}
+            for old, new in final.items():
+                (self.root / old).rename(self.root / new)
+            for e in entries.values():
+                if e.get("file") in final:
+                    e["file"] = final[e["file"]]
+        if self._fixups:
+            save_file(self._fixups, str(self.root / FIXUPS_FILE))
+        nbytes = sum(p.stat().st_size for p in self.root.glob(f"{SHARD_PREFIX}-*.safetensors"))
+        fix_count = sum(int(t.numel()) for k, t in self._fixups.items() if k.endswith("::indices"))
+        manifest = {
+            **manifest_header(provenance),
+            "totals": totals(entries, fix_count, nbytes),
+            "unused": list(unused),
+            "tensors": entries,
+        }
+        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
+        return manifest

@@ -22,7 +22,7 @@ import torch
 
 from patchlab.errors import PatchlabError
 
-__all__ = ["SparseError", "check_density", "topk", "dare", "densify", "sparse_rows", "tensor_seed"]
+__all__ = ["SparseError", "check_density", "topk", "dare", "sparse_rows", "tensor_seed"]
 
 
 class SparseError(PatchlabError):
@@ -96,20 +96,12 @@ def _check(indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
         raise SparseError(f"sparse indices fall outside a tensor of {numel} elements; the patch is damaged")
 
 
-def densify(indices: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The dense fp32 tensor of a sparse encoding."""
-    numel = math.prod(int(s) for s in shape)
-    _check(indices, values, numel)
-    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
-    out[indices.to(values.device)] = values.float()
-    return out.reshape(tuple(int(s) for s in shape))
-
-
 def sparse_rows(
     indices: torch.Tensor, values: torch.Tensor, shape: Sequence[int], r0: int, r1: int
 ) -> torch.Tensor:
     """Dense fp32 rows ``r0:r1`` (first axis) of a sparse tensor, found by binary search on the indices."""
     shape = tuple(int(s) for s in shape)
+    _check(indices, values, math.prod(shape))
     row = math.prod(shape[1:]) if len(shape) > 1 else 1
     r0, r1 = max(r0, 0), min(r1, shape[0])
     lo, hi = r0 * row, max(r1, r0) * row

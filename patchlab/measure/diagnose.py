@@ -24,20 +24,11 @@ import torch
 
 from patchlab.engine.executor import resolve_device
 from patchlab.errors import IncompatiblePatchError, PatchlabError
-from patchlab.io.checkpoint import Checkpoint, is_vocab_tensor
+from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch
-from patchlab.kernels.drift import (
-    DriftAccumulator,
-    DriftStats,
-    IntruderStats,
-    Thresholds,
-    Verdict,
-    intruder_dimensions,
-    is_embedding,
-    layer_of,
-    port_verdict,
-)
-from patchlab.plan import _align_names
+from patchlab.kernels.drift import DriftAccumulator, DriftStats, IntruderStats, intruder_dimensions
+from patchlab.measure.verdict import Thresholds, Verdict, port_verdict
+from patchlab.names import align_names, is_embedding, is_vocab_tensor, layer_of
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per input per chunk
 
@@ -158,7 +149,7 @@ def diagnose(
     care_notes: list[str] = []
     n_matrices = n_with_intruders = 0
     # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
-    t_names, prefix_note = _align_names(p.names, tgt)
+    t_names, prefix_note = align_names(p.names, tgt)
     if prefix_note:
         care_notes.append(f"target tensor names differ from the patch's by a prefix ({prefix_note})")
 

@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from patchlab.engine.executor import atomic_output, check_output
 from patchlab.errors import IncompatiblePatchError
-from patchlab.io.checkpoint import EMBED_SUFFIXES, Checkpoint
-from patchlab.io.patch import FINETUNE_DIR, MANIFEST, Patch, manifest_header
+from patchlab.io.checkpoint import META_FILES, Checkpoint, parse_dtype
+from patchlab.io.patch import Patch, PatchWriter
 from patchlab.io.peft import CONFIG_NAME, ExportModule, check_shapes, read_peft_adapter, write_peft_adapter
 from patchlab.kernels.delta import DeltaStats
-from patchlab.methods.compress import PatchWriter, _totals
+from patchlab.names import is_input_embedding
 
 __all__ = ["import_peft", "export_peft"]
 
@@ -58,14 +56,12 @@ def import_peft(
     Raises ``UnsupportedAdapterError`` (DoRA, LoHa, IA3, ...), ``PeftAdapterError`` (damaged or inconsistent
     adapter) or ``IncompatiblePatchError`` (shapes or names that do not fit ``base``) before writing.
     """
-    from patchlab.methods.port import META_FILES, _copy_meta, _describe, _dtype
-
     adapter = read_peft_adapter(adapter_dir)
     base_ck = Checkpoint.open(base)
     check_shapes(adapter, {n: base_ck.info(n).shape for n in base_ck.names}, tied=base_ck.tied)
     out = Path(out)
     check_output(out, overwrite)
-    store = _dtype(storage_dtype) or torch.float32
+    store = parse_dtype(storage_dtype) or torch.float32
     entries: dict[str, dict] = {}
     unused: list[dict] = []
     with atomic_output(out, overwrite) as tmp:
@@ -107,45 +103,38 @@ def import_peft(
                 meta.update(encoding="dense", keys={"delta": name}, source=src, stats=_dense_stats(d, bt))
                 meta["file"] = w.add({name: d.to(store).contiguous()})
             entries[name] = meta
-        w.flush()
-        (tmp / FINETUNE_DIR).mkdir()
-        _copy_meta(base_ck.path, tmp / FINETUNE_DIR, META_FILES)
-        _copy_meta(adapter.path, tmp / FINETUNE_DIR, [n for n in META_FILES if n != "config.json"])
-        shutil.copy2(adapter.path / CONFIG_NAME, tmp / FINETUNE_DIR / CONFIG_NAME)
+        w.copy_files(base_ck.path, META_FILES)
+        w.copy_files(adapter.path, [n for n in META_FILES if n != "config.json"] + [CONFIG_NAME])
         cfg = adapter.config
-        manifest = {
-            **manifest_header(
-                {
-                    "base": _describe(base_ck),
-                    "finetuned": {
-                        "peft_adapter": str(adapter.path.resolve()),
-                        "base_model_name_or_path": adapter.base_model_name_or_path,
-                        "tied": base_ck.tied,
-                    },
-                    "method": "import-peft",
-                    "parameters": {
-                        k: cfg.get(k)
-                        for k in (
-                            "r",
-                            "lora_alpha",
-                            "use_rslora",
-                            "rank_pattern",
-                            "alpha_pattern",
-                            "fan_in_fan_out",
-                            "lora_bias",
-                            "modules_to_save",
-                            "target_modules",
-                            "peft_version",
-                        )
-                    }
-                    | {"storage_dtype": str(store).removeprefix("torch."), "exact": False},
+        w.finish(
+            {
+                "base": base_ck.describe(),
+                "finetuned": {
+                    "peft_adapter": str(adapter.path.resolve()),
+                    "base_model_name_or_path": adapter.base_model_name_or_path,
+                    "tied": base_ck.tied,
+                },
+                "method": "import-peft",
+                "parameters": {
+                    k: cfg.get(k)
+                    for k in (
+                        "r",
+                        "lora_alpha",
+                        "use_rslora",
+                        "rank_pattern",
+                        "alpha_pattern",
+                        "fan_in_fan_out",
+                        "lora_bias",
+                        "modules_to_save",
+                        "target_modules",
+                        "peft_version",
+                    )
                 }
-            ),
-            "unused": unused,
-        }
-        manifest["totals"] = _totals(entries, tmp)
-        manifest["tensors"] = entries
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
+                | {"storage_dtype": str(store).removeprefix("torch."), "exact": False},
+            },
+            entries,
+            unused,
+        )
     return Patch.open(out)
 
 
@@ -166,13 +155,11 @@ def export_peft(
     pass ``base``, or ``skip_dense=True`` to leave them out (the adapter then reproduces only the low-rank
     part), or compress the patch to low rank first. ``set``/``delete`` entries cannot be expressed in PEFT.
     """
-    from patchlab.methods.port import _dtype
-
     p = Patch.open(patch)
     out = Path(out)
     check_output(out, overwrite)
     base_ck = Checkpoint.open(base) if base is not None else None
-    cast = _dtype(dtype)
+    cast = parse_dtype(dtype)
     modules: list[ExportModule] = []
     dense_by_module: dict[str, list[str]] = {}
     lowrank_by_module: dict[str, str] = {}
@@ -212,8 +199,8 @@ def export_peft(
         if mod in dense_by_module and not skip_dense:
             continue  # the whole module travels as modules_to_save (its full weight includes this ΔW)
         e = p.entry(name)
-        A, B = e._t("A").float(), e._t("B").float()
-        emb = name.endswith(EMBED_SUFFIXES)
+        A, B = e.stored("A").float(), e.stored("B").float()
+        emb = is_input_embedding(name)
         modules.append(ExportModule(name, A, B, float(e.meta.get("scale", 1.0)), embedding=emb))
     if base_model_name_or_path is None:
         base_model_name_or_path = p.provenance.get("base", {}).get("path")

@@ -34,7 +34,7 @@ def _jittery_job(name: str, rows: int, cols: int, *, parallel: bool, log: list |
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_chunks_land_at_their_place_whatever_order_they_finish(tmp_path, monkeypatch, parallel):
-    monkeypatch.setattr(engine, "READERS", 3)
+    monkeypatch.setenv("PATCHLAB_WORKERS", "3")
     jobs = [_jittery_job("a", 37, 5, parallel=parallel), _jittery_job("b", 11, 3, parallel=parallel)]
     run([Shard("x.safetensors", jobs)], tmp_path, torch.device("cpu"), chunk_elems=10)
     got = load_file(tmp_path / "x.safetensors")
@@ -43,7 +43,7 @@ def test_chunks_land_at_their_place_whatever_order_they_finish(tmp_path, monkeyp
 
 
 def test_stateful_jobs_compute_in_chunk_order_and_finish_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "READERS", 3)
+    monkeypatch.setenv("PATCHLAB_WORKERS", "3")
     log: list = []
     finished: list[str] = []
     jobs = []
@@ -72,7 +72,7 @@ def test_stateful_jobs_compute_in_chunk_order_and_finish_once(tmp_path, monkeypa
 
 
 def test_an_error_on_any_worker_stops_the_run_and_removes_the_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "READERS", 2)
+    monkeypatch.setenv("PATCHLAB_WORKERS", "2")
     job = _jittery_job("a", 200, 4, parallel=True)
     load = job.load
 

@@ -5,19 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchlab.kernels.drift import (
-    CARE,
-    DO_NOT,
-    SAFE,
-    DriftAccumulator,
-    DriftStats,
-    Thresholds,
-    drift_stats,
-    intruder_dimensions,
-    is_embedding,
-    layer_of,
-    port_verdict,
-)
+from patchlab.kernels.drift import DriftAccumulator, DriftStats, drift_stats, intruder_dimensions
+from patchlab.measure.verdict import CARE, DO_NOT, SAFE, Thresholds, port_verdict
+from patchlab.names import is_embedding, layer_of
 
 
 def test_drift_hand_values():

@@ -112,7 +112,7 @@ def test_topk_keeps_largest_and_density_one_is_dense():
     idx, vals = sp.topk(x, 2 / 6)
     assert idx.tolist() == [1, 3] and vals.tolist() == [-5.0, 3.0]
     idx, vals = sp.topk(x, 1.0)
-    assert torch.equal(sp.densify(idx, vals, x.shape), x)
+    assert torch.equal(sp.sparse_rows(idx, vals, x.shape, 0, x.shape[0]), x)
     assert 4 not in idx.tolist()  # the exact zero is not stored
 
 
@@ -133,18 +133,18 @@ def test_dare_is_seeded_rescaled_and_unbiased():
     assert torch.allclose(v1, x.reshape(-1)[i1] * 4)
     assert abs(i1.numel() / x.numel() - 0.25) < 0.01
     i, v = sp.dare(x, 1.0, seed=7, name="w")
-    assert torch.equal(sp.densify(i, v, x.shape), x)
+    assert torch.equal(sp.sparse_rows(i, v, x.shape, 0, x.shape[0]), x)
 
 
 def test_sparse_rows_match_dense_rows():
     x = torch.randn(37, 11, generator=torch.Generator().manual_seed(1))
     idx, vals = sp.topk(x, 0.2)
-    dense = sp.densify(idx, vals, x.shape)
+    dense = sp.sparse_rows(idx, vals, x.shape, 0, x.shape[0])
     for r0, r1 in [(0, 37), (3, 4), (10, 30), (36, 37), (5, 5)]:
         assert torch.equal(sp.sparse_rows(idx, vals, x.shape, r0, r1), dense[r0:r1])
     v = torch.randn(50)
     i, w = sp.topk(v, 0.5)
-    assert torch.equal(sp.sparse_rows(i, w, v.shape, 10, 20), sp.densify(i, w, v.shape)[10:20])
+    assert torch.equal(sp.sparse_rows(i, w, v.shape, 10, 20), sp.sparse_rows(i, w, v.shape, 0, v.shape[0])[10:20])
 
 
 @pytest.mark.parametrize("density", [0, 1.01, -1, float("nan")])

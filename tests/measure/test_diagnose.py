@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 import patchlab
 from patchlab.errors import IncompatiblePatchError
-from patchlab.kernels.drift import CARE, DO_NOT, SAFE, DriftAccumulator, drift_stats
+from patchlab.kernels.drift import DriftAccumulator, drift_stats
 from patchlab.measure.diagnose import PortDiagnostics, diagnose
+from patchlab.measure.verdict import CARE, DO_NOT, SAFE
 from tests.factory import make_model, state
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"

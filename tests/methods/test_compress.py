@@ -194,3 +194,18 @@ def test_encoded_extract_refuses_non_finite_delta_and_writes_nothing(tmp_path):
         extract_encoded(base, ft, tmp_path / "out", rank=4)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_compressed_patch_reports_the_fixups_it_stores(tmp_path):
+    """Tensors kept dense keep their exact-reconstruction residuals, and the totals count them (not 0)."""
+    from pathlib import Path
+
+    from patchlab.methods.extract import extract
+
+    models = Path(__file__).resolve().parents[2] / "fixtures" / "models"
+    full = extract(models / "v1", models / "ft-v1", tmp_path / "full")
+    assert full.manifest["totals"]["fixups"] > 0
+    small = compress(full, tmp_path / "r4", rank=4)
+    stored = sum(e.fix["count"] for e in small.entries() if e.fix)
+    assert stored > 0
+    assert small.manifest["totals"]["fixups"] == stored

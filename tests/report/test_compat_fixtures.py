@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import patchlab
-from patchlab.kernels.drift import CARE, SAFE
 from patchlab.measure.diagnose import diagnose
 from patchlab.measure.evaluate import evaluate
+from patchlab.measure.verdict import CARE, SAFE
 
 ROOT = Path(__file__).resolve().parents[2] / "fixtures"
 MODELS = ROOT / "models"

@@ -7,11 +7,12 @@ import re
 
 import pytest
 
-from patchlab.kernels.drift import DriftStats, IntruderStats, port_verdict
+from patchlab.kernels.drift import DriftStats, IntruderStats
 from patchlab.measure.diagnose import PortDiagnostics, TensorDiagnostics
 from patchlab.measure.flips import compare
 from patchlab.measure.results import EvalResult, InstanceResult, summarise
 from patchlab.measure.tuco import TuCoReport, TuCoResult
+from patchlab.measure.verdict import port_verdict
 from patchlab.report.render import build_report, hbar_svg, render
 from tests.measure.test_flips import NEW_GEN, NEW_MC, OLD_GEN, OLD_MC
 

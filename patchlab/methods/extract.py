@@ -1,0 +1,201 @@
+"""extract: the diff vector ``Δ = ft − base`` as a patch, planned first, then streamed through the engine.
+
+With the default fp32 storage, ``apply(extract(base, ft), base)`` reproduces ``ft`` bit for bit: elements
+where ``cast(base + Δ)`` would not give ``ft`` back are stored verbatim as fixups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from patchlab.engine.executor import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
+from patchlab.errors import NonFiniteDeltaError, PlanError
+from patchlab.io.checkpoint import META_FILES, Checkpoint, parse_dtype
+from patchlab.io.patch import MAX_SHARD_BYTES, Patch, PatchWriter, tensor_digest
+from patchlab.kernels.delta import DeltaStats, as_float, bits, diff_into, gather_rows, same_bits
+from patchlab.kernels.vocab import identity
+from patchlab.plan import Plan, Step, plan_extract
+
+Progress = Callable[[int], None]
+FixSink = Callable[[str, torch.Tensor, torch.Tensor, str], dict]  # (name, indices, values, base digest) -> entry
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+__all__ = ["extract", "extract_job", "resolve_storage_dtype"]
+
+
+def resolve_storage_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a delta is stored in; only floating dtypes wide enough for a difference qualify."""
+    try:
+        d = parse_dtype(name) if name is not None else default
+    except Exception:
+        d = None
+    if d not in STORAGE_DTYPES:
+        raise PlanError(f"unknown storage dtype {name!r}; use float32 (exact), bfloat16 or float16")
+    return d  # type: ignore[return-value]
+
+
+def extract(
+    base: str | Path | Checkpoint,
+    finetuned: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    storage_dtype: str | torch.dtype | None = None,
+    vocab_policy: str | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Patch | Plan:
+    """Extract the diff vector ``Δ = ft − base`` as a patch directory at ``out``.
+
+    With the default fp32 storage, ``apply(extract(base, ft), base)`` reproduces ``ft`` bit for bit; a
+    smaller ``storage_dtype`` (bfloat16, float16) halves the patch and gives up exactness.
+    """
+    base_ck, ft_ck = Checkpoint.open(base), Checkpoint.open(finetuned)
+    store = resolve_storage_dtype(storage_dtype)
+    plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
+    if dry_run:
+        return plan
+    out = Path(out)
+    check_output(out, overwrite)
+    dev = resolve_device(device)
+    exact = store == torch.float32
+    entries: dict[str, dict] = {}
+    with atomic_output(out, overwrite) as tmp:
+        writer = PatchWriter(tmp, max_shard_bytes)
+        fix = writer.add_fixups if exact else None
+        jobs = {
+            s.name: extract_job(s, base_ck, ft_ck, plan, dev, entries, fix) for s in plan.steps if s.action != "delete"
+        }
+        for s in plan.steps:
+            if s.action == "delete":
+                entries[s.name] = {"op": "delete", "shape": list(s.shape), "dtype": s.dtype}
+        shards = writer.plan_shards([(n, j.spec.nbytes) for n, j in jobs.items()])
+        for file, names in shards:
+            for n in names:
+                entries[n]["file"] = file
+        run([Shard(file, [jobs[n] for n in names]) for file, names in shards], tmp, dev, progress=progress)
+        writer.copy_files(ft_ck.path, META_FILES)
+        provenance = {
+            "base": base_ck.describe(),
+            "finetuned": ft_ck.describe(),
+            "method": "extract",
+            "parameters": {
+                "vocab_policy": vocab_policy,
+                "storage_dtype": str(store).removeprefix("torch."),
+                "exact": exact,
+            },
+        }
+        unused = [{"name": n, "reason": r, "parameters": p} for n, r, p in plan.unused]
+        writer.finish(provenance, {s.name: entries[s.name] for s in plan.steps}, unused)
+    return Patch.open(out)
+
+
+def extract_job(
+    s: Step,
+    base: Checkpoint,
+    ft: Checkpoint,
+    plan: Plan,
+    dev: torch.device,
+    entries: dict[str, dict],
+    fixups: FixSink | None = None,
+) -> Job:
+    """The engine job computing one tensor's Δ (or copying a ``set`` value); fills ``entries[s.name]``.
+
+    With ``fixups``, elements where ``cast(base + Δ)`` does not give the fine-tune back are handed to it once
+    the tensor is done (exact extraction).
+    """
+    ft_t = ft.tensor(s.name)
+    ft_dtype = str(ft_t.dtype).removeprefix("torch.")
+    if s.action == "set":
+        entries[s.name] = {
+            "op": "set",
+            "encoding": "dense",
+            "shape": list(s.shape),
+            "dtype": ft_dtype,
+            "keys": {"value": s.name},
+            "note": s.note,
+        }
+        return Job(
+            s.name,
+            s.shape,
+            ft_t.dtype,
+            lambda r0, r1: (ft.rows(s.name, r0, r1),),
+            lambda x, r0, r1: x[0],
+            advise=lambda r0, r1: ft.advise(s.name, r0, r1),
+        )
+    base_t = base.tensor(s.name)
+    bmap = plan.row_maps.get((s.name, "base"))
+    # per chunk (first row → statistics, residual positions, residual values), combined in row order by
+    # finish: chunks are computed in parallel, and the manifest must not depend on which finished first
+    parts: dict[int, tuple[DeltaStats, torch.Tensor | None, torch.Tensor | None]] = {}
+    row = math.prod(s.shape[1:]) if s.shape else 1
+    entry: dict = {
+        "op": "add",
+        "encoding": "dense",
+        "shape": list(s.shape),
+        "dtype": ft_dtype,
+        "keys": {"delta": s.name},
+    }
+    if s.rows:
+        entry["rows"] = s.rows
+    entries[s.name] = entry
+
+    def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        shape = (r1 - r0, *s.shape[1:]) if s.shape else ()
+        f = ft.rows(s.name, r0, r1, scratch("extract.ft", shape, ft_t.dtype)).to(dev)
+        if bmap is not None:
+            b = gather_rows(base_t, bmap[r0:r1]).to(dev)
+        elif s.shape and r1 > base_t.shape[0]:  # truncate never reads past the base; pad rows are zero
+            b = gather_rows(base_t, identity(r1, base_t.shape[0])[r0:r1]).to(dev)
+        else:
+            b = base.rows(s.name, r0, r1, scratch("extract.base", shape, base_t.dtype)).to(dev)
+        return f, b
+
+    def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
+        f, b = x
+        shape, d_dev = tuple(f.shape), f.device
+        b32 = as_float(b, scratch("extract.b32", shape, torch.float32, d_dev))
+        d = diff_into(scratch("extract.delta", shape, torch.float32, d_dev), f, b32, b32)
+        stats = DeltaStats()
+        stats.update(d, b, offset=r0 * row)
+        if stats.nonfinite:
+            raise NonFiniteDeltaError(
+                f"Δ of {s.name} has NaN/Inf (at flat element {stats.first_nonfinite}); "
+                "the base or the fine-tune holds non-finite weights"
+            )
+        fix_at = fix_to = None
+        if fixups is not None:  # does cast(base + Δ) give ft back? Elements where it does not are kept
+            back = scratch("extract.back", shape, f.dtype, d_dev).copy_(b32.add_(d))
+            if not same_bits(back, f):
+                bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
+                fix_at, fix_to = (bad + r0 * row).cpu(), f.reshape(-1)[bad].cpu()
+        parts[r0] = (stats, fix_at, fix_to)
+        return d
+
+    def finish() -> None:
+        stats = DeltaStats()
+        fix_idx: list[torch.Tensor] = []
+        fix_val: list[torch.Tensor] = []
+        for r0 in sorted(parts):
+            st, at, to = parts[r0]
+            stats.merge(st)
+            if at is not None and to is not None:
+                fix_idx.append(at)
+                fix_val.append(to)
+        parts.clear()
+        entry["stats"] = stats.result()
+        if fix_idx and fixups is not None:
+            entry["fix"] = fixups(s.name, torch.cat(fix_idx), torch.cat(fix_val), tensor_digest(base_t))
+
+    def advise(r0: int, r1: int) -> None:
+        ft.advise(s.name, r0, r1)
+        if bmap is None:
+            base.advise(s.name, r0, min(r1, base_t.shape[0] if s.shape else 1))
+
+    return Job(s.name, s.shape, parse_dtype(s.dtype), load, compute, advise, finish, parallel=True)
