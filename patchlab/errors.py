@@ -1,6 +1,8 @@
-"""Exception types. Each message says what was wrong, where, and what to do about it.
+"""Every exception patchlab raises on purpose. Each message says what was wrong, where, and what to do.
 
-The CLI maps every ``PatchlabError`` to a one-line message and a non-zero exit code.
+The CLI maps every ``PatchlabError`` to a one-line message and a non-zero exit code. Where a builtin
+exception means the same thing, the class is one too (``CheckpointNotFoundError`` is a
+``FileNotFoundError``, request errors are ``ValueError``s), so callers may catch either.
 """
 
 from __future__ import annotations
@@ -12,41 +14,81 @@ class PatchlabError(Exception):
     exit_code = 1
 
 
-class CheckpointNotFoundError(PatchlabError):
+# ---- checkpoints and patches on disk ------------------------------------------------------------------
+class CheckpointNotFoundError(PatchlabError, FileNotFoundError):
     """A checkpoint directory, weight file or index is missing."""
 
 
-class CorruptCheckpointError(PatchlabError):
+class CorruptCheckpointError(PatchlabError, ValueError):
     """A weight file is truncated, has a bad header, or its index points at nothing."""
 
 
-class UnsupportedDtypeError(PatchlabError):
+class UnsupportedDtypeError(PatchlabError, TypeError):
     """A tensor has a dtype patchlab cannot read or write."""
 
 
-class PatchFormatError(PatchlabError):
+class PatchFormatError(PatchlabError, ValueError):
     """A patch directory is missing, damaged, or of an unknown format version."""
 
 
-class IncompatiblePatchError(PatchlabError):
+class PeftAdapterError(PatchFormatError):
+    """A PEFT adapter directory is missing files, or its config and tensors disagree."""
+
+
+class UnsupportedAdapterError(PatchlabError, ValueError):
+    """The adapter is valid PEFT but not a plain LoRA patchlab can turn into ΔW (DoRA, LoHa, IA3...)."""
+
+
+# ---- plans and transfers ---------------------------------------------------------------------------
+class IncompatiblePatchError(PatchlabError, ValueError):
     """A patch does not fit the checkpoint it is applied or ported to."""
 
 
-class PlanError(PatchlabError):
+class PlanError(PatchlabError, ValueError):
     """A plan found problems it will not resolve silently; the message names the option that would."""
 
 
-class NonFiniteDeltaError(PatchlabError):
+class NonFiniteDeltaError(PatchlabError, ValueError):
     """A delta contains NaN or Inf."""
 
 
-class OutputExistsError(PatchlabError):
+class LowRankError(PatchlabError, ValueError):
+    """A low-rank request cannot be met (rank too large, energy outside (0, 1], budget too small...)."""
+
+
+class SparseError(PatchlabError, ValueError):
+    """A sparse request cannot be met (density outside (0, 1], inconsistent indices...)."""
+
+
+# ---- outputs and devices ---------------------------------------------------------------------------
+class OutputExistsError(PatchlabError, FileExistsError):
     """The output directory exists and ``overwrite`` was not given."""
 
 
-class NoSpaceError(PatchlabError):
+class NoSpaceError(PatchlabError, OSError):
     """The output's file system has less free space than the output needs."""
 
 
-class DeviceError(PatchlabError):
+class DeviceError(PatchlabError, RuntimeError):
     """The requested compute device is not available."""
+
+
+# ---- measurements ----------------------------------------------------------------------------------
+class TaskFormatError(PatchlabError, ValueError):
+    """A task file or one of its instances is malformed or of an unknown type."""
+
+
+class PromptTooLongError(PatchlabError, ValueError):
+    """A prompt (plus its continuation or generation budget) does not fit the model's context."""
+
+
+class LMEvalFormatError(PatchlabError, ValueError):
+    """A file is not an lm-evaluation-harness samples file patchlab can read."""
+
+
+class ResultsMismatchError(PatchlabError, ValueError):
+    """Two result sets cannot be compared instance by instance as given."""
+
+
+class IncompatibleModelsError(PatchlabError, ValueError):
+    """Two models cannot be compared layer by layer (different depth, width or layout)."""

@@ -34,7 +34,11 @@ from pathlib import Path
 
 import torch
 
-from patchlab.errors import IncompatiblePatchError, PatchFormatError, PatchlabError
+from patchlab.errors import (
+    IncompatiblePatchError,
+    PeftAdapterError,
+    UnsupportedAdapterError,
+)
 
 __all__ = [
     "PeftAdapterError",
@@ -58,12 +62,6 @@ WEIGHTS_NAME_BIN = "adapter_model.bin"
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 
 
-class PeftAdapterError(PatchFormatError):
-    """A PEFT adapter directory is missing files, or its config and tensors disagree."""
-
-
-class UnsupportedAdapterError(PatchlabError):
-    """The adapter is valid PEFT but not a plain LoRA patchlab can turn into ΔW (DoRA, LoHa, IA3...)."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import LowRankError
 
 __all__ = [
     "LowRankError",
@@ -42,9 +42,6 @@ __all__ = [
 #: Matrices whose smaller side is below this stay dense: factors save nothing worth a lossy encoding.
 MIN_FACTOR_DIM = 16
 
-
-class LowRankError(PatchlabError):
-    """A low-rank request cannot be met (rank too large, energy outside (0, 1], budget too small...)."""
 
 
 @dataclass(frozen=True)

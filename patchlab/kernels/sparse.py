@@ -20,13 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import SparseError
 
 __all__ = ["SparseError", "check_density", "topk", "dare", "sparse_rows", "tensor_seed"]
 
-
-class SparseError(PatchlabError):
-    """A sparse request cannot be met (density outside (0, 1], inconsistent indices...)."""
 
 
 def check_density(density: float) -> float:

@@ -21,15 +21,12 @@ from typing import Any
 import torch
 
 from patchlab.engine.executor import resolve_device
-from patchlab.errors import CheckpointNotFoundError, PatchlabError
+from patchlab.errors import CheckpointNotFoundError, PatchlabError, PromptTooLongError
 from patchlab.measure.results import EvalResult, InstanceResult, summarise
 from patchlab.measure.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
 
 OVERFLOW_POLICIES = ("error", "truncate")
 
-
-class PromptTooLongError(PatchlabError):
-    """A prompt (plus its continuation or generation budget) does not fit the model's context."""
 
 
 def load_model(

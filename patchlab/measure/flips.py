@@ -26,13 +26,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import ResultsMismatchError
 
 NO_FILTER = "none"
 
-
-class ResultsMismatchError(PatchlabError):
-    """Two result sets cannot be compared instance by instance as given."""
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import LMEvalFormatError
 from patchlab.measure.flips import NO_FILTER, FlipRecord
 
 # Correctness metrics tried in this order when none is named.
 CORRECTNESS_METRICS = ("acc", "exact_match", "acc_norm", "em", "pass@1", "f1")
 _SAMPLES_NAME = re.compile(r"^samples_(?P<task>.+)_(?P<date>\d{4}-\d{2}-\d{2}T[\d\-.:]+)\.jsonl$")
 
-
-class LMEvalFormatError(PatchlabError):
-    """A file is not an lm-evaluation-harness samples file patchlab can read."""
 
 
 def task_from_filename(path: str | Path) -> str:

@@ -20,13 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchlab.errors import PatchlabError
+from patchlab.errors import TaskFormatError
 
 TASK_TYPES = ("multiple_choice", "generation")
 
-
-class TaskFormatError(PatchlabError):
-    """A task file or one of its instances is malformed or of an unknown type."""
 
 
 @dataclass(frozen=True)

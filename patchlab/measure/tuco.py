@@ -32,12 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchlab.errors import CheckpointNotFoundError, PatchlabError
-
-
-class IncompatibleModelsError(PatchlabError):
-    """Two models cannot be compared layer by layer (different depth, width or layout)."""
-
+from patchlab.errors import CheckpointNotFoundError, IncompatibleModelsError, PatchlabError
 
 # ---- pure kernels -----------------------------------------------------------------------------------
 
