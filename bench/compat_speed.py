@@ -77,7 +77,7 @@ def main() -> None:
                 for i in range(a.n)
             )
         )
-        from patchlab.measure.evaluate import load_model
+        from patchlab.io.hf import load_model
 
         model, tok = load_model(ft, device=a.device)
         dev = next(model.parameters()).device
@@ -94,10 +94,7 @@ def main() -> None:
         prompts = [prompt(i) for i in range(a.n)]
         _, t = timed(lambda: tc.measure(prompts, batch_size=16))
         print(f"TuCo: {a.n} prompts in {t:.2f}s = {a.n / t:.1f} prompts/s (batch 16)")
-        with tc.steer(1.25) as m:
-            _, t = timed(
-                lambda: evaluate(m, gen, tokenizer=tc.tokenizer, batch_size=16, max_new_tokens=a.new_tokens, stop=None)
-            )
+        _, t = timed(lambda: tc.evaluate(1.25, gen, batch_size=16, max_new_tokens=a.new_tokens, stop=None))
         print(f"steered generation (alpha 1.25, no KV cache): {a.n * a.new_tokens / t:.0f} tokens/s")
         patch = patchlab.extract(base, ft, root / "ft.patch", device=a.device)
         target = make_pair(root / "t", hidden=a.hidden, layers=a.layers, max_pos=512, seed=0, noise=0.0)[0]

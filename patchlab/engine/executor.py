@@ -75,19 +75,6 @@ def worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU. Asking for CUDA without it is an error."""
-    d = str(device)
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {d!r} requested but CUDA is not available; use --device cpu or auto")
-    try:
-        return torch.device(d)
-    except RuntimeError:
-        raise DeviceError(f"unknown device {d!r}; use auto, cpu or cuda") from None
-
-
 Sink = Callable[["Job", int, int, torch.Tensor], None]  # (job, first row, end row, output chunk)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from patchlab.engine.executor import resolve_device
+from patchlab.engine.devices import resolve_device
 from patchlab.errors import IncompatiblePatchError, PatchlabError
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch

@@ -20,34 +20,12 @@ from typing import Any
 
 import torch
 
-from patchlab.engine.executor import resolve_device
-from patchlab.errors import CheckpointNotFoundError, PatchlabError, PromptTooLongError
+from patchlab.errors import PatchlabError, PromptTooLongError
 from patchlab.measure.results import EvalResult, InstanceResult, summarise
 from patchlab.measure.tasks import Instance, Task, cut_at_stop, exact_match, load_task, token_f1
 
 OVERFLOW_POLICIES = ("error", "truncate")
 
-
-
-def load_model(
-    path: str | Path, *, device: str = "auto", dtype: torch.dtype | str | None = None
-) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from an HF checkpoint directory, in eval mode on ``device``.
-
-    ``dtype`` None means fp32 on CPU and the checkpoint's own dtype on CUDA.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = resolve_device(device)
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise CheckpointNotFoundError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
-    if dtype is None:
-        dtype = torch.float32 if dev.type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
-    model.to(dev).eval()
-    tok = AutoTokenizer.from_pretrained(p)
-    return model, tok
 
 
 def prompt_hash(prompt: str) -> str:
@@ -214,11 +192,11 @@ def greedy_generate(
     *,
     stop: Sequence[str] | None = None,
     batch_size: int = 8,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (up to, not including, EOS), left-padded batches.
 
-    A model may set ``patchlab_use_cache = False`` (the α-steered TuCo model does) to decode without
-    a KV cache.
+    ``use_cache=False`` decodes without a KV cache (an α-steered TuCo model must: see ``TuCo.evaluate``).
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -236,7 +214,7 @@ def greedy_generate(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos,
-        use_cache=getattr(model, "patchlab_use_cache", True),
+        use_cache=use_cache,
     )
     out: list[list[int]] = [[] for _ in prompts_ids]
     order = sorted(range(len(prompts_ids)), key=lambda i: -len(prompts_ids[i]))
@@ -272,6 +250,7 @@ def _run_generation(
     on_overflow: str,
     default_max_new: int,
     default_stop: Sequence[str] | None,
+    use_cache: bool = True,
 ) -> list[InstanceResult]:
     max_len = context_length(model)
     prompts: list[list[int]] = []
@@ -303,7 +282,7 @@ def _run_generation(
         groups.setdefault((stops[k], budgets[k]), []).append(k)
     for (stop, mnt), ks in groups.items():
         gen = greedy_generate(
-            model, tokenizer, [prompts[k] for k in ks], mnt, stop=stop, batch_size=batch_size
+            model, tokenizer, [prompts[k] for k in ks], mnt, stop=stop, batch_size=batch_size, use_cache=use_cache
         )
         for k, toks in zip(ks, gen, strict=True):
             texts[k] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop)
@@ -351,12 +330,13 @@ def evaluate(
     stop: Sequence[str] | None = ("\n",),
     on_overflow: str = "error",
     model_name: str | None = None,
+    use_cache: bool = True,
 ) -> EvalResult:
     """Evaluate a checkpoint directory (or a loaded model + tokenizer) on task files.
 
     ``stop`` and ``max_new_tokens`` are defaults for generation instances that set none. Task files are
     validated before the model is loaded. ``device``/``dtype`` apply when loading from a path; a loaded
-    model is used where it is.
+    model is used where it is. ``use_cache=False`` generates without a KV cache.
     """
     if on_overflow not in OVERFLOW_POLICIES:
         raise PatchlabError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
@@ -365,6 +345,8 @@ def evaluate(
     task_list = _as_tasks(tasks)
     if isinstance(model, (str, Path)):
         name = model_name or str(model)
+        from patchlab.io.hf import load_model
+
         model, loaded_tok = load_model(model, device=device, dtype=dtype)
         tokenizer = tokenizer or loaded_tok
     else:
@@ -384,7 +366,7 @@ def evaluate(
                     got[r.id] = r
             if gen:
                 for r in _run_generation(
-                    model, tokenizer, task.name, gen, batch_size, on_overflow, max_new_tokens, stop
+                    model, tokenizer, task.name, gen, batch_size, on_overflow, max_new_tokens, stop, use_cache
                 ):
                     got[r.id] = r
             instances.extend(got[i.id] for i in task.instances)

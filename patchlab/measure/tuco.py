@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchlab.errors import CheckpointNotFoundError, IncompatibleModelsError, PatchlabError
+from patchlab.errors import IncompatibleModelsError, PatchlabError
 
 # ---- pure kernels -----------------------------------------------------------------------------------
 
@@ -258,19 +258,16 @@ class TuCo:
         attn_implementation: str = "sdpa",
     ) -> TuCo:
         """Load both checkpoints in fp32 on ``device`` (refusing mismatched configs before the weights)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from patchlab.engine.executor import resolve_device
+        from patchlab.engine.devices import resolve_device
+        from patchlab.io.hf import checkpoint_dir, load_causal_lm, load_config, load_tokenizer
 
         dev = resolve_device(device)
         for p in (base, finetuned):
-            if not (Path(p) / "config.json").is_file():
-                raise CheckpointNotFoundError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
-        check_compatible(AutoConfig.from_pretrained(base), AutoConfig.from_pretrained(finetuned))
-        kw = {"dtype": torch.float32, "attn_implementation": attn_implementation}
-        b = AutoModelForCausalLM.from_pretrained(base, **kw).to(dev)
-        f = AutoModelForCausalLM.from_pretrained(finetuned, **kw).to(dev)
-        tok = AutoTokenizer.from_pretrained(finetuned)
+            checkpoint_dir(p)
+        check_compatible(load_config(base), load_config(finetuned))
+        b = load_causal_lm(base, dev, torch.float32, attn_implementation)
+        f = load_causal_lm(finetuned, dev, torch.float32, attn_implementation)
+        tok = load_tokenizer(finetuned)
         tc = cls(b, f, tok, names=(str(base), str(finetuned)))
         tc.tokenizer_note = tokenizer_note(Path(base), Path(finetuned))
         return tc
@@ -285,8 +282,6 @@ class TuCo:
         """Scale the fine-tuning component by α in every layer (α = 1: the fine-tuned model)."""
         for s in self.layers:
             s.alpha = float(alpha)
-        # patchlab.measure.evaluate decodes without a KV cache when this is False.
-        self.model.patchlab_use_cache = float(alpha) == 1.0
 
     @contextmanager
     def steer(self, alpha: float) -> Iterator[nn.Module]:
@@ -297,6 +292,14 @@ class TuCo:
             yield self.model
         finally:
             self.set_alpha(old)
+
+    def evaluate(self, alpha: float, tasks: Any, **kwargs: Any) -> Any:
+        """``patchlab.measure.evaluate`` of the α-steered model (α ≠ 1 decodes without a KV cache, whose
+        entries the steered layers do not keep)."""
+        from patchlab.measure.evaluate import evaluate
+
+        with self.steer(alpha) as m:
+            return evaluate(m, tasks, tokenizer=self.tokenizer, use_cache=float(alpha) == 1.0, **kwargs)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float = 1.0):

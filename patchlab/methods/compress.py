@@ -25,7 +25,8 @@ from typing import TypedDict, Unpack
 import torch
 
 from patchlab.encodings import Encoded, codec, dense_entry
-from patchlab.engine.executor import assemble, atomic_output, check_output, resolve_device
+from patchlab.engine.devices import resolve_device
+from patchlab.engine.executor import assemble, atomic_output, check_output
 from patchlab.errors import PlanError
 from patchlab.io.checkpoint import META_FILES, Checkpoint
 from patchlab.io.patch import MAX_SHARD_BYTES, Patch, PatchWriter

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from patchlab.engine.executor import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
+from patchlab.engine.devices import resolve_device
+from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch
 from patchlab.errors import NonFiniteDeltaError, PlanError
 from patchlab.io.checkpoint import META_FILES, Checkpoint, parse_dtype
 from patchlab.io.patch import MAX_SHARD_BYTES, Patch, PatchWriter, tensor_digest

@@ -12,7 +12,8 @@ from typing import TypedDict, Unpack
 import torch
 
 from patchlab import __version__
-from patchlab.engine.executor import Job, Shard, atomic_output, check_output, resolve_device, run, scratch
+from patchlab.engine.devices import resolve_device
+from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch
 from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta
 from patchlab.errors import NonFiniteDeltaError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from patchlab.measure.evaluate import PromptTooLongError, encode_choice, evaluate, load_model
+from patchlab.io.hf import load_model
+from patchlab.measure.evaluate import PromptTooLongError, encode_choice, evaluate
 from patchlab.measure.flips import compare
 from patchlab.measure.results import EvalResult
 from patchlab.measure.tasks import TaskFormatError, exact_match, load_task, normalize_answer, token_f1

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from patchlab.errors import PatchlabError
-from patchlab.measure.evaluate import encode_choice, evaluate, load_model
+from patchlab.io.hf import load_model
+from patchlab.measure.evaluate import encode_choice
 from patchlab.measure.tuco import IncompatibleModelsError, TuCo, TuCoReport, cumulative_tuco, tuco_value
 from tests._tiny_llama import make_pair, make_tokenizer, save_model
 
@@ -146,8 +147,7 @@ def test_steered_scoring_and_generation(tmp_path, tuco):
     task = tmp_path / "mix.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     alpha = 1.25
-    with tuco.steer(alpha) as model:
-        res = evaluate(model, task, tokenizer=tok, max_new_tokens=5, stop=None)
+    res = tuco.evaluate(alpha, task, max_new_tokens=5, stop=None)
     got = {i.id: i for i in res.instances}
     # manual α-scaled scoring
     want = []
@@ -172,9 +172,8 @@ def test_steered_generation_batched_equals_one_by_one(tmp_path, tuco):
     rows = [{"id": f"g{i}", "type": "generation", "prompt": p, "answer": "x"} for i, p in enumerate(PROMPTS)]
     task = tmp_path / "gen.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with tuco.steer(0.8) as model:
-        one = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=1, max_new_tokens=4, stop=None)
-        many = evaluate(model, task, tokenizer=tuco.tokenizer, batch_size=4, max_new_tokens=4, stop=None)
+    one = tuco.evaluate(0.8, task, batch_size=1, max_new_tokens=4, stop=None)
+    many = tuco.evaluate(0.8, task, batch_size=4, max_new_tokens=4, stop=None)
     assert [i.prediction for i in one.instances] == [i.prediction for i in many.instances]
     assert any(i.prediction for i in one.instances)
 
