@@ -129,7 +129,7 @@ def randomized_svd(
 
 def rank_for_energy(sigma: torch.Tensor, total: float, energy: float) -> int | None:
     """Smallest r with Σ_{i≤r} σ_i² ≥ energy·total, or None when the given σ's do not reach it."""
-    _check_energy(energy)
+    check_energy(energy)
     if total <= 0.0:
         return 1
     cum = torch.cumsum(sigma.double() ** 2, 0)
@@ -138,7 +138,7 @@ def rank_for_energy(sigma: torch.Tensor, total: float, energy: float) -> int | N
     return int(hit[0]) + 1 if hit.numel() else None
 
 
-def _check_energy(energy: float) -> None:
+def check_energy(energy: float) -> None:
     if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0) or math.isnan(energy):
         raise LowRankError(f"energy must be in (0, 1], got {energy!r}; e.g. 0.9 keeps 90% of ‖Δ‖²")
 
@@ -229,7 +229,7 @@ def factorize(
         u, s, vh = randomized_svd(x, rank, oversample=oversample, n_iter=n_iter, seed=seed)
         r = rank
     else:
-        _check_energy(energy)  # type: ignore[arg-type]
+        check_energy(energy)  # type: ignore[arg-type]
         cap = p if max_rank is None else max(1, min(max_rank, p))
         k = min(cap, max(8, p // 64))
         while True:

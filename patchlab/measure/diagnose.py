@@ -15,7 +15,6 @@ and the patch's own ``set``/``delete`` entries. The verdict comes from
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ from typing import Any
 import torch
 
 from patchlab.engine.devices import resolve_device
+from patchlab.engine.executor import Job, Shard, run
 from patchlab.errors import IncompatiblePatchError, PatchlabError
 from patchlab.io.checkpoint import Checkpoint
-from patchlab.io.patch import Patch
+from patchlab.io.patch import Patch, PatchTensor
 from patchlab.kernels.drift import DriftAccumulator, DriftStats, IntruderStats, intruder_dimensions
 from patchlab.measure.verdict import Thresholds, Verdict, port_verdict
 from patchlab.names import align_names, is_embedding, is_vocab_tensor, layer_of
-
-CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per input per chunk
 
 
 @dataclass
@@ -117,9 +115,31 @@ def _source_base(patch: Patch, source_base: str | Path | Checkpoint | None) -> C
     return ck
 
 
-def _rows_per_chunk(shape: tuple[int, ...]) -> int:
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    return max(1, CHUNK_ELEMENTS // max(row, 1))
+def _drift_job(
+    entry: PatchTensor,
+    src: Checkpoint,
+    tgt: Checkpoint,
+    tname: str,
+    rows: int,
+    dev: torch.device,
+    acc: DriftAccumulator,
+) -> Job:
+    """An engine job that feeds rows of base_s, base_t and Δ to ``acc`` (computes nothing to write)."""
+    name, shape = entry.name, tuple(entry.shape)
+
+    def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        if shape:
+            bs, bt = src.tensor(name)[r0:r1], tgt.tensor(tname)[r0:r1]
+        else:
+            bs, bt = src.tensor(name), tgt.tensor(tname)
+        return bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape)
+
+    def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
+        acc.update(*x)
+        return x[2]
+
+    out_shape = (rows, *shape[1:]) if shape else ()
+    return Job(name, out_shape, torch.float32, load, compute)
 
 
 def diagnose(
@@ -148,6 +168,8 @@ def diagnose(
     structural_names: list[str] = []
     care_notes: list[str] = []
     n_matrices = n_with_intruders = 0
+    jobs: list[Job] = []
+    compared: list[tuple[int, PatchTensor, DriftAccumulator]] = []
     # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
     t_names, prefix_note = align_names(p.names, tgt)
     if prefix_note:
@@ -192,25 +214,23 @@ def diagnose(
                 tensors.append(TensorDiagnostics(name, "shape-differs", layer, s_shape, t_shape))
                 continue
         acc = DriftAccumulator()
-        step = _rows_per_chunk(shape)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            if shape:
-                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(tname)[r0:r1]
-            else:
-                bs, bt = src.tensor(name), tgt.tensor(tname)
-            acc.update(bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape))
+        jobs.append(_drift_job(entry, src, tgt, tname, rows, dev, acc))
+        tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape, note=note))
+        compared.append((len(tensors) - 1, entry, acc))
+
+    run([Shard("", jobs)], None, dev)  # no output: each job accumulates its drift, in chunk order
+    for i, entry, acc in compared:
+        diag = tensors[i]
         overall = overall + acc
-        key = str(layer) if layer is not None else "other"
+        key = str(diag.layer) if diag.layer is not None else "other"
         layer_acc[key] = layer_acc.get(key, DriftAccumulator()) + acc
-        diag = TensorDiagnostics(name, status, layer, s_shape, t_shape, drift=acc.stats(), note=note)
-        if intruders and len(shape) == 2 and (include_embeddings or not is_embedding(name)):
-            w = src.tensor(name).to(dev, torch.float32)
+        diag.drift = acc.stats()
+        if intruders and len(entry.shape) == 2 and (include_embeddings or not is_embedding(entry.name)):
+            w = src.tensor(entry.name).to(dev, torch.float32)
             stats = intruder_dimensions(w, w + entry.dense(dev), k=intruder_k, epsilon=epsilon)
             diag.intruders = stats
             n_matrices += 1
             n_with_intruders += stats.n_intruders > 0
-        tensors.append(diag)
 
     if patch_params == 0:
         raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")

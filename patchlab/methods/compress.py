@@ -67,7 +67,7 @@ class EncodingRequest:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise lr.LowRankError(f"rank must be a positive integer, got {self.rank!r}")
         if self.energy is not None:
-            lr._check_energy(self.energy)
+            lr.check_energy(self.energy)
         if self.density is not None:
             sp.check_density(self.density)
         if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
