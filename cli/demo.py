@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
         from transformers.utils import logging as hf_logging
 
-        from registry.demo import run_demo
+        from registry.workflows.demo import run_demo
 
         hf_logging.disable_progress_bar()  # our own lines say what is happening
 
