@@ -168,7 +168,7 @@ def main() -> None:
         assert len(listed) == args.patches, len(listed)
         from typer.testing import CliRunner
 
-        from cli.main import app
+        from cli.app import app
 
         cli_times = {}
         for label, extra in (("ls --json", ["--json"]), ("ls (table)", [])):
