@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from sqlalchemy import func, insert, select
 
 from registry import Registry
-from registry.models import Alias, Patch, PatchFile, PatchParent, Tag, utcnow
+from registry.rows import AliasRow, PatchFileRow, PatchParentRow, PatchRow, TagRow, utcnow
 
 
 def make_patch_dir(path: Path, seed: int, base_content: str) -> Path:
@@ -95,9 +95,11 @@ def main() -> None:
         # bulk-insert the rest with the same shape
         rng = random.Random(0)
         with reg.db.write() as s:
-            bid = s.execute(select(func.min(Patch.base_version_id))).scalar_one()
-            next_version = dict(s.execute(select(Patch.name, func.max(Patch.version)).group_by(Patch.name)).all())
-            top = s.execute(select(func.max(Patch.id))).scalar_one()
+            bid = s.execute(select(func.min(PatchRow.base_version_id))).scalar_one()
+            next_version = dict(
+                s.execute(select(PatchRow.name, func.max(PatchRow.version)).group_by(PatchRow.name)).all()
+            )
+            top = s.execute(select(func.max(PatchRow.id))).scalar_one()
             rows, files, parents, tags = [], [], [], []
             now = utcnow()
             stats = {"w": {"op": "add", "encoding": "dense", "shape": [64, 64], "stats": {"norm": 1.0}}}
@@ -134,12 +136,12 @@ def main() -> None:
                     parents.append(dict(child_id=pid, parent_id=pid - 1, relation="port", position=0))
                 if k % 4 == 0:
                     tags.append(dict(tag="bench", patch_id=pid))
-            for table, data in ((Patch, rows), (PatchFile, files), (PatchParent, parents), (Tag, tags)):
+            for table, data in ((PatchRow, rows), (PatchFileRow, files), (PatchParentRow, parents), (TagRow, tags)):
                 for i in range(0, len(data), 5000):
                     s.execute(insert(table), data[i : i + 5000])
             one_per_name = {r["name"]: r["id"] for r in rows}  # one `prod` alias per patch name
             s.execute(
-                insert(Alias),
+                insert(AliasRow),
                 [
                     dict(name="prod", scope_kind="patch", scope=n, patch_id=pid, updated_at=now)
                     for n, pid in one_per_name.items()
@@ -166,7 +168,7 @@ def main() -> None:
         assert len(listed) == args.patches, len(listed)
         from typer.testing import CliRunner
 
-        from cli.main import app
+        from cli.app import app
 
         cli_times = {}
         for label, extra in (("ls --json", ["--json"]), ("ls (table)", [])):

@@ -1,17 +1,7 @@
 """patchlab registry: base versions, patches, lineage, aliases, tags and evaluations over SQLAlchemy,
 with a content-addressed blob store. ``Registry`` is the entry point."""
 
-from registry.api import (
-    AliasInfo,
-    BaseInfo,
-    DerivedInfo,
-    EvaluationInfo,
-    GcReport,
-    LineageNode,
-    PatchInfo,
-    Registry,
-    VerifyReport,
-)
+from registry.api import Registry
 from registry.errors import (
     AlreadyExistsError,
     AmbiguousReferenceError,
@@ -26,6 +16,18 @@ from registry.errors import (
     RegistrySchemaError,
     UnknownReferenceError,
 )
+from registry.records import (
+    AliasInfo,
+    BaseInfo,
+    BlobProblem,
+    DerivedInfo,
+    EvaluationInfo,
+    GcReport,
+    LineageNode,
+    PatchInfo,
+    VerifyReport,
+)
+from registry.refs import Target
 
 __all__ = [
     "AliasInfo",
@@ -34,6 +36,7 @@ __all__ = [
     "BaseInfo",
     "BlobCorruptError",
     "BlobError",
+    "BlobProblem",
     "BlobNotFoundError",
     "DependencyError",
     "DerivedInfo",
@@ -47,6 +50,7 @@ __all__ = [
     "RegistryError",
     "RegistryNotFoundError",
     "RegistrySchemaError",
+    "Target",
     "UnknownReferenceError",
     "VerifyReport",
 ]

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from registry.errors import AmbiguousReferenceError, InvalidReferenceError, UnknownReferenceError
-from registry.models import Alias, BaseVersion, DerivedModel, Family, Patch
+from registry.rows import AliasRow, BaseVersionRow, DerivedModelRow, FamilyRow, PatchRow
 
 MIN_PREFIX = 6
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
@@ -70,7 +70,8 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def _close(word: str, candidates: list[str]) -> str:
+def close_matches(word: str, candidates: list[str]) -> str:
+    """"; did you mean ...?" for the candidates close to ``word``, else nothing."""
     near = difflib.get_close_matches(word, candidates, n=5, cutoff=0.5)
     return f"; did you mean {', '.join(near)}?" if near else ""
 
@@ -91,33 +92,37 @@ def base_label(family: str, version: str) -> str:
 def resolve_base(s: Session, ref: str) -> Target:
     """Resolve a base reference to a base version (``family@version``/``family@alias``/``family``)."""
     head, tail = split_ref(ref)
-    fam = s.execute(select(Family).where(Family.name == head)).scalar_one_or_none()
+    fam = s.execute(select(FamilyRow).where(FamilyRow.name == head)).scalar_one_or_none()
     if fam is None:
-        names = list(s.execute(select(Family.name)).scalars())
+        names = list(s.execute(select(FamilyRow.name)).scalars())
         prefix_hits = _content_prefix(s, ref) if tail is None else []
         if len(prefix_hits) == 1:
             return prefix_hits[0]
         raise UnknownReferenceError(
-            f"no base family {head!r} in the registry{_close(head, names)} "
+            f"no base family {head!r} in the registry{close_matches(head, names)} "
             "(list them with `patchlab ls --bases`; add one with `patchlab base add`)"
         )
-    q = select(BaseVersion).where(BaseVersion.family_id == fam.id)
+    q = select(BaseVersionRow).where(BaseVersionRow.family_id == fam.id)
     if tail is None or (tail == LATEST and not _alias(s, "family", head, tail)):
-        bv = s.execute(q.order_by(BaseVersion.release_order.desc()).limit(1)).scalar_one_or_none()
+        bv = s.execute(q.order_by(BaseVersionRow.release_order.desc()).limit(1)).scalar_one_or_none()
         if bv is None:
             raise UnknownReferenceError(f"base family {head!r} has no versions; add one with `patchlab base add`")
         return Target("base", bv.id, base_label(head, bv.version))
-    bv = s.execute(q.where(BaseVersion.version == tail)).scalar_one_or_none()
+    bv = s.execute(q.where(BaseVersionRow.version == tail)).scalar_one_or_none()
     if bv is not None:
         return Target("base", bv.id, base_label(head, bv.version))
     alias = _alias(s, "family", head, tail)
     if alias is not None and alias.base_version_id is not None:
-        version = s.execute(select(BaseVersion.version).where(BaseVersion.id == alias.base_version_id)).scalar_one()
+        version = s.execute(
+            select(BaseVersionRow.version).where(BaseVersionRow.id == alias.base_version_id)
+        ).scalar_one()
         return Target("base", alias.base_version_id, base_label(head, version))
-    versions = list(s.execute(select(BaseVersion.version).where(BaseVersion.family_id == fam.id)).scalars())
-    aliases = list(s.execute(select(Alias.name).where(Alias.scope_kind == "family", Alias.scope == head)).scalars())
+    versions = list(s.execute(select(BaseVersionRow.version).where(BaseVersionRow.family_id == fam.id)).scalars())
+    aliases = list(
+        s.execute(select(AliasRow.name).where(AliasRow.scope_kind == "family", AliasRow.scope == head)).scalars()
+    )
     raise UnknownReferenceError(
-        f"base family {head!r} has no version or alias {tail!r}{_close(tail, versions + aliases)} "
+        f"base family {head!r} has no version or alias {tail!r}{close_matches(tail, versions + aliases)} "
         f"(versions: {', '.join(versions) or 'none'})"
     )
 
@@ -127,17 +132,17 @@ def _content_prefix(s: Session, ref: str) -> list[Target]:
     if len(p) < MIN_PREFIX or not HEX_RE.match(p):
         return []
     rows = s.execute(
-        select(BaseVersion.id, Family.name, BaseVersion.version)
-        .join(Family, Family.id == BaseVersion.family_id)
-        .where(BaseVersion.content.like(p + "%"))
+        select(BaseVersionRow.id, FamilyRow.name, BaseVersionRow.version)
+        .join(FamilyRow, FamilyRow.id == BaseVersionRow.family_id)
+        .where(BaseVersionRow.content.like(p + "%"))
         .limit(10)
     ).all()
     return [Target("base", r[0], base_label(r[1], r[2])) for r in rows]
 
 
-def _alias(s: Session, scope_kind: str, scope: str, name: str) -> Alias | None:
+def _alias(s: Session, scope_kind: str, scope: str, name: str) -> AliasRow | None:
     return s.execute(
-        select(Alias).where(Alias.scope_kind == scope_kind, Alias.scope == scope, Alias.name == name)
+        select(AliasRow).where(AliasRow.scope_kind == scope_kind, AliasRow.scope == scope, AliasRow.name == name)
     ).scalar_one_or_none()
 
 
@@ -151,7 +156,10 @@ def resolve_patch(s: Session, ref: str) -> Target:
     if tail is None:
         hits: list[Target] = []
         latest = s.execute(
-            select(Patch.id, Patch.version).where(Patch.name == head).order_by(Patch.version.desc()).limit(1)
+            select(PatchRow.id, PatchRow.version)
+            .where(PatchRow.name == head)
+            .order_by(PatchRow.version.desc())
+            .limit(1)
         ).first()
         if latest is not None:
             alias = _alias(s, "patch", head, LATEST)
@@ -161,7 +169,9 @@ def resolve_patch(s: Session, ref: str) -> Target:
         p = head.removeprefix("sha256:").lower()
         if len(p) >= MIN_PREFIX and HEX_RE.match(p):
             rows = s.execute(
-                select(Patch.id, Patch.name, Patch.version, Patch.digest).where(Patch.digest.like(p + "%")).limit(20)
+                select(PatchRow.id, PatchRow.name, PatchRow.version, PatchRow.digest)
+                .where(PatchRow.digest.like(p + "%"))
+                .limit(20)
             ).all()
             digests = {r[3] for r in rows}
             if len(digests) > 1:
@@ -177,7 +187,7 @@ def resolve_patch(s: Session, ref: str) -> Target:
                     hits.append(Target("patch", r[0], patch_label(r[1], r[2])))
         if not hits:
             alias_rows = s.execute(
-                select(Alias.scope, Alias.patch_id).where(Alias.scope_kind == "patch", Alias.name == head)
+                select(AliasRow.scope, AliasRow.patch_id).where(AliasRow.scope_kind == "patch", AliasRow.name == head)
             ).all()
             if len(alias_rows) == 1:
                 return _patch_target(s, alias_rows[0][1])
@@ -195,24 +205,25 @@ def resolve_patch(s: Session, ref: str) -> Target:
             )
         if hits:
             return hits[0]
-        names = list(s.execute(select(Patch.name).distinct()).scalars())
+        names = list(s.execute(select(PatchRow.name).distinct()).scalars())
         raise UnknownReferenceError(
-            f"no patch {head!r} in the registry{_close(head, names)} (list them with `patchlab ls`)"
+            f"no patch {head!r} in the registry{close_matches(head, names)} (list them with `patchlab ls`)"
         )
     if tail.isdigit():
-        row = s.execute(select(Patch.id).where(Patch.name == head, Patch.version == int(tail))).first()
+        row = s.execute(select(PatchRow.id).where(PatchRow.name == head, PatchRow.version == int(tail))).first()
         if row is not None:
             return Target("patch", row[0], patch_label(head, int(tail)))
     alias = _alias(s, "patch", head, tail)
     if alias is not None:
         return _patch_target(s, alias.patch_id)
     versions = [
-        str(v) for v in s.execute(select(Patch.version).where(Patch.name == head).order_by(Patch.version)).scalars()
+        str(v)
+        for v in s.execute(select(PatchRow.version).where(PatchRow.name == head).order_by(PatchRow.version)).scalars()
     ]
     if not versions:
-        names = list(s.execute(select(Patch.name).distinct()).scalars())
+        names = list(s.execute(select(PatchRow.name).distinct()).scalars())
         raise UnknownReferenceError(
-            f"no patch {head!r} in the registry{_close(head, names)} (list them with `patchlab ls`)"
+            f"no patch {head!r} in the registry{close_matches(head, names)} (list them with `patchlab ls`)"
         )
     if tail == LATEST:
         return resolve_patch(s, head)
@@ -223,7 +234,7 @@ def resolve_patch(s: Session, ref: str) -> Target:
 
 
 def _patch_target(s: Session, patch_id: int | None) -> Target:
-    row = s.execute(select(Patch.name, Patch.version).where(Patch.id == patch_id)).one()
+    row = s.execute(select(PatchRow.name, PatchRow.version).where(PatchRow.id == patch_id)).one()
     return Target("patch", int(patch_id or 0), patch_label(row[0], row[1]))
 
 
@@ -231,9 +242,9 @@ def resolve_derived(s: Session, ref: str) -> Target:
     raw = ref.removeprefix("derived:")
     if not raw.isdigit():
         raise InvalidReferenceError(f"{ref!r} is not a derived-model reference: expected derived:<id>")
-    row = s.execute(select(DerivedModel.id, DerivedModel.path).where(DerivedModel.id == int(raw))).first()
+    row = s.execute(select(DerivedModelRow.id, DerivedModelRow.path).where(DerivedModelRow.id == int(raw))).first()
     if row is None:
-        n = s.execute(select(func.count(DerivedModel.id))).scalar_one()
+        n = s.execute(select(func.count(DerivedModelRow.id))).scalar_one()
         raise UnknownReferenceError(
             f"no derived model {ref!r} ({n} registered; list them with `patchlab ls --derived`)"
         )
@@ -262,8 +273,10 @@ def resolve_any(s: Session, ref: str, kind: str | None = None) -> Target:
     if found:
         return found[0]
     head, _ = split_ref(ref)
-    names = list(s.execute(select(Patch.name).distinct()).scalars()) + list(s.execute(select(Family.name)).scalars())
+    names = list(s.execute(select(PatchRow.name).distinct()).scalars()) + list(
+        s.execute(select(FamilyRow.name)).scalars()
+    )
     raise UnknownReferenceError(
-        f"{ref!r} names no patch or base in the registry{_close(head, names)} "
+        f"{ref!r} names no patch or base in the registry{close_matches(head, names)} "
         "(list them with `patchlab ls` and `patchlab ls --bases`)"
     )

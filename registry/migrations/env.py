@@ -5,10 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from registry.models import Base
+from registry.rows import RowBase
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = RowBase.metadata
 
 
 def _run(connection) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
+from cli.app import app
 from tests.registry.conftest import make_base
 
 

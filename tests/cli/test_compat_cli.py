@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from cli.app import app
 from fixtures import EVAL, model_path
 from patchlab.measure.flips import compare
 from patchlab.measure.results import EvalResult

@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from cli.app import app
 
 
 def test_demo_ports_the_finetune_and_recovers_most_of_its_gain(tmp_path):

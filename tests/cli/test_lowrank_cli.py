@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from cli.app import app
 from patchlab import Patch
 from tests.factory import make_model
 

@@ -133,7 +133,7 @@ def test_patch_references(tmp_path, populated):
 def test_ambiguous_digest_prefix(tmp_path, reg):
     from sqlalchemy import update
 
-    from registry.models import Patch
+    from registry.rows import PatchRow
 
     content = fake_fingerprint("b")
     reg.add_base("f", "1", make_base(tmp_path / "b"), content=content, fingerprint=False)
@@ -141,8 +141,8 @@ def test_ambiguous_digest_prefix(tmp_path, reg):
     b = reg.add_patch(make_patch(tmp_path / "b2", 2, content), name="b")
     # real digests sharing 7 hex digits are too rare to find; give the rows such digests directly
     with reg.db.write() as s:
-        s.execute(update(Patch).where(Patch.id == a.id).values(digest="abcdef1" + "0" * 57))
-        s.execute(update(Patch).where(Patch.id == b.id).values(digest="abcdef1" + "1" * 57))
+        s.execute(update(PatchRow).where(PatchRow.id == a.id).values(digest="abcdef1" + "0" * 57))
+        s.execute(update(PatchRow).where(PatchRow.id == b.id).values(digest="abcdef1" + "1" * 57))
     with pytest.raises(AmbiguousReferenceError, match="a@1.*b@1|b@1.*a@1"):
         reg.get_patch("abcdef1")
     assert reg.get_patch("abcdef10").ref == "a@1"

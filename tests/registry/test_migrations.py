@@ -13,7 +13,7 @@ from alembic.script import ScriptDirectory
 
 from registry import Registry, RegistrySchemaError
 from registry.db import KNOWN_REVISIONS, SCHEMA_HEAD, alembic_config
-from registry.models import Base
+from registry.rows import RowBase
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "registry-v0001.db"
 
@@ -35,7 +35,7 @@ def test_head_constant_matches_scripts():
 def test_models_match_migrations(tmp_path):
     """The ORM models and the migrations describe the same schema."""
     with Registry.init(tmp_path) as reg, reg.db.engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diffs = compare_metadata(MigrationContext.configure(conn), RowBase.metadata)
     assert diffs == []
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import patchlab
 from patchlab.errors import CheckpointNotFoundError
 from patchlab.measure.evaluate import evaluate
-
-from .api import LineageNode, Registry
+from registry.api import Registry
+from registry.records import LineageNode
 
 FAMILY_MODELS = ("v1", "v2", "ft-v1", "ft-v2")
 

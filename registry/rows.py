@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 ORM models of the registry (the schema at the newest migration).
+"""The registry's database rows: SQLAlchemy 2 ORM classes, one per table, named ``...Row`` (the schema at
+the newest migration). They stay inside ``registry``: callers get the plain records of ``registry.records``.
 
 The migrations under ``registry/migrations/versions`` are the source of truth for how a database gets
 to this shape; ``tests/registry/test_migrations.py`` checks the two agree.
@@ -31,11 +32,11 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
 
 
-class Base(DeclarativeBase):
+class RowBase(DeclarativeBase):
     pass
 
 
-class Family(Base):
+class FamilyRow(RowBase):
     __tablename__ = "families"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -43,7 +44,7 @@ class Family(Base):
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
 
-class BaseVersion(Base):
+class BaseVersionRow(RowBase):
     """One release of a base model: located (path or Hub id@revision) and fingerprinted, never copied."""
 
     __tablename__ = "base_versions"
@@ -67,7 +68,7 @@ class BaseVersion(Base):
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
 
-class Patch(Base):
+class PatchRow(RowBase):
     """A registered patch: ``name@version``; its files live in the blob store under ``digest`` (a tree)."""
 
     __tablename__ = "patches"
@@ -99,7 +100,7 @@ class Patch(Base):
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
 
-class PatchFile(Base):
+class PatchFileRow(RowBase):
     """One file of a patch directory, stored as a blob."""
 
     __tablename__ = "patch_files"
@@ -110,7 +111,7 @@ class PatchFile(Base):
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
-class PatchParent(Base):
+class PatchParentRow(RowBase):
     """Lineage edge: ``child`` was ported from / merged from / derived from ``parent``."""
 
     __tablename__ = "patch_parents"
@@ -121,7 +122,7 @@ class PatchParent(Base):
     position: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
 
 
-class DerivedModel(Base):
+class DerivedModelRow(RowBase):
     """A full model made by applying or porting a patch onto a base; ``path`` is where it lives."""
 
     __tablename__ = "derived_models"
@@ -136,7 +137,7 @@ class DerivedModel(Base):
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
 
 
-class Alias(Base):
+class AliasRow(RowBase):
     """A movable name (``prod``, ``latest``...) scoped to a family (for bases) or a patch name."""
 
     __tablename__ = "aliases"
@@ -157,7 +158,7 @@ class Alias(Base):
 # ---- revision 0002 -------------------------------------------------------------------------------
 
 
-class Tag(Base):
+class TagRow(RowBase):
     """A free-form label on a patch or a base version."""
 
     __tablename__ = "tags"
@@ -173,7 +174,7 @@ class Tag(Base):
     base_version_id: Mapped[int | None] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), index=True)
 
 
-class Evaluation(Base):
+class EvaluationRow(RowBase):
     """One evaluation run of a model on a dataset: aggregate metrics plus per-instance results."""
 
     __tablename__ = "evaluations"
@@ -190,7 +191,7 @@ class Evaluation(Base):
     settings: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003
 
 
-class EvaluationResult(Base):
+class EvaluationResultRow(RowBase):
     __tablename__ = "evaluation_results"
 
     evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), primary_key=True)

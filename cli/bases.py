@@ -1,0 +1,44 @@
+"""``patchlab base ...``: base model versions."""
+
+# No "from __future__ import annotations": typer evaluates the option annotations.
+
+from typing import Annotated
+
+import typer
+
+from cli.common import JsonOpt, RegistryOpt, console, escape, fail, fmt_params, handled, open_registry, print_json
+
+base_app = typer.Typer(help="Base model versions: add.", no_args_is_help=True)
+
+
+@base_app.command("add")
+@handled
+def base_add(
+    ref: Annotated[str, typer.Argument(help="FAMILY@VERSION (e.g. llama@v2), or FAMILY followed by VERSION.")],
+    args: Annotated[
+        list[str], typer.Argument(help="SOURCE (a local model directory, or a Hub repo id with --revision).")
+    ],
+    revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag) for a repo id.")] = None,
+    release_order: Annotated[
+        int | None, typer.Option(help="Position in the family's releases (default: after the newest).")
+    ] = None,
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Record a base version by location and fingerprint (weights are never copied)."""
+    if "@" in ref and len(args) == 1:
+        family, version = ref.split("@", 1)
+        source = args[0]
+    elif "@" not in ref and len(args) == 2:
+        family, (version, source) = ref, args
+    else:
+        fail("usage: patchlab base add FAMILY@VERSION SOURCE  (or FAMILY VERSION SOURCE)", 2)
+    with open_registry(registry) as reg:
+        b = reg.add_base(family, version, source, revision=revision, release_order=release_order)
+    if json_out:
+        print_json(b.to_dict())
+    else:
+        console().print(
+            f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
+            f"({fmt_params(b.num_parameters)} params, {b.dtype or '?'}, content {(b.content or '?')[:12]})"
+        )
