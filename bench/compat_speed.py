@@ -77,9 +77,10 @@ def main() -> None:
                 for i in range(a.n)
             )
         )
+        from patchlab.engine.devices import resolve_device
         from patchlab.io.hf import load_model
 
-        model, tok = load_model(ft, device=a.device)
+        model, tok = load_model(ft, device=resolve_device(a.device))
         dev = next(model.parameters()).device
         print(
             f"model: hidden {a.hidden}, layers {a.layers}, {sum(p.numel() for p in model.parameters()):,} params, "

@@ -29,7 +29,17 @@ ALLOWED = {"patchlab": set(), "registry": {"patchlab"}, "cli": {"registry", "pat
 # Each layer is a tuple of module prefixes relative to ``patchlab`` ("errors", "io", "io.patch"...); the
 # longest matching prefix decides a module's layer. Every patchlab module except ``__init__`` must be in
 # one. Empty: the check is skipped.
-PATCHLAB_LAYERS: list[tuple[str, ...]] = []
+PATCHLAB_LAYERS: list[tuple[str, ...]] = [
+    ("errors", "names"),
+    ("kernels",),
+    ("encodings",),
+    ("io",),
+    ("plan",),
+    ("engine",),
+    ("methods",),
+    ("measure",),
+    ("report",),
+]
 
 
 def _module_name(path: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchlab.encodings import Encoded, Request, Stored, dense_entry, register
+from patchlab.encodings.base import Encoded, Request, Stored, dense_entry, register
 from patchlab.kernels import lowrank as lr
 
 

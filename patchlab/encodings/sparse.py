@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from patchlab.encodings import Encoded, Request, Stored, dense_entry, register
+from patchlab.encodings.base import Encoded, Request, Stored, dense_entry, register
 from patchlab.kernels import sparse as sp
 
 

@@ -49,9 +49,7 @@ def load_causal_lm(
 
 
 def load_model(
-    path: str | Path, *, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
 ) -> tuple[Any, Any]:
-    """A causal LM (eval mode, on ``device``) and its tokenizer from a checkpoint directory."""
-    from patchlab.engine.devices import resolve_device
-
-    return load_causal_lm(path, resolve_device(device), dtype), load_tokenizer(path)
+    """A causal LM (eval mode, on ``device``: resolve ``auto`` first) and its tokenizer from a checkpoint."""
+    return load_causal_lm(path, torch.device(device), dtype), load_tokenizer(path)

@@ -345,9 +345,10 @@ def evaluate(
     task_list = _as_tasks(tasks)
     if isinstance(model, (str, Path)):
         name = model_name or str(model)
+        from patchlab.engine.devices import resolve_device
         from patchlab.io.hf import load_model
 
-        model, loaded_tok = load_model(model, device=device, dtype=dtype)
+        model, loaded_tok = load_model(model, device=resolve_device(device), dtype=dtype)
         tokenizer = tokenizer or loaded_tok
     else:
         name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
