@@ -559,8 +559,8 @@ def merge_tensor(
         params = validate_merge(
             method, len(deltas), weights, densities, gammas, epsilons, lambda_, normalize, rescale, sign_election
         )
-    _check_deltas(deltas, params)
     _key(seed, name, 0)
+    _check_deltas(deltas, params)
     sparse = [_sparsify_whole(d.float(), params, i, seed, name) for i, d in enumerate(deltas)]
     return _combine(sparse, params)
 
