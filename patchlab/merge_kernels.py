@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +101,7 @@ def _closest(word: str, choices: Sequence[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else f"; valid: {', '.join(choices)}"
 
 
-def get_method(name: str) -> MergeMethod:
+def get_method(name: str | MergeMethod) -> MergeMethod:
     """The merge method called ``name``; unknown names raise with the closest valid one."""
     if isinstance(name, MergeMethod):
         return name
@@ -529,7 +529,15 @@ def _sparsify_whole(x: Tensor, params: MergeParams, i: int, seed: int, name: str
     return _rescaled(x, mask, params.rescale, density, prob, lambda: l1_units(x), lambda: l1_units(x[mask]))
 
 
-def _rescaled(x, mask, rescale, density, prob, before, after) -> Tensor:
+def _rescaled(
+    x: Tensor,
+    mask: Tensor,
+    rescale: str | None,
+    density: float,
+    prob: Tensor | None,
+    before: Callable[[], int],
+    after: Callable[[], int],
+) -> Tensor:
     if rescale is None:
         return apply_mask(x, mask)
     if rescale == "inverse-density":
