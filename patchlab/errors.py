@@ -60,6 +60,10 @@ class SparseError(PatchlabError, ValueError):
     """A sparse request cannot be met (density outside (0, 1], inconsistent indices...)."""
 
 
+class MergeConfigError(PatchlabError, ValueError):
+    """A merge method or parameter is unknown, out of range, or does not match the number of patches."""
+
+
 # ---- outputs and devices ---------------------------------------------------------------------------
 class OutputExistsError(PatchlabError, FileExistsError):
     """The output directory exists and ``overwrite`` was not given."""
