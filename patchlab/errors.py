@@ -50,3 +50,30 @@ class NoSpaceError(PatchlabError):
 
 class DeviceError(PatchlabError):
     """The requested compute device is not available."""
+
+
+# ---- Model editing (LocFT-BF): added with patchlab/locft.py --------------------------------------------
+
+
+class EditError(PatchlabError):
+    """Base class of the errors raised when validating or training a set of fact edits."""
+
+
+class EditFormatError(EditError):
+    """An edit file or one of its lines is malformed (the message names the line)."""
+
+
+class EmptyTargetError(EditFormatError):
+    """An edit's target is empty or blank, so there is nothing to train on."""
+
+
+class EditTooLongError(EditError):
+    """An edit's prompt (plus its target or generation budget) does not fit the model's context."""
+
+
+class EditLocationError(EditError):
+    """The layer or module to train does not exist in the model; the message lists the valid ones."""
+
+
+class UnsupportedArchitectureError(EditError):
+    """The model is not a decoder-only causal LM, which LocFT-BF needs."""
