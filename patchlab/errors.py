@@ -64,6 +64,31 @@ class MergeConfigError(PatchlabError, ValueError):
     """A merge method or parameter is unknown, out of range, or does not match the number of patches."""
 
 
+# ---- model edits (LocFT-BF) ---------------------------------------------------------------------------
+class EditError(PatchlabError):
+    """Base class of the errors raised when validating or training a set of fact edits."""
+
+
+class EditFormatError(EditError):
+    """An edit file or one of its lines is malformed (the message names the line)."""
+
+
+class EmptyTargetError(EditFormatError):
+    """An edit's target is empty or blank, so there is nothing to train on."""
+
+
+class EditTooLongError(EditError):
+    """An edit's prompt (plus its target or generation budget) does not fit the model's context."""
+
+
+class EditLocationError(EditError):
+    """The layer or module to train does not exist in the model; the message lists the valid ones."""
+
+
+class UnsupportedArchitectureError(EditError):
+    """The model is not a decoder-only causal LM, which LocFT-BF needs."""
+
+
 # ---- outputs and devices ---------------------------------------------------------------------------
 class OutputExistsError(PatchlabError, FileExistsError):
     """The output directory exists and ``overwrite`` was not given."""

@@ -36,8 +36,8 @@ PATCHLAB_LAYERS: list[tuple[str, ...]] = [
     ("io",),
     ("plan",),
     ("engine",),
-    ("methods",),
     ("measure",),
+    ("methods",),
     ("report",),
 ]
 
