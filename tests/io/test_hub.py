@@ -30,6 +30,7 @@ from patchlab.io.hub import CardEval
 from tests.conftest import no_partial_dirs
 
 pytest_plugins = ["tests.hub_fixtures"]
+from tests.hub_fixtures import online  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "models" / "v1"
 REPO = "acme/tiny-llama"
@@ -307,7 +308,8 @@ def test_rejected_card_maps_to_card_error(hub, model_dir):
     assert hub.commits_received == []
 
 
-def test_network_down_maps_to_connection_error(model_dir):
+def test_network_down_maps_to_connection_error(model_dir, monkeypatch):
+    online(monkeypatch)
     endpoint = _closed_port()
     with pytest.raises(HubConnectionError) as err:
         hub_io.resolve_revision(REPO, "main", endpoint=endpoint)
