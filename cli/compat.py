@@ -418,8 +418,7 @@ def diagnose_cmd(
     for n in d.only_in_target:
         out.print(f"[yellow]only in target[/] {escape(n)}")
     if d.intruder_matrices:
-        n_with = sum(1 for x in d.tensors if x.intruders and x.intruders.n_intruders > 0)
-        out.print(f"intruder dimensions: {n_with} of {d.intruder_matrices} analysed matrices carry some")
+        out.print(f"intruder dimensions: {d.matrices_with_intruders} of {d.intruder_matrices} analysed matrices carry some")
     return None
 
 

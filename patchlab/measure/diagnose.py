@@ -61,6 +61,11 @@ class PortDiagnostics:
     verdict: Verdict
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def matrices_with_intruders(self) -> int:
+        """How many of the analysed matrices carry at least one intruder dimension."""
+        return sum(1 for t in self.tensors if t.intruders is not None and t.intruders.n_intruders > 0)
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

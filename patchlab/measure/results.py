@@ -7,6 +7,7 @@ and :mod:`patchlab.measure.flips` can compare two of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,12 @@ def summarise(instances: list[InstanceResult]) -> dict[str, TaskSummary]:
             types=sorted({i.type for i in items}),
         )
     return out
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of a non-empty sequence, interpolated linearly (numpy's default method)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)

@@ -64,22 +64,17 @@ SUMMARY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 def tuco_summary(values: Sequence[float]) -> dict[str, float]:
     """Summary of per-prompt TuCo values: ``n``, ``mean``, ``min``, ``max`` and the quantiles ``p10``,
     ``p25``, ``p50``, ``p75``, ``p90`` (linear interpolation, numpy's default). ``values`` is non-empty."""
+    from patchlab.measure.results import quantile
+
     v = sorted(values)
     if not v:
         raise PatchlabError("no TuCo values to summarise; measure at least one prompt")
-
-    def quantile(q: float) -> float:
-        pos = q * (len(v) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(v) - 1)
-        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
     return {
         "n": len(v),
         "mean": sum(values) / len(v),
         "min": v[0],
         "max": v[-1],
-        **{f"p{round(q * 100)}": quantile(q) for q in SUMMARY_QUANTILES},
+        **{f"p{round(q * 100)}": quantile(v, q) for q in SUMMARY_QUANTILES},
     }
 
 

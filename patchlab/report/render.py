@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from patchlab.measure.results import quantile
+
 REPORT_FORMAT = "patchlab-report"
 REPORT_FORMAT_VERSION = 1
 FORMATS = ("json", "md", "html")
@@ -98,15 +100,6 @@ def _pct(x: float | None) -> str:
 
 def _shape(s: Sequence[int] | None) -> str:
     return "–" if s is None else "×".join(str(d) for d in s) or "scalar"
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-quantile of a non-empty sequence, interpolated linearly (numpy's default method)."""
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def _ids(ids: Sequence[str]) -> str:

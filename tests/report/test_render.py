@@ -115,7 +115,7 @@ def test_bad_inputs():
 def test_quantile_matches_numpy():
     import numpy as np
 
-    from patchlab.report.render import quantile
+    from patchlab.measure.results import quantile
 
     v = [0.3, 0.1, 0.7, 0.2, 0.9, 0.45]
     for q in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
