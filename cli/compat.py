@@ -418,7 +418,8 @@ def diagnose_cmd(
     for n in d.only_in_target:
         out.print(f"[yellow]only in target[/] {escape(n)}")
     if d.intruder_matrices:
-        out.print(f"intruder dimensions: {d.matrices_with_intruders} of {d.intruder_matrices} analysed matrices carry some")
+        n = d.matrices_with_intruders
+        out.print(f"intruder dimensions: {n} of {d.intruder_matrices} analysed matrices carry some")
     return None
 
 
