@@ -63,7 +63,7 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
 
 from patchlab.errors import (
     CheckpointNotFoundError,
@@ -89,11 +89,14 @@ __all__ = [
     "PushResult",
     "PulledFolder",
     "build_model_card",
+    "cached_checkpoint",
+    "card_metadata",
     "default_endpoint",
     "download_checkpoint",
     "download_folder",
     "push_folder",
     "resolve_revision",
+    "validate_repo_id",
 ]
 
 # What a checkpoint needs; only top-level files (subfolders such as ``original/`` hold other formats).
@@ -173,9 +176,14 @@ def _is_card_rejection(error: BaseException) -> bool:
     return url.endswith("/api/validate-yaml")
 
 
+def validate_repo_id(repo_id: str) -> None:
+    """Raise ``InvalidRepoIdError`` (one line) unless ``repo_id`` is a valid Hub repo id."""
+    _check_repo_id(repo_id)
+
+
 def _check_repo_id(repo_id: str) -> None:
     try:
-        validate_repo_id(repo_id)
+        _hf_validate_repo_id(repo_id)
     except HFValidationError as e:
         raise InvalidRepoIdError(
             f"{repo_id!r} is not a valid Hub repo id ({_first_line(e)}); "
@@ -323,7 +331,7 @@ def download_checkpoint(
     repo_id: str,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | type = True,
     *,
     endpoint: str | None = None,
     token: str | bool | None = None,
@@ -341,10 +349,12 @@ def download_checkpoint(
         InvalidRepoIdError, HubRepoNotFoundError, HubRevisionNotFoundError, HubAuthError, HubConnectionError,
         HubOfflineError, HubDownloadError, HubServerError; CheckpointNotFoundError when the revision holds no
         ``config.json`` or no ``*.safetensors``.
+
+    ``progress``: the client's own bars (True), none (False), or a ``tqdm`` subclass to draw them (a CLI's).
     """
     _check_repo_id(repo_id)
     endpoint = endpoint or default_endpoint()
-    tqdm_class = None if progress else _SilentTqdm
+    tqdm_class = progress if isinstance(progress, type) else (None if progress else _SilentTqdm)
     common: dict[str, Any] = dict(
         repo_type="model",
         cache_dir=cache_dir,
@@ -377,6 +387,30 @@ def download_checkpoint(
             f"{repo_id}@{revision or 'main'} has no config.json or no *.safetensors at its top level; "
             f"patchlab reads safetensors checkpoints only"
         )
+    return path
+
+
+def cached_checkpoint(repo_id: str, revision: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The snapshot of ``repo_id`` at ``revision`` (best a full sha) in the local cache, without any request;
+    None when it is not there or lacks ``config.json`` or ``*.safetensors``."""
+    _check_repo_id(repo_id)
+    try:
+        path = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+                allow_patterns=list(CHECKPOINT_PATTERNS),
+                ignore_patterns=list(_SUBFOLDERS),
+                tqdm_class=_SilentTqdm,
+            )
+        )
+    except (LocalEntryNotFoundError, RevisionResolutionError, OfflineModeIsEnabled, OSError, ValueError):
+        return None
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        return None
     return path
 
 
@@ -721,6 +755,17 @@ def build_model_card(
         lines += ["", "## Compatibility", "", verdict]
     lines.append("")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def card_metadata(readme: str | Path) -> dict[str, Any]:
+    """The front matter of a model card file (README.md) as a dict; empty when it has none or is unreadable."""
+    path = Path(readme)
+    if not path.is_file():
+        return {}
+    try:
+        return ModelCard(path.read_text(encoding="utf-8")).data.to_dict()
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}
 
 
 # Keep a reference so the version the module was written against is visible in tracebacks and bug reports.
