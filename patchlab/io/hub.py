@@ -241,6 +241,14 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str, *, action: st
             ) from e
         raise HubServerError(f"{action} {at}: the Hub answered {status}: {_first_line(e)}", repo_id, status) from e
     except (LocalEntryNotFoundError, RevisionResolutionError) as e:
+        cause = e.__cause__
+        if isinstance(cause, HfHubHTTPError) and (_status(cause) or 0) >= 500:  # the Hub is down, no cache
+            raise HubServerError(
+                f"{action} {at}: the Hub at {endpoint} failed ({_status(cause)}) and it is not in the local cache; "
+                "try again later",
+                repo_id,
+                _status(cause),
+            ) from e
         if _offline():
             raise HubOfflineError(
                 f"{action} {at}: HF_HUB_OFFLINE=1 and it is not (completely) in the local cache; "
@@ -431,7 +439,7 @@ def download_folder(
     *,
     overwrite: bool = False,
     allow_patterns: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool | type = True,
     endpoint: str | None = None,
     token: str | bool | None = None,
 ) -> PulledFolder:
@@ -464,7 +472,7 @@ def download_folder(
                 allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
                 endpoint=endpoint,
                 token=token,
-                tqdm_class=None if progress else _SilentTqdm,
+                tqdm_class=progress if isinstance(progress, type) else (None if progress else _SilentTqdm),
             )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the client's local-dir bookkeeping
         if dest.exists():
@@ -684,6 +692,7 @@ def build_model_card(
     license: str | None = None,  # noqa: A002 - the Hub's field name
     new_version: str | None = None,
     description: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ModelCard:
     """A model card for a pushed patch, adapter or model (``ModelCard.validate()`` is never called).
 
@@ -692,7 +701,7 @@ def build_model_card(
     block, since the Hub's ``base_model`` field only takes repo ids. ``relation`` is ``adapter`` (PEFT), ``merge``,
     ``finetune`` (ports and patches) or ``quantized``. ``lineage`` lists the steps newest first (``this patch <-
     port of task@1 on llama@3.1``); ``evals`` become the card's ``model-index``; ``verdict`` is the compatibility
-    report's conclusion.
+    report's conclusion; ``metadata`` adds keys to the ``patchlab`` block (what a later pull reads back).
     """
     bases = [base_model] if isinstance(base_model, str) else list(base_model or [])
     for b in bases:
@@ -701,7 +710,7 @@ def build_model_card(
     if relation == "adapter":
         all_tags.append("lora")
     extra: dict[str, Any] = {"base_model_relation": relation} if bases else {}
-    patchlab_meta: dict[str, Any] = {"method": method}
+    patchlab_meta: dict[str, Any] = {"method": method, **(metadata or {})}
     if base_label:
         patchlab_meta["base"] = base_label
     if base_fingerprint:
