@@ -141,8 +141,9 @@ _TRANSPORT_ERRORS = _transport_errors()
 
 
 def default_endpoint() -> str:
-    """The endpoint the library was configured with at import (``HF_ENDPOINT`` or https://huggingface.co)."""
-    return hf_constants.ENDPOINT
+    """``HF_ENDPOINT`` as it is now, else the endpoint the client was configured with at import (the client reads
+    the variable once; reading it here too lets a process that sets it late, such as a test, be obeyed)."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or hf_constants.ENDPOINT
 
 
 def _api(endpoint: str | None, token: str | bool | None) -> HfApi:
