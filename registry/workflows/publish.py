@@ -205,7 +205,7 @@ def model_card(
     tags = [kind, *(t for t in (patch.encoding,) if t and t != "mixed"), *patch.tags]
     what = {"patch": "a patchlab patch (manifest + shards)", "peft": "a PEFT LoRA adapter", "model": "a full model"}
     source = derived.ref if derived is not None else patch.ref
-    description = f"Pushed with [patchlab](https://github.com/patchlab) as {what[kind]}, from `{source}`."
+    description = f"Pushed with patchlab as {what[kind]}, from `{source}`."
     if kind == "patch":
         description += f" Register it again with `patchlab pull {repo_id}`."
     elif kind == "peft":
