@@ -16,16 +16,29 @@ base_app = typer.Typer(help="Base model versions: add.", no_args_is_help=True)
 def base_add(
     ref: Annotated[str, typer.Argument(help="FAMILY@VERSION (e.g. llama@v2), or FAMILY followed by VERSION.")],
     args: Annotated[
-        list[str], typer.Argument(help="SOURCE (a local model directory, or a Hub repo id with --revision).")
+        list[str], typer.Argument(help="SOURCE: a local model directory, or a Hub repo id (org/name).")
     ],
-    revision: Annotated[str | None, typer.Option(help="Hub revision (commit or tag) for a repo id.")] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub branch, tag or commit (default: main); recorded as its commit sha.")
+    ] = None,
+    no_download: Annotated[
+        bool,
+        typer.Option(
+            "--no-download", help="Hub: record the commit now, download and fingerprint on first use."
+        ),
+    ] = False,
     release_order: Annotated[
         int | None, typer.Option(help="Position in the family's releases (default: after the newest).")
     ] = None,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Record a base version by location and fingerprint (weights are never copied)."""
+    """Record a base version by location and fingerprint (weights are never copied).
+
+    A Hub repo id is resolved to a commit sha; only what a checkpoint needs (config, tokenizer, safetensors) is
+    downloaded, into the Hugging Face cache, and fingerprinted; `org/name@sha` is recorded. Tokens come from
+    huggingface_hub's usual places (HF_TOKEN, `hf auth login`); HF_HUB_OFFLINE=1 uses the local cache only.
+    """
     if "@" in ref and len(args) == 1:
         family, version = ref.split("@", 1)
         source = args[0]
@@ -34,9 +47,16 @@ def base_add(
     else:
         fail("usage: patchlab base add FAMILY@VERSION SOURCE  (or FAMILY VERSION SOURCE)", 2)
     with open_registry(registry) as reg:
-        b = reg.add_base(family, version, source, revision=revision, release_order=release_order)
+        b = reg.add_base(
+            family, version, source, revision=revision, release_order=release_order, download=not no_download
+        )
     if json_out:
         print_json(b.to_dict())
+    elif b.content is None:
+        console().print(
+            f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
+            "(not downloaded: fetched and fingerprinted on first use)"
+        )
     else:
         console().print(
             f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "

@@ -160,8 +160,16 @@ def show(
         else:
             info = reg.get_derived(target.label)
             evals = reg.list_evaluations(target.label)
+        pushes = reg.list_pushes(target.label, kind=target.kind) if target.kind != "base" else []
     if json_out:
-        return print_json({"kind": target.kind, **info.to_dict(), "evaluations": [e.to_dict() for e in evals]})
+        return print_json(
+            {
+                "kind": target.kind,
+                **info.to_dict(),
+                "evaluations": [e.to_dict() for e in evals],
+                "pushes": [p.to_dict() for p in pushes],
+            }
+        )
     out = console()
     d = info.to_dict()
     skip = {"stats", "files", "id", "parents", "totals", "ref"}
@@ -205,6 +213,14 @@ def show(
         for e in evals:
             et.add_row(str(e.id), e.dataset, str(e.num_instances), json.dumps(e.metrics, sort_keys=True))
         out.print(et)
+    if pushes:
+        pt = Table("repo", "revision", "commit", "as", "new commit", "when", title="pushes", box=None)
+        for p in pushes:
+            pt.add_row(
+                escape(p.repo_id), escape(p.revision), p.commit_sha[:12], p.kind,
+                "yes" if p.created_commit else "no", p.created_at,
+            )  # fmt: skip
+        out.print(pt)
     return None
 
 

@@ -151,10 +151,87 @@ def handled(fn: F) -> F:
 
 
 def open_registry(registry: str | None, *, create: bool = False):
-    """The registry named by the command's ``--registry``, else by ``patchlab -R``, else the default."""
+    """The registry named by the command's ``--registry``, else by ``patchlab -R``, else the default.
+
+    Hub downloads it makes (a base from the Hub, fetched on first use) draw their progress with rich on stderr
+    when it is a terminal and ``-q`` was not given."""
     from registry import Registry
 
-    return Registry(registry or STATE.registry, create=create)
+    return Registry(registry or STATE.registry, create=create, hub_progress=hub_bars())
+
+
+def hub_bars() -> type | bool:
+    """A class ``huggingface_hub`` draws its download progress with (rich, on stderr), or False: -q, no terminal."""
+    if STATE.quiet or not sys.stderr.isatty():
+        return False
+    import threading
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    lock = threading.Lock()
+    shared: dict[str, Any] = {"progress": None, "open": 0}
+
+    class RichBar:
+        """The part of tqdm's interface ``snapshot_download`` uses, drawn as a rich task."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.n = kwargs.get("initial") or 0
+            self.total = kwargs.get("total")
+            self.format_dict: dict[str, Any] = {"rate": None}
+            desc = str(kwargs.get("desc") or "")
+            # the byte bar of what is written; the network transfer bar and the per-file counter stay hidden
+            self._shown = kwargs.get("unit") == "B" and not desc.startswith("Downloading bytes")
+            self._task = None
+            if not self._shown:
+                return
+            with lock:
+                if shared["progress"] is None:
+                    shared["progress"] = Progress(
+                        TextColumn("downloading"),
+                        BarColumn(),
+                        DownloadColumn(),
+                        TransferSpeedColumn(),
+                        console=err_console(),
+                        transient=True,
+                    )
+                    shared["progress"].start()
+                shared["open"] += 1
+                self._task = shared["progress"].add_task("download", total=self.total or None, completed=self.n)
+
+        def __enter__(self) -> "RichBar":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+        def __iter__(self):
+            return iter(())
+
+        def update(self, n: float | None = 1) -> None:
+            self.n += n or 0
+            if self._task is not None:
+                shared["progress"].update(self._task, completed=self.n, total=self.total or None)
+
+        def refresh(self, *args: Any, **kwargs: Any) -> None:
+            self.update(0)
+
+        def set_description(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        set_description_str = set_postfix_str = set_postfix = set_description
+
+        def close(self) -> None:
+            if self._task is None:
+                return
+            with lock:
+                shared["progress"].remove_task(self._task)
+                self._task = None
+                shared["open"] -= 1
+                if shared["open"] == 0:
+                    shared["progress"].stop()
+                    shared["progress"] = None
+
+    return RichBar
 
 
 def is_ref(s: str) -> bool:

@@ -25,6 +25,7 @@ from registry.records import (
     GcReport,
     LineageNode,
     PatchInfo,
+    PushInfo,
     VerifyReport,
 )
 from registry.refs import Target
@@ -46,6 +47,7 @@ __all__ = [
     "LineageNode",
     "ManifestError",
     "PatchInfo",
+    "PushInfo",
     "Registry",
     "RegistryError",
     "RegistryNotFoundError",

@@ -1,7 +1,7 @@
 """``Registry``: the Python API over the registry database and blob store (the CLI is a thin shell on it).
 
 ``Registry`` is a facade: each topic lives in its own module as a mixin (``registry.bases``, ``patches``,
-``derived``, ``lineage``, ``labels``, ``evaluations``, ``maintenance``) over the attributes set here.
+``derived``, ``lineage``, ``labels``, ``evaluations``, ``pushes``, ``maintenance``) over the attributes set here.
 """
 
 from __future__ import annotations
@@ -20,17 +20,30 @@ from registry.labels import Labels
 from registry.lineage import Lineage
 from registry.maintenance import Maintenance
 from registry.patches import Patches
+from registry.pushes import Pushes
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Maintenance):
+class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,
     a ``.db`` file or a SQLAlchemy URL to open another. ``create=True`` (or :meth:`init`) makes it if absent.
+    ``hub_endpoint`` names the Hugging Face Hub to talk to (default: ``huggingface_hub``'s); tokens come from
+    ``huggingface_hub``'s usual places only.
     Opening a registry made by an older patchlab upgrades its schema; a newer one is refused.
     """
 
-    def __init__(self, url_or_path: str | os.PathLike[str] | None = None, *, create: bool = False) -> None:
+    def __init__(
+        self,
+        url_or_path: str | os.PathLike[str] | None = None,
+        *,
+        create: bool = False,
+        hub_endpoint: str | None = None,
+        hub_progress: bool | type = False,
+    ) -> None:
+        self.hub_endpoint = hub_endpoint
+        self.hub_token: str | None = None
+        self.hub_progress = hub_progress
         self.location: Location = resolve_location(url_or_path)
         self.db: Database = open_database(self.location, create=create)
         self.home: Path = self.location.home

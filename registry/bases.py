@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from registry import refs
 from registry.db import retry_locked
-from registry.errors import AlreadyExistsError, InvalidReferenceError, UnknownReferenceError
+from registry.errors import AlreadyExistsError, UnknownReferenceError
 from registry.records import BaseInfo, timestamp
 from registry.rows import AliasRow, BaseVersionRow, FamilyRow, TagRow
 from registry.topic import Topic, group
@@ -33,11 +34,17 @@ class Bases(Topic):
         vocab_size: int | None = None,
         release_order: int | None = None,
         fingerprint: bool = True,
+        download: bool = True,
     ) -> BaseInfo:
         """Record a base version by location and fingerprint (its weights are never copied).
 
-        ``source`` is a local checkpoint directory, or a Hub repo id (then give ``revision``). For a
-        local directory the fingerprint, parameter count, dtype and vocabulary come from ``Checkpoint``
+        ``source`` is a local checkpoint directory, or a Hub repo id (``org/name``). For a Hub repo the
+        ``revision`` (branch, tag or sha; default ``main``) is resolved to its commit sha, which is what is
+        recorded (``org/name@sha``); what a checkpoint needs is downloaded into the Hugging Face cache and
+        fingerprinted by the same code as a local directory. With ``download=False`` only the sha is recorded:
+        the first operation that needs the weights (``checkpoint_path``) downloads and fingerprints them; a full
+        40-hex sha is then recorded without asking the Hub (it is checked by that first download).
+        For a local directory the fingerprint, parameter count, dtype and vocabulary come from ``Checkpoint``
         unless given.
         """
         refs.validate_name(family, "family name")
@@ -59,12 +66,26 @@ class Bases(Topic):
                 dtype = dtype or facts.get("dtype")
                 vocab_size = vocab_size if vocab_size is not None else facts.get("vocab_size")
         else:
-            if revision is None:
-                raise InvalidReferenceError(
-                    f"{src!r} is neither an existing directory nor pinned: for a Hub repo id pass a revision "
-                    "(a commit hash or tag) so the base is reproducible"
-                )
+            from patchlab.io import hub
+
             kind = "hub"
+            if download:
+                path = hub.download_checkpoint(
+                    src, revision, progress=self.hub_progress, endpoint=self.hub_endpoint, token=self.hub_token
+                )
+                revision = path.name  # the snapshot folder is named by the commit sha
+                if fingerprint:
+                    facts = checkpoint_facts(path)
+                    architecture = architecture or facts.get("architecture")
+                    content = content or facts.get("content")
+                    num_parameters = num_parameters if num_parameters is not None else facts.get("num_parameters")
+                    dtype = dtype or facts.get("dtype")
+                    vocab_size = vocab_size if vocab_size is not None else facts.get("vocab_size")
+            elif revision is not None and re.fullmatch(r"[0-9a-fA-F]{40}", revision):
+                hub.validate_repo_id(src)  # a full sha is recorded as given: checked when first downloaded
+                revision = revision.lower()
+            else:
+                revision = hub.resolve_revision(src, revision, endpoint=self.hub_endpoint, token=self.hub_token)
 
         def run() -> BaseInfo:
             with self.db.write() as s:
@@ -121,25 +142,46 @@ class Bases(Topic):
             return base_infos(s, ids)
 
     def checkpoint_path(self, ref_or_path: str | os.PathLike[str]) -> Path:
-        """A local directory for a checkpoint: a plain path as given, else the base version's directory;
-        for a Hub base, its snapshot in the local Hugging Face cache (never downloads)."""
+        """A local directory for a checkpoint: a plain path as given, else the base version's directory.
+
+        For a Hub base, its snapshot in the local Hugging Face cache; when it is not there yet (a base added
+        with ``download=False``, or a cleared cache) it is downloaded now, and a base recorded without a
+        fingerprint gets one. Offline (``HF_HUB_OFFLINE=1``) only the cache answers.
+        """
         if refs.looks_like_path(ref_or_path):
             return Path(ref_or_path).expanduser()
         b = self.get_base(os.fspath(ref_or_path))
         if b.source_kind != "hub":
             return Path(b.source)
-        from huggingface_hub import snapshot_download
+        return self._hub_checkpoint(b)
 
-        try:
-            return Path(snapshot_download(b.source, revision=b.revision, local_files_only=True))
-        except Exception as exc:  # LocalEntryNotFoundError and friends: not in the local cache
-            from patchlab.errors import CheckpointNotFoundError
+    def _hub_checkpoint(self, b: BaseInfo) -> Path:
+        from patchlab.io import hub
 
-            raise CheckpointNotFoundError(
-                f"base {b.ref} is the Hub repo {b.location}, which is not in the local Hugging Face cache "
-                f"({type(exc).__name__}); download it first: `huggingface-cli download {b.source} --revision "
-                f"{b.revision}`, or pass a local directory"
-            ) from None
+        path = hub.cached_checkpoint(b.source, b.revision or "main")
+        if path is None:
+            path = hub.download_checkpoint(
+                b.source, b.revision, progress=self.hub_progress, endpoint=self.hub_endpoint, token=self.hub_token
+            )
+        if b.content is None:
+            self._fill_facts(b, checkpoint_facts(path))
+        return path
+
+    def _fill_facts(self, b: BaseInfo, facts: dict[str, Any]) -> None:
+        """Record the fingerprint and facts of a base that was added without them (lazily, from the Hub)."""
+
+        def run() -> None:
+            with self.db.write() as s:
+                bv = s.get(BaseVersionRow, b.id)
+                if bv is None or bv.content is not None:
+                    return
+                bv.architecture = bv.architecture or facts.get("architecture")
+                bv.content = facts.get("content")
+                bv.num_parameters = bv.num_parameters if bv.num_parameters is not None else facts.get("num_parameters")
+                bv.dtype = bv.dtype or facts.get("dtype")
+                bv.vocab_size = bv.vocab_size if bv.vocab_size is not None else facts.get("vocab_size")
+
+        retry_locked(run)
 
     def checkpoint_location(self, ref_or_path: str | os.PathLike[str]) -> str:
         """Where a checkpoint is: a plain path as given, else the base version's path (or Hub id@rev)."""

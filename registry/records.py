@@ -195,3 +195,26 @@ class GcReport:
 
     def to_dict(self) -> dict[str, Any]:
         return fields_dict(self)
+
+
+@dataclass(frozen=True)
+class PushInfo:
+    """One push to a Hub repo: ``source`` is the patch (name@version) or derived model (derived:N) pushed."""
+
+    id: int
+    endpoint: str
+    repo_id: str
+    revision: str  # the branch pushed to, or refs/pr/N
+    branch: str
+    commit_sha: str
+    kind: str  # "patch" | "peft" | "model"
+    source: str
+    created_commit: bool
+    created_at: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.repo_id}@{self.commit_sha[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, **fields_dict(self)}

@@ -202,3 +202,28 @@ class EvaluationResultRow(RowBase):
     score: Mapped[float | None] = mapped_column(Float)
     details: Mapped[Any] = mapped_column(JSON, nullable=True)  # revision 0003: everything else of the record
     position: Mapped[int | None] = mapped_column(Integer)  # revision 0003: order as recorded
+
+
+# ---- revision 0004 -------------------------------------------------------------------------------
+
+
+class PushRow(RowBase):
+    """One push of a patch (as a patch or a PEFT adapter) or a derived model to a Hub repo."""
+
+    __tablename__ = "pushes"
+    __table_args__ = (
+        Index("ix_pushes_repo_branch", "endpoint", "repo_id", "branch"),
+        CheckConstraint("(patch_id IS NULL) <> (derived_id IS NULL)", name="ck_pushes_one_source"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint: Mapped[str] = mapped_column(Text, nullable=False)  # which Hub (https://huggingface.co, a mirror)
+    repo_id: Mapped[str] = mapped_column(String(200), nullable=False)
+    revision: Mapped[str] = mapped_column(String(200), nullable=False)  # the branch, or refs/pr/N
+    branch: Mapped[str] = mapped_column(String(200), nullable=False)  # the branch it was based on
+    commit_sha: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "patch" | "peft" | "model"
+    patch_id: Mapped[int | None] = mapped_column(ForeignKey("patches.id", ondelete="CASCADE"), index=True)
+    derived_id: Mapped[int | None] = mapped_column(ForeignKey("derived_models.id", ondelete="CASCADE"), index=True)
+    created_commit: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)

@@ -26,6 +26,9 @@ class Topic:
     home: Path
     blobs: BlobStore
     cache: Path
+    hub_endpoint: str | None  # None: huggingface_hub's (HF_ENDPOINT or https://huggingface.co)
+    hub_token: str | None  # None: huggingface_hub's usual places (HF_TOKEN, `hf auth login`)
+    hub_progress: bool | type  # download progress: none, the client's bars, or a tqdm class to draw them
 
 
 def json_safe(value: Any, what: str) -> Any:

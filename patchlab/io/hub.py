@@ -63,7 +63,7 @@ from huggingface_hub.errors import (
     RevisionResolutionError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import validate_repo_id as _hf_validate_repo_id
 
 from patchlab.errors import (
     CheckpointNotFoundError,
@@ -89,11 +89,14 @@ __all__ = [
     "PushResult",
     "PulledFolder",
     "build_model_card",
+    "cached_checkpoint",
+    "card_metadata",
     "default_endpoint",
     "download_checkpoint",
     "download_folder",
     "push_folder",
     "resolve_revision",
+    "validate_repo_id",
 ]
 
 # What a checkpoint needs; only top-level files (subfolders such as ``original/`` hold other formats).
@@ -138,8 +141,9 @@ _TRANSPORT_ERRORS = _transport_errors()
 
 
 def default_endpoint() -> str:
-    """The endpoint the library was configured with at import (``HF_ENDPOINT`` or https://huggingface.co)."""
-    return hf_constants.ENDPOINT
+    """``HF_ENDPOINT`` as it is now, else the endpoint the client was configured with at import (the client reads
+    the variable once; reading it here too lets a process that sets it late, such as a test, be obeyed)."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or hf_constants.ENDPOINT
 
 
 def _api(endpoint: str | None, token: str | bool | None) -> HfApi:
@@ -173,9 +177,14 @@ def _is_card_rejection(error: BaseException) -> bool:
     return url.endswith("/api/validate-yaml")
 
 
+def validate_repo_id(repo_id: str) -> None:
+    """Raise ``InvalidRepoIdError`` (one line) unless ``repo_id`` is a valid Hub repo id."""
+    _check_repo_id(repo_id)
+
+
 def _check_repo_id(repo_id: str) -> None:
     try:
-        validate_repo_id(repo_id)
+        _hf_validate_repo_id(repo_id)
     except HFValidationError as e:
         raise InvalidRepoIdError(
             f"{repo_id!r} is not a valid Hub repo id ({_first_line(e)}); "
@@ -233,6 +242,14 @@ def _hub_errors(repo_id: str, revision: str | None, endpoint: str, *, action: st
             ) from e
         raise HubServerError(f"{action} {at}: the Hub answered {status}: {_first_line(e)}", repo_id, status) from e
     except (LocalEntryNotFoundError, RevisionResolutionError) as e:
+        cause = e.__cause__
+        if isinstance(cause, HfHubHTTPError) and (_status(cause) or 0) >= 500:  # the Hub is down, no cache
+            raise HubServerError(
+                f"{action} {at}: the Hub at {endpoint} failed ({_status(cause)}) and it is not in the local cache; "
+                "try again later",
+                repo_id,
+                _status(cause),
+            ) from e
         if _offline():
             raise HubOfflineError(
                 f"{action} {at}: HF_HUB_OFFLINE=1 and it is not (completely) in the local cache; "
@@ -323,7 +340,7 @@ def download_checkpoint(
     repo_id: str,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | type = True,
     *,
     endpoint: str | None = None,
     token: str | bool | None = None,
@@ -341,10 +358,12 @@ def download_checkpoint(
         InvalidRepoIdError, HubRepoNotFoundError, HubRevisionNotFoundError, HubAuthError, HubConnectionError,
         HubOfflineError, HubDownloadError, HubServerError; CheckpointNotFoundError when the revision holds no
         ``config.json`` or no ``*.safetensors``.
+
+    ``progress``: the client's own bars (True), none (False), or a ``tqdm`` subclass to draw them (a CLI's).
     """
     _check_repo_id(repo_id)
     endpoint = endpoint or default_endpoint()
-    tqdm_class = None if progress else _SilentTqdm
+    tqdm_class = progress if isinstance(progress, type) else (None if progress else _SilentTqdm)
     common: dict[str, Any] = dict(
         repo_type="model",
         cache_dir=cache_dir,
@@ -380,6 +399,30 @@ def download_checkpoint(
     return path
 
 
+def cached_checkpoint(repo_id: str, revision: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The snapshot of ``repo_id`` at ``revision`` (best a full sha) in the local cache, without any request;
+    None when it is not there or lacks ``config.json`` or ``*.safetensors``."""
+    _check_repo_id(repo_id)
+    try:
+        path = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+                allow_patterns=list(CHECKPOINT_PATTERNS),
+                ignore_patterns=list(_SUBFOLDERS),
+                tqdm_class=_SilentTqdm,
+            )
+        )
+    except (LocalEntryNotFoundError, RevisionResolutionError, OfflineModeIsEnabled, OSError, ValueError):
+        return None
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
+        return None
+    return path
+
+
 @dataclass(frozen=True)
 class PulledFolder:
     """A repo revision downloaded by ``download_folder``."""
@@ -397,7 +440,7 @@ def download_folder(
     *,
     overwrite: bool = False,
     allow_patterns: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool | type = True,
     endpoint: str | None = None,
     token: str | bool | None = None,
 ) -> PulledFolder:
@@ -430,7 +473,7 @@ def download_folder(
                 allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
                 endpoint=endpoint,
                 token=token,
-                tqdm_class=None if progress else _SilentTqdm,
+                tqdm_class=progress if isinstance(progress, type) else (None if progress else _SilentTqdm),
             )
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the client's local-dir bookkeeping
         if dest.exists():
@@ -650,6 +693,7 @@ def build_model_card(
     license: str | None = None,  # noqa: A002 - the Hub's field name
     new_version: str | None = None,
     description: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> ModelCard:
     """A model card for a pushed patch, adapter or model (``ModelCard.validate()`` is never called).
 
@@ -658,7 +702,7 @@ def build_model_card(
     block, since the Hub's ``base_model`` field only takes repo ids. ``relation`` is ``adapter`` (PEFT), ``merge``,
     ``finetune`` (ports and patches) or ``quantized``. ``lineage`` lists the steps newest first (``this patch <-
     port of task@1 on llama@3.1``); ``evals`` become the card's ``model-index``; ``verdict`` is the compatibility
-    report's conclusion.
+    report's conclusion; ``metadata`` adds keys to the ``patchlab`` block (what a later pull reads back).
     """
     bases = [base_model] if isinstance(base_model, str) else list(base_model or [])
     for b in bases:
@@ -667,7 +711,7 @@ def build_model_card(
     if relation == "adapter":
         all_tags.append("lora")
     extra: dict[str, Any] = {"base_model_relation": relation} if bases else {}
-    patchlab_meta: dict[str, Any] = {"method": method}
+    patchlab_meta: dict[str, Any] = {"method": method, **(metadata or {})}
     if base_label:
         patchlab_meta["base"] = base_label
     if base_fingerprint:
@@ -721,6 +765,17 @@ def build_model_card(
         lines += ["", "## Compatibility", "", verdict]
     lines.append("")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def card_metadata(readme: str | Path) -> dict[str, Any]:
+    """The front matter of a model card file (README.md) as a dict; empty when it has none or is unreadable."""
+    path = Path(readme)
+    if not path.is_file():
+        return {}
+    try:
+        return ModelCard(path.read_text(encoding="utf-8")).data.to_dict()
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}
 
 
 # Keep a reference so the version the module was written against is visible in tracebacks and bug reports.

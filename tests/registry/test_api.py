@@ -40,7 +40,7 @@ def test_location_argument_env_and_missing(tmp_path, monkeypatch):
         assert r.home == (tmp_path / "envhome").resolve()
         assert (tmp_path / "envhome" / "registry.db").is_file()
     # a .db path and a sqlite URL name the same registry
-    Registry.init(tmp_path / "x" / "reg.db").add_base("fam", "a", "org/model", revision="abc123")
+    Registry.init(tmp_path / "x" / "reg.db").add_base("fam", "a", "org/model", revision="ab" * 20, download=False)
     with Registry(f"sqlite:///{tmp_path / 'x' / 'reg.db'}") as r2:
         assert [b.ref for b in r2.list_bases()] == ["fam@a"]
         assert r2.home == (tmp_path / "x").resolve()
@@ -56,10 +56,10 @@ def test_sqlite_pragmas(reg):
 def test_add_base_and_resolve(tmp_path, reg):
     b1 = reg.add_base("llama", "v1", make_base(tmp_path / "b1"), content="aa" * 32, fingerprint=False)
     b2 = reg.add_base("llama", "v2", make_base(tmp_path / "b2", 2), content="bb" * 32, fingerprint=False)
-    hub = reg.add_base("llama", "v3", "meta/llama-3", revision="deadbeef")
+    hub = reg.add_base("llama", "v3", "meta/llama-3", revision="de" * 20, download=False)
     assert (b1.release_order, b2.release_order, hub.release_order) == (1, 2, 3)
     assert b1.source == str((tmp_path / "b1").resolve()) and b1.source_kind == "local"
-    assert hub.location == "meta/llama-3@deadbeef" and hub.source_kind == "hub"
+    assert hub.location == "meta/llama-3@" + "de" * 20 and hub.source_kind == "hub"
     assert reg.get_base("llama@v2").id == b2.id
     assert reg.get_base("llama").version == "v3"  # newest release
     assert reg.get_base("bbbbbbbb").ref == "llama@v2"  # content fingerprint prefix
@@ -73,8 +73,10 @@ def test_add_base_and_resolve(tmp_path, reg):
         reg.get_base("llama@v9")
     with pytest.raises(UnknownReferenceError, match="does not exist"):
         reg.add_base("llama", "v4", tmp_path / "missing-dir")
-    with pytest.raises(InvalidReferenceError, match="revision"):
-        reg.add_base("llama", "v4", "meta/llama-4")
+    from patchlab.errors import InvalidRepoIdError
+
+    with pytest.raises(InvalidRepoIdError, match="not a valid Hub repo id"):  # refused before any request
+        reg.add_base("llama", "v4", "meta/llama 4!", revision="ab" * 20, download=False)
 
 
 def test_add_patch_stores_blobs_and_provenance(tmp_path, populated):
@@ -466,21 +468,22 @@ def test_readding_links_parents_and_tags(tmp_path, populated):
         reg.add_patch(tmp_path / "p3", name="other", parents=["other@1"])
 
 
-def test_checkpoint_path_for_hub_base_uses_local_cache_only(tmp_path, reg, monkeypatch):
-    from patchlab.errors import CheckpointNotFoundError
+def test_checkpoint_path_for_hub_base_uses_the_local_cache_first(tmp_path, reg, monkeypatch):
+    from patchlab.errors import HubOfflineError
 
     rev = "0123456789abcdef0123456789abcdef01234567"
-    reg.add_base("org", "v1", "org/tiny", revision=rev)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hfcache"))
+    reg.add_base("org", "v1", "org/tiny", revision=rev, download=False)  # a full sha: recorded lazily, no request
+    assert reg.get_base("org@v1").content is None
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hfcache"))
-    with pytest.raises(CheckpointNotFoundError, match="huggingface-cli download org/tiny"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubOfflineError, match="org/tiny@0123456789ab.*HF_HUB_OFFLINE"):
         reg.checkpoint_path("org@v1")
     snap = tmp_path / "hfcache" / "models--org--tiny" / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
+    make_base(snap)
     assert reg.checkpoint_path("org@v1") == snap
+    assert reg.get_base("org@v1").content is not None  # fingerprinted on first use
     local = reg.add_base("loc", "v1", make_base(tmp_path / "b"), fingerprint=False)
     assert reg.checkpoint_path("loc@v1") == Path(local.source)
     assert reg.checkpoint_path(str(tmp_path / "b")) == tmp_path / "b"

@@ -114,3 +114,33 @@ def test_0002_registry_with_evaluations_upgrades(tmp_path):
             {"id": "a", "prediction": "x", "gold": "x", "correct": True, "score": 1.0},
             {"id": "b", "prediction": "y", "gold": "z", "correct": False, "score": 0.0},
         )
+
+
+def test_registry_of_the_previous_schema_opens_and_gains_pushes(tmp_path):
+    """A registry made at revision 0003 (before pushes were recorded) opens, keeps its rows and records pushes."""
+    from registry.db import Database, resolve_location, upgrade_schema
+
+    db = Database(resolve_location(tmp_path))
+    upgrade_schema(db, "0003")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO families (id, name, created_at) VALUES (1, 'llama', '2026-01-01 00:00:00')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO base_versions (id, family_id, version, source_kind, source, revision, release_order, "
+            "created_at) VALUES (1, 1, 'v1', 'hub', 'meta/llama', 'deadbeef', 1, '2026-01-01 00:00:00')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO patches (id, name, version, digest, size, base_version_id, num_tensors, created_at) "
+            "VALUES (1, 'sql', 1, 'ab', 0, 1, 0, '2026-01-01 00:00:00')"
+        )
+    db.dispose()
+    assert _revision(tmp_path / "registry.db") == "0003"
+    with Registry(tmp_path) as reg:
+        assert _revision(tmp_path / "registry.db") == SCHEMA_HEAD
+        assert reg.get_base("llama@v1").location == "meta/llama@deadbeef" and reg.list_pushes() == []
+        p = reg.record_push(
+            "sql@1", endpoint="https://hub", repo_id="o/r", revision="main", branch="main",
+            commit_sha="c" * 40, kind="patch", created_commit=True,
+        )  # fmt: skip
+        assert reg.last_push("https://hub/", "o/r", "main") == p and reg.list_pushes("sql@1") == [p]
