@@ -130,7 +130,9 @@ def merge(
     out = Path(out)
     check_output(out, overwrite)
     dev = resolve_device(device)
-    tensors = {s.name: _MergeTensor(s, inputs, plan, params, seed, dev) for s in plan.steps if s.action == "merge"}
+    tensors = {
+        s.name: _MergeTensor(s, inputs, plan, params, seed, dev) for s in plan.steps if s.action in ("merge", "concat")
+    }
     _gather_stats(list(tensors.values()), dev)
     if onto_ck is not None:
         return _write_model(out, plan, inputs, tensors, target, dev, overwrite, progress)
