@@ -232,11 +232,8 @@ def _target(
                 f"the patches were made on {b0.get('path', '?')}, not on {onto_ck.path} (another architecture); "
                 f"pass --port-to {onto_ck.path} to port the merge onto it"
             )
-        if (
-            b0.get("content")
-            and b0.get("path") != str(onto_ck.path.resolve())
-            and onto_ck.content_digest != b0["content"]
-        ):
+        same_path = b0.get("path") == str(onto_ck.path.resolve())
+        if not same_path and not (b0.get("content") and onto_ck.content_digest == b0["content"]):
             raise IncompatiblePatchError(
                 f"the patches were made on {b0.get('path', '?')}, not on {onto_ck.path}; pass --port-to "
                 f"{onto_ck.path} to port the merge onto it"
