@@ -30,6 +30,7 @@ _EXPORTS = {
     "apply": "methods.port",
     "port": "methods.port",
     "port_fused": "methods.port",
+    "merge": "methods.merge",
 }
 
 __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
@@ -45,6 +46,7 @@ __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
     "apply",
     "port",
     "port_fused",
+    "merge",
     "__version__",
 ]
 
@@ -63,5 +65,6 @@ if TYPE_CHECKING:
     from patchlab.io.checkpoint import Checkpoint, Fingerprint, TensorInfo
     from patchlab.io.patch import Patch, PatchTensor
     from patchlab.methods.extract import extract
+    from patchlab.methods.merge import merge
     from patchlab.methods.port import apply, port, port_fused
     from patchlab.plan import Plan, Step

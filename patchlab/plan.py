@@ -490,3 +490,127 @@ def plan_apply(
         out_vocab_rows,
         maps,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------
+def source_role(i: int) -> str:
+    """The ``Step.sources`` role (and row-map key) of the ``i``-th patch of a merge."""
+    return f"p{i}"
+
+
+def plan_merge(
+    deltas: Sequence[DeltaView],
+    target: Checkpoint,
+    *,
+    operation: str = "merge",
+    model: bool = False,
+    vocab_policy: str | None = None,
+    force: bool = False,
+    max_skip: float = DEFAULT_MAX_SKIP,
+    options: Mapping[str, object] | None = None,
+) -> Plan:
+    """Plan a merge of several deltas, expressed on ``target``'s tensors (the patches' base, or the base
+    they are ported to): each delta is planned as a port onto ``target`` (``plan_apply``: vocabulary rows,
+    tied embeddings, missing tensors), then the per-patch plans are joined tensor by tensor.
+
+    Steps: ``merge`` (the patches whose plan adds to the tensor, one role ``p<i>`` each; the others contribute
+    zero), ``set``, ``delete`` (patch output) or ``drop`` (model output), and ``copy`` (``model``: target
+    tensors no patch touches; they are left out of a patch). Row maps are keyed ``(name, "p<i>")``.
+    """
+    port_op = "apply" if operation == "merge" else "port"
+    plans = [
+        plan_apply(d, target, operation=port_op, vocab_policy=vocab_policy, force=force, max_skip=max_skip)
+        for d in deltas
+    ]
+    probs = _Problems()
+    by_name: dict[str, list[tuple[int, Step]]] = {}
+    order: list[str] = []
+    for i, p in enumerate(plans):
+        for s in p.steps:
+            if s.name not in by_name:
+                by_name[s.name] = []
+                order.append(s.name)
+            by_name[s.name].append((i, s))
+    steps: list[Step] = []
+    maps: dict[tuple[str, str], torch.Tensor] = {}
+    warnings: list[str] = []
+    for name in order:
+        per = by_name[name]
+        adds = [(i, s) for i, s in per if s.action == "add"]
+        sets = [(i, s) for i, s in per if s.action == "set"]
+        deletes = [(i, s) for i, s in per if s.action == "drop" and s.note == "deleted by the patch"]
+        first = per[0][1]
+        if adds and (sets or deletes):
+            other = (sets or deletes)[0]
+            what = "sets" if sets else "deletes"
+            probs.incompatible.append(f"{name}: patch {adds[0][0] + 1} adds a delta but patch {other[0] + 1} {what} it")
+            continue
+        if adds:
+            shapes = {s.shape for _, s in adds}
+            if len(shapes) > 1:
+                probs.policy.append(
+                    f"{name}: the patches' rows do not line up ({', '.join(str(list(x)) for x in shapes)}); "
+                    "choose --vocab-policy truncate or by-token"
+                )
+                continue
+            s0 = adds[0][1]
+            for i, _ in adds:
+                m = plans[i].row_maps.get((name, "delta"))
+                if m is not None:
+                    maps[(name, source_role(i))] = m
+                t = plans[i].row_maps.get((name, "target"))
+                if t is not None:
+                    maps[(name, "target")] = t
+            notes = sorted({f"patch {i + 1}: {s.note}" for i, s in adds if s.note})
+            steps.append(
+                Step(
+                    name,
+                    "merge",
+                    s0.shape,
+                    s0.dtype,
+                    {source_role(i): s.sources["delta"] for i, s in adds},
+                    rows=next((s.rows for _, s in adds if s.rows), None),
+                    note="; ".join(notes),
+                    file=s0.file,
+                )
+            )
+        elif sets:
+            i, s = sets[0]
+            if len(sets) > 1:
+                warnings.append(
+                    f"{name}: set by patches {', '.join(str(j + 1) for j, _ in sets)}; patch {i + 1}'s value kept"
+                )
+            steps.append(
+                Step(name, "set", s.shape, s.dtype, {source_role(i): s.sources["delta"]}, note=s.note, file=s.file)
+            )
+        elif deletes:
+            action = "drop" if model else "delete"
+            steps.append(Step(name, action, first.shape, first.dtype, note="deleted by a patch"))
+        elif first.action == "drop":
+            steps.append(Step(name, "drop", first.shape, first.dtype, dict(first.sources), note=first.note))
+        elif model:
+            steps.append(first)
+    unused: list[tuple[str, str, int]] = []
+    for i, p in enumerate(plans):
+        unused += [(n, f"patch {i + 1}: {r}", k) for n, r, k in p.unused]
+        warnings += [f"patch {i + 1}: {w}" for w in p.warnings]
+    rows = {p.out_vocab_rows for p in plans if p.out_vocab_rows}
+    if len(rows) > 1:
+        probs.policy.append(f"the patches would grow the vocabulary to different sizes {sorted(rows)}; use truncate")
+    probs.raise_any()
+    if not any(s.action == "merge" for s in steps):
+        raise IncompatiblePatchError("the patches have no delta tensor in common with the base; nothing to merge")
+    inputs = {source_role(i): d.label for i, d in enumerate(deltas)}
+    inputs["target"] = str(target.path)
+    return Plan(
+        operation,
+        inputs,
+        tuple(steps),
+        tuple(unused),
+        tuple(warnings),
+        {"vocab_policy": vocab_policy, "force": force, **(options or {})},
+        rows.pop() if rows else None,
+        maps,
+    )

@@ -136,6 +136,17 @@ class Patches(Topic):
 
         return retry_locked(run_retrying_version)
 
+    def find_patch_dir(self, path: str | os.PathLike[str]) -> PatchInfo | None:
+        """The newest registered patch whose files are exactly those of the directory ``path``, if any
+        (how a command given a patch by path records it as a parent)."""
+        src = Path(path).expanduser()
+        if not (src / MANIFEST).is_file():
+            return None
+        digest = tree_digest({rel: sha256_file(src / rel) for rel in patch_files(src)})
+        with self.db.read() as s:
+            ids = list(s.execute(select(PatchRow.id).where(PatchRow.digest == digest).order_by(PatchRow.id)).scalars())
+            return patch_infos(s, ids[-1:])[0] if ids else None
+
     def get_patch(self, ref: str, *, detail: bool = False) -> PatchInfo:
         with self.db.read() as s:
             return patch_infos(s, [refs.resolve_patch(s, ref).id], detail=detail)[0]

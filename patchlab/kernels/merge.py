@@ -697,6 +697,12 @@ class RadixSelect:
                 self.thresholds[k].ties_before_row = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self.done = True
 
+    def release(self) -> None:
+        """Drop the histograms (after the selection is done; ``top_units`` is then unavailable)."""
+        assert self.done
+        self._hi = self._hi_sum = None  # type: ignore[assignment]
+        self._lo, self._row_ties = {}, {}
+
     def top_units(self, k: int) -> int:
         """Exact L1 of the k largest magnitudes (needs ``want_l1``; after the selection is done)."""
         assert self._hi_sum is not None and self.done
@@ -801,10 +807,15 @@ class MergeStats:
             p.update(x, _abs_bits(x).view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
 
     def finish_pass(self) -> None:
-        """End a pass over all chunks."""
+        """End a pass over all chunks. Once the last pass is done the histograms are dropped: ``merge_chunk``
+        needs only the thresholds and scales, so a merge can hold the statistics of every tensor at once."""
         for p in self.patches:
             p.finish_pass()
         self.passes += 1
+        if self.done:
+            for p in self.patches:
+                if p.select is not None:
+                    p.select.release()
 
 
 def _check_chunk(
