@@ -1,7 +1,7 @@
 """``Registry``: the Python API over the registry database and blob store (the CLI is a thin shell on it).
 
 ``Registry`` is a facade: each topic lives in its own module as a mixin (``registry.bases``, ``patches``,
-``derived``, ``lineage``, ``labels``, ``evaluations``, ``maintenance``) over the attributes set here.
+``derived``, ``lineage``, ``labels``, ``evaluations``, ``maintenance``, ``upgrades``) over the attributes set here.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from registry.labels import Labels
 from registry.lineage import Lineage
 from registry.maintenance import Maintenance
 from registry.patches import Patches
+from registry.upgrades import Upgrades
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Maintenance):
+class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Maintenance, Upgrades):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,
