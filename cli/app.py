@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from cli import bases, catalog, compat, demo, evals, gate, labels, lowrank, maintenance, transfer
+from cli import bases, catalog, compat, demo, evals, gate, labels, lowrank, maintenance, transfer, upgrade
 from cli.common import STATE, RegistryOpt
 
 app = typer.Typer(
@@ -51,6 +51,8 @@ app.add_typer(labels.alias_app, name="alias")
 app.add_typer(labels.tag_app, name="tag")
 app.add_typer(evals.evals_app, name="evals")
 app.add_typer(gate.gate_app, name="gate")
+app.add_typer(upgrade.upgrade_app, name="upgrade")
+app.add_typer(upgrade.app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -24,7 +24,7 @@ def gate_set(
     ] = None,
     gate: Annotated[
         list[str] | None,
-        typer.Option("--gate", help="A gate expression, e.g. \"nfr <= 0.05\" (repeatable; all must pass)."),
+        typer.Option("--gate", help='A gate expression, e.g. "nfr <= 0.05" (repeatable; all must pass).'),
     ] = None,
     alias: Annotated[str | None, typer.Option(help="Alias to move when the gates pass (default: latest).")] = None,
     vocab_policy: Annotated[

@@ -200,9 +200,7 @@ class Upgrades(Topic):
         if alias is not None:
             refs.validate_name(alias, "alias")
         if vocab_policy is not None and vocab_policy not in VOCAB_POLICIES:
-            raise InvalidReferenceError(
-                f"vocabulary policy {vocab_policy!r} is not one of {', '.join(VOCAB_POLICIES)}"
-            )
+            raise InvalidReferenceError(f"vocabulary policy {vocab_policy!r} is not one of {', '.join(VOCAB_POLICIES)}")
 
         def run() -> GateInfo:
             with self.db.write() as s:

@@ -54,8 +54,24 @@ def test_cli_gate_set_show_and_bad_gate(tmp_path):
     R = str(tmp_path / "r")
     run = CliRunner().invoke
     assert run(app, ["-R", R, "init"]).exit_code == 0
-    r = run(app, ["-R", R, "gate", "set", "task", "--suite", str(suite), "--gate", "nfr <= 0.05",
-                  "--gate", "accuracy >= old - 0.01", "--gate", "verdict != 'do not port'"])
+    r = run(
+        app,
+        [
+            "-R",
+            R,
+            "gate",
+            "set",
+            "task",
+            "--suite",
+            str(suite),
+            "--gate",
+            "nfr <= 0.05",
+            "--gate",
+            "accuracy >= old - 0.01",
+            "--gate",
+            "verdict != 'do not port'",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = run(app, ["-R", R, "gate", "show", "task", "--json"])
     assert r.exit_code == 0 and "accuracy >= old - 0.01" in r.stdout
