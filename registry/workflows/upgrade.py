@@ -171,10 +171,11 @@ def plan_upgrade(
         elif order == target.release_order:
             up_to_date.append(p.ref)
     if not todo:
-        newer = [p.ref for p in live if bases[p.base].release_order > target.release_order]  # type: ignore[index]
-        if newer and not up_to_date:
+        newest = max(b.release_order for b in bases.values())
+        if live and (target.release_order < newest or not up_to_date):
+            on = ", ".join(f"{p.ref} on {p.base}" for p in live[:5])
             raise UpgradeError(
-                f"{target.ref} is not newer than the releases the family's patches are on ({', '.join(newer[:5])}); "
+                f"{target.ref} is not newer than the releases the family's patches are on ({on}); "
                 "upgrade to a later release"
             )
         if up_to_date:
@@ -405,6 +406,8 @@ class _Run:
                 res, self.stash[(name, "evaluate")] = both["port"], both["evaluate"]
             else:
                 res = self.executor.port(port_args())
+            if res.get("reused"):
+                self.log(f"{name}: reused the complete model an interrupted run left at {models / name}")
             out = models / name
             if not complete_model(out):
                 raise UpgradeError(f"the port of {src} did not leave a complete model at {out}")
@@ -415,7 +418,7 @@ class _Run:
                     src, out, base=self.to_ref, kind="port", parameters={"upgrade_run": self.run.id, "fused": bool(ft)}
                 )
             return {
-                "outcome": {"fused": bool(ft), "reused": res.get("reused", False), "derived": derived.ref},
+                "outcome": {"fused": bool(ft), "derived": derived.ref},
                 "output_path": str(out),
             }
 
@@ -549,9 +552,14 @@ class _Run:
             alias = p["alias"]
             if not gate["passed"]:
                 failed = "; ".join(f"{r['expression']} ({r['detail']})" for r in gate["results"] if not r["passed"])
+                # NAME@latest means the newest version while no alias of that name exists: pin it to the
+                # version it meant before this run, so a failed port never becomes "latest" by default
+                pinned = None
+                if not any(a.scope == name and a.name == alias for a in self.reg.list_aliases()):
+                    pinned = self.reg.set_alias(alias, src, kind="patch").target
                 return {
                     "_state": "skipped",
-                    "outcome": {"moved": False, "alias": alias, "reason": f"gate failed: {failed}"},
+                    "outcome": {"moved": False, "alias": alias, "kept_at": pinned, "reason": f"gate failed: {failed}"},
                 }
             a = self.reg.set_alias(alias, new_ref, kind="patch")
             return {"outcome": {"moved": True, "alias": a.ref, "target": a.target}}
