@@ -212,3 +212,40 @@ def test_second_run_refuses_while_a_live_holder_has_the_lease(family, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_summary_html_renders_in_headless_chromium(reference, tmp_path):
+    """The self-contained summary page, loaded by a real browser: the table is there, row by row."""
+    import os
+    import subprocess
+
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    reg_dir, result, _ = reference
+    page = reg_dir / "upgrades" / f"run-{result.run.id}" / "summary.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [exe, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert '<table id="summary">' in dom
+    for name, gate in (("task", "PASS"), ("stored", "PASS"), ("strict", "FAIL")):
+        row = dom.split(f'data-patch="{name}"', 1)[1].split("</tr>", 1)[0]
+        assert f"<td>{gate}</td>" in row and f'href="reports/{name}.html"' in row
+    assert dom.count("<svg") == 2
+    shot = tmp_path / "summary.png"
+    subprocess.run(
+        [exe, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
