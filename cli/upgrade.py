@@ -244,3 +244,47 @@ def upgrade_ls(
         rows.append((str(r.id), r.family, r.from_version or "*", r.to_version, r.state, passed, r.started_at))
     print_table(("run", "family", "from", "to", "state", "passed", "started"), rows)
     return None
+
+
+@app.command()
+@handled
+def watch(
+    family: Annotated[str, typer.Argument(help="The base family to keep up to date.")],
+    directory: Annotated[
+        str | None, typer.Option("--dir", help="A folder where new release directories appear (version = name).")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Look once and exit (cron, systemd timers).")] = False,
+    interval: Annotated[str, typer.Option(help="Time between looks without --once: 30s, 15m, 1h...")] = "1h",
+    jobs: Annotated[int, typer.Option(help="Patches upgraded at once.")] = 1,
+    vocab_policy: VocabPolicyOpt = None,
+    device: DeviceOpt = "auto",
+    registry: RegistryOpt = None,
+) -> None:
+    """Notice new releases of FAMILY, register each as the next base version and upgrade every patch to it.
+
+    Exit status (with --once): 0 nothing new, 10 a new release and every gate passed, 11 a new release and some
+    patch failed its gate, 1 an error (rerun: the upgrade resumes)."""
+    import time
+    from pathlib import Path
+
+    from cli.common import CliInputError
+    from registry.workflows.watch import parse_interval, watch_dir_once
+
+    if directory is None:
+        raise CliInputError("say where releases appear: --dir PATH (Hub watches are not on this branch yet)")
+    quiet_transformers()
+    wait_s = parse_interval(interval)
+    while True:
+        with open_registry(registry) as reg:
+            res = watch_dir_once(
+                reg, family, Path(directory), log=_log(False), jobs=jobs, vocab_policy=vocab_policy, device=device
+            )
+        for u in res.upgrades:
+            print_summary(u.summary)
+        for n in res.notes:
+            status(n)
+        if not res.found:
+            status(f"nothing new for {family} in {directory}")
+        if once:
+            raise typer.Exit(res.exit_code)
+        time.sleep(wait_s)
