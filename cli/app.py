@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from cli import bases, catalog, compat, demo, evals, hub, labels, lowrank, maintenance, merge, transfer
+from cli import bases, catalog, compat, demo, evals, gate, hub, labels, lowrank, maintenance, merge, transfer, upgrade
 from cli.common import STATE, RegistryOpt
 
 app = typer.Typer(
@@ -50,6 +50,9 @@ app.add_typer(bases.base_app, name="base")
 app.add_typer(labels.alias_app, name="alias")
 app.add_typer(labels.tag_app, name="tag")
 app.add_typer(evals.evals_app, name="evals")
+app.add_typer(gate.gate_app, name="gate")
+app.add_typer(upgrade.upgrade_app, name="upgrade")
+app.add_typer(upgrade.app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

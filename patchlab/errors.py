@@ -123,6 +123,10 @@ class IncompatibleModelsError(PatchlabError, ValueError):
     """Two models cannot be compared layer by layer (different depth, width or layout)."""
 
 
+class GateExpressionError(PatchlabError, ValueError):
+    """A gate expression (``nfr <= 0.05``) does not parse or does not type-check; the message gives the position."""
+
+
 # ---- the Hugging Face Hub ----------------------------------------------------------------------------
 class HubError(PatchlabError):
     """A Hub operation failed; ``repo_id`` names the repo (when there is one)."""

@@ -1,7 +1,8 @@
 """``Registry``: the Python API over the registry database and blob store (the CLI is a thin shell on it).
 
 ``Registry`` is a facade: each topic lives in its own module as a mixin (``registry.bases``, ``patches``,
-``derived``, ``lineage``, ``labels``, ``evaluations``, ``pushes``, ``maintenance``) over the attributes set here.
+``derived``, ``lineage``, ``labels``, ``evaluations``, ``pushes``, ``maintenance``, ``upgrades``) over the
+attributes set here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from registry.lineage import Lineage
 from registry.maintenance import Maintenance
 from registry.patches import Patches
 from registry.pushes import Pushes
+from registry.upgrades import Upgrades
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance):
+class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance, Upgrades):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,

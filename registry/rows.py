@@ -227,3 +227,95 @@ class PushRow(RowBase):
     derived_id: Mapped[int | None] = mapped_column(ForeignKey("derived_models.id", ondelete="CASCADE"), index=True)
     created_commit: Mapped[bool] = mapped_column(Boolean, nullable=False)
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+# ---- revision 0006: gates, upgrade runs, leases, watches --------------------------------------------
+
+
+class GateRow(RowBase):
+    """What judges a patch name (``scope_kind`` "patch") or, as defaults, a family's patches ("family"):
+    its evaluation suite (task files), gate expressions, the alias to move, and the vocabulary policy."""
+
+    __tablename__ = "gates"
+    __table_args__ = (UniqueConstraint("scope_kind", "scope", name="uq_gates_scope"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "patch" | "family"
+    scope: Mapped[str] = mapped_column(String(200), nullable=False)
+    suite: Mapped[Any] = mapped_column(JSON, nullable=True)  # [task file path, ...]
+    expressions: Mapped[Any] = mapped_column(JSON, nullable=True)  # [gate expression, ...]
+    alias: Mapped[str | None] = mapped_column(String(200))
+    vocab_policy: Mapped[str | None] = mapped_column(String(32))
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
+class UpgradeRunRow(RowBase):
+    """One ``patchlab upgrade FAMILY --to VERSION``: resumed by running the same command again."""
+
+    __tablename__ = "upgrade_runs"
+    __table_args__ = (Index("ix_upgrade_runs_family_to", "family", "to_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family: Mapped[str] = mapped_column(String(200), nullable=False)
+    from_version: Mapped[str | None] = mapped_column(String(200))
+    to_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # running | done | failed
+    options: Mapped[Any] = mapped_column(JSON, nullable=True)
+    work_dir: Mapped[str] = mapped_column(Text, nullable=False)
+    failed_step: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[Any] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    finished_at: Mapped[_dt.datetime | None] = mapped_column(DateTime)
+
+
+class UpgradeStepRow(RowBase):
+    """One step of one patch in an upgrade run; ``done`` only once what it made (files, rows) exists."""
+
+    __tablename__ = "upgrade_steps"
+    __table_args__ = (UniqueConstraint("run_id", "patch", "step", name="uq_upgrade_steps_run_patch_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("upgrade_runs.id", ondelete="CASCADE"), nullable=False, index=True)
+    patch: Mapped[str] = mapped_column(String(200), nullable=False)  # the patch name
+    source: Mapped[str] = mapped_column(String(220), nullable=False)  # the version being upgraded, name@n
+    position: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    step: Mapped[str] = mapped_column(String(32), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # pending | running | done | failed | skipped
+    outcome: Mapped[Any] = mapped_column(JSON, nullable=True)
+    output_path: Mapped[str | None] = mapped_column(Text)
+    report_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    started_at: Mapped[_dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[_dt.datetime | None] = mapped_column(DateTime)
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+
+class LeaseRow(RowBase):
+    """Who is running the upgrade of ``key`` (family@version) right now, until ``expires_at``."""
+
+    __tablename__ = "leases"
+
+    key: Mapped[str] = mapped_column(String(420), primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    holder_pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    holder_host: Mapped[str] = mapped_column(String(255), nullable=False)
+    token: Mapped[str] = mapped_column(String(64), nullable=False)
+    acquired_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    expires_at: Mapped[_dt.datetime] = mapped_column(DateTime, nullable=False)
+
+
+class WatchRow(RowBase):
+    """The last release a watch of ``source`` (dir:PATH, hub:ORG/REPO#branch...) has seen for ``family``."""
+
+    __tablename__ = "watches"
+    __table_args__ = (UniqueConstraint("family", "source", name="uq_watches_family_source"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family: Mapped[str] = mapped_column(String(200), nullable=False)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    last_seen: Mapped[str | None] = mapped_column(Text)
+    seen: Mapped[Any] = mapped_column(JSON, nullable=True)  # every release key seen so far
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)

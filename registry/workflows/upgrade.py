@@ -1,0 +1,802 @@
+"""``patchlab upgrade``: when a family gets a new base release, every live patch follows it, gated.
+
+For every live patch of the family (the newest version of each name whose base is an older release):
+
+    diagnose (verdict) -> port (fused when the fine-tune is at hand, else from the stored patch)
+    -> register NAME@n+1 on the new base with lineage (relation "port") -> evaluate its suite
+    -> baseline (the previous version's stored results; evaluated and stored when it has none)
+    -> flips (negative flips old -> new) -> gate -> alias (moved only on pass) -> report
+
+The run is durable: the run and every (patch, step) are rows in the registry. A step is marked ``running``
+before it starts and ``done`` only once what it made exists (files renamed into place, rows written); every
+step is idempotent on rerun (outputs are reused when whole, rows are matched rather than duplicated), so the
+same command after a ``kill -9`` continues where it stopped. A lease row keeps two runs of one family and
+version apart. Only this driver writes to the registry; ports and evaluations may run elsewhere
+(``--executor ray``, see ``registry.workflows.executors``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from patchlab.errors import PatchlabError
+from registry.api import Registry
+from registry.errors import RegistryError, UnknownReferenceError
+from registry.records import BaseInfo, PatchInfo
+from registry.upgrades import LEASE_SECONDS, VOCAB_POLICIES, LeaseHeldError, RunInfo, StepInfo
+from registry.workflows.upgrade_tasks import clean_partials, complete_model
+
+STEPS = ("diagnose", "port", "register", "evaluate", "baseline", "flips", "gate", "alias", "report")
+SUMMARY_FORMATS = ("md", "json", "html")
+#: how a patch is brought onto the new base, by the method its manifest records; anything else is ported
+MERGE_METHODS = ("merge",)
+EDIT_METHODS = ("locft-bf", "edit")
+
+
+class UpgradeError(RegistryError):
+    """An upgrade cannot start, or a step of it failed (the message says which; rerun to resume)."""
+
+
+Log = Callable[[str], None]
+
+
+# ---- the plan -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchPlan:
+    name: str
+    source: str  # name@n
+    base: str  # family@version it is on
+    method: str | None
+    finetuned: str | None  # the fine-tune directory, when it still exists (fused port)
+    suite: tuple[str, ...]
+    gates: tuple[str, ...]
+    alias: str
+    size: int
+    verdict: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    kind: str = "port"  # port | merge | edit
+
+    @property
+    def fused(self) -> bool:
+        return self.finetuned is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["fused"] = self.fused
+        return d
+
+
+@dataclass
+class UpgradePlan:
+    family: str
+    to: BaseInfo
+    from_version: str | None
+    patches: list[PatchPlan]
+    vocab_change: tuple[int | None, int | None] | None
+    vocab_policy: str | None
+    disk_needed: int
+    disk_free: int
+    problems: list[str]
+    up_to_date: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "to": self.to.ref,
+            "from": self.from_version,
+            "patches": [p.to_dict() for p in self.patches],
+            "up_to_date": self.up_to_date,
+            "vocabulary": {
+                "change": list(self.vocab_change) if self.vocab_change else None,
+                "policy": self.vocab_policy,
+                "policy_needed": bool(self.vocab_change) and self.vocab_policy is None,
+            },
+            "disk": {"needed": self.disk_needed, "free": self.disk_free},
+            "problems": self.problems,
+        }
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def plan_upgrade(
+    reg: Registry,
+    family: str,
+    to: str,
+    *,
+    from_version: str | None = None,
+    patches: Sequence[str] | None = None,
+    vocab_policy: str | None = None,
+    verdicts: bool = False,
+    device: str = "auto",
+) -> UpgradePlan:
+    """What an upgrade would do. Refuses what can never run (unknown family or version, a target not newer,
+    no patches, a named patch outside the family); collects what the user must settle first (a vocabulary
+    policy, a suite) in ``problems``. ``verdicts`` runs the weight-space diagnosis of each patch (read-only)."""
+    target = reg.get_base(f"{family}@{to}")
+    if target.family != family:
+        raise UpgradeError(f"{family}@{to} is not a version of family {family}")
+    bases = {b.ref: b for b in reg.list_bases(family)}
+    if from_version is not None:
+        src = reg.get_base(f"{family}@{from_version}")
+        if src.release_order >= target.release_order:
+            raise UpgradeError(
+                f"{target.ref} is not newer than {src.ref} (release order {target.release_order} vs "
+                f"{src.release_order}); upgrade to a later release"
+            )
+    live = reg.list_patches(all_versions=False)
+    if patches:
+        by_name = {p.name: p for p in live}
+        chosen = []
+        for n in patches:
+            if n not in by_name:
+                raise UnknownReferenceError(f"no patch named {n!r} in the registry (list them with `patchlab ls`)")
+            p = by_name[n]
+            if p.base is None or p.base not in bases:
+                raise UpgradeError(
+                    f"patch {p.ref} is on base {p.base or 'unknown'}, not a release of family {family}; "
+                    "upgrade it with its own family"
+                )
+            chosen.append(p)
+        live = chosen
+    else:
+        live = [p for p in live if p.base in bases]
+    todo: list[PatchInfo] = []
+    up_to_date: list[str] = []
+    for p in live:
+        order = bases[p.base].release_order  # type: ignore[index]
+        if from_version is not None and p.base != f"{family}@{from_version}":
+            if patches:
+                raise UpgradeError(f"patch {p.ref} is on {p.base}, not on {family}@{from_version} (--from)")
+            continue
+        if order < target.release_order:
+            todo.append(p)
+        elif patches and order >= target.release_order:
+            up_to_date.append(p.ref)
+        elif order == target.release_order:
+            up_to_date.append(p.ref)
+    if not todo:
+        newest = max(b.release_order for b in bases.values())
+        if live and (target.release_order < newest or not up_to_date):
+            on = ", ".join(f"{p.ref} on {p.base}" for p in live[:5])
+            raise UpgradeError(
+                f"{target.ref} is not newer than the releases the family's patches are on ({on}); "
+                "upgrade to a later release"
+            )
+        if up_to_date:
+            raise UpgradeError(f"nothing to upgrade: {', '.join(up_to_date[:5])} already on {target.ref}")
+        raise UpgradeError(
+            f"family {family} has no patches on a release older than {to}; nothing to upgrade "
+            "(register some with `patchlab diff` or `patchlab add`)"
+        )
+    problems: list[str] = []
+    policy = vocab_policy or reg.family_vocab_policy(family)
+    if policy is not None and policy not in VOCAB_POLICIES:
+        raise UpgradeError(f"vocabulary policy {policy!r} is not one of {', '.join(VOCAB_POLICIES)}")
+    vocab_change = None
+    for p in todo:
+        old = bases[p.base].vocab_size  # type: ignore[index]
+        if old != target.vocab_size:
+            vocab_change = (old, target.vocab_size)
+    if vocab_change and policy is None:
+        problems.append(
+            f"the vocabulary changes between releases ({vocab_change[0]} -> {vocab_change[1]} rows): pass "
+            f"--vocab-policy ({', '.join(VOCAB_POLICIES)}) or set the family's with `patchlab gate set {family} "
+            "--family --vocab-policy P`"
+        )
+    target_size = _dir_size(reg.checkpoint_path(target.ref)) if target.source_kind == "local" else 0
+    plans: list[PatchPlan] = []
+    need = 0
+    for p in todo:
+        g = reg.effective_gate(p.name, family)
+        ft = p.finetuned if p.finetuned and Path(p.finetuned).is_dir() else None
+        method = (p.method or "").lower()
+        kind = "merge" if method in MERGE_METHODS else "edit" if method in EDIT_METHODS else "port"
+        pp = PatchPlan(p.name, p.ref, p.base or "", p.method, ft, g.suite, g.expressions, g.alias, p.size, kind=kind)
+        if not g.suite:
+            problems.append(
+                f"patch {p.name} has no evaluation suite: set one with `patchlab gate set {p.name} --suite FILE` "
+                f"(or `--family {family}`)"
+            )
+        if kind == "merge":
+            problems.append(merge_hook(pp))
+        need += target_size + p.size + (0 if ft else target_size)
+        plans.append(pp)
+    if verdicts:
+        from patchlab.measure.diagnose import diagnose
+
+        for pp in plans:
+            try:
+                d = diagnose(
+                    reg.patch_path(pp.source),
+                    reg.checkpoint_path(target.ref),
+                    source_base=reg.checkpoint_path(pp.base),
+                    device=device,
+                )
+                pp.verdict, pp.reasons = d.verdict.level, list(d.verdict.reasons)
+            except PatchlabError as exc:
+                pp.verdict, pp.reasons = "unknown", [str(exc)]
+    free = shutil.disk_usage(reg.home if reg.home.exists() else Path.cwd()).free
+    if need > free:
+        problems.append(f"the upgrade needs about {need / 1e9:.2f} GB but {reg.home} has {free / 1e9:.2f} GB free")
+    return UpgradePlan(family, target, from_version, plans, vocab_change, policy, need, free, problems, up_to_date)
+
+
+def merge_hook(pp: PatchPlan) -> str:
+    """Merged patches are rebuilt from their upgraded parents with their recorded recipe; the merge methods
+    (``patchlab/methods/merge.py``) are not on this branch yet, so such a patch is refused clearly."""
+    return (
+        f"patch {pp.source} was made by {pp.method}: rebuilding a merged patch from its upgraded parents needs "
+        "patchlab.methods.merge, which this patchlab lacks; leave it out with --patches"
+    )
+
+
+# ---- running it -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpgradeResult:
+    run: RunInfo
+    summary: dict[str, Any]
+    resumed: bool
+    already_done: bool = False
+
+    @property
+    def all_passed(self) -> bool:
+        return all(p.get("gate") == "pass" for p in self.summary.get("patches", []))
+
+
+class _Lease:
+    """The run's lease, renewed in the background while the run goes on."""
+
+    def __init__(self, reg: Registry, key: str, *, wait: bool, log: Log, seconds: float = LEASE_SECONDS) -> None:
+        self.reg, self.key, self.seconds = reg, key, seconds
+        while True:
+            try:
+                self.token = reg.acquire_lease(key, seconds=seconds)
+                break
+            except LeaseHeldError as exc:
+                if not wait:
+                    raise
+                log(f"waiting: {exc}")
+                time.sleep(1.0)
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="upgrade-lease", daemon=True)
+        self._thread.start()
+
+    def attach(self, run_id: int) -> None:
+        self.reg.renew_lease(self.key, self.token, run_id=run_id, seconds=self.seconds)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            try:
+                if not self.reg.renew_lease(self.key, self.token, seconds=self.seconds):
+                    self.lost = True
+                    return
+            except Exception:  # the database is away: the steps will say so
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.reg.release_lease(self.key, self.token)
+        except Exception:
+            pass
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return f"no space left on device{where}; free some space"
+    if isinstance(exc, SQLAlchemyError):
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the registry database became unavailable ({first})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, PatchlabError) else f"{type(exc).__name__}: {text}"
+
+
+class _Run:
+    """One upgrade run being executed (or resumed) by this process."""
+
+    def __init__(self, reg: Registry, run: RunInfo, executor: Any, lease: _Lease, device: str, log: Log) -> None:
+        self.reg, self.run, self.executor, self.lease, self.device, self.log = reg, run, executor, lease, device, log
+        self.work = Path(run.work_dir)
+        self.opts = dict(run.options or {})
+        self.to_ref = f"{run.family}@{run.to_version}"
+        self.steps: dict[tuple[str, str], StepInfo] = {(s.patch, s.step): s for s in run.steps}
+        self.plans = {p["name"]: p for p in self.opts.get("patches", [])}
+        self.stash: dict[tuple[str, str], Any] = {}
+        self.lock = threading.Lock()
+
+    # -- step bookkeeping --
+
+    def state(self, patch: str, step: str) -> StepInfo:
+        with self.lock:
+            return self.steps[(patch, step)]
+
+    def _refresh(self, patch: str, step: str) -> None:
+        fresh = self.reg.get_run(self.run.id)
+        with self.lock:
+            for s in fresh.steps:
+                self.steps[(s.patch, s.step)] = s
+
+    def do(self, patch: str, step: str, fn: Callable[[], dict[str, Any]]) -> Any:
+        """Run ``fn`` as ``step`` of ``patch`` unless done; ``fn`` returns (state, outcome, paths...)."""
+        st = self.state(patch, step)
+        if st.state in ("done", "skipped"):
+            return st.outcome
+        if self.lease.lost:
+            raise UpgradeError(f"the lease on {self.to_ref} was taken over by another process; stopping")
+        self.reg.step_started(self.run.id, patch, step)
+        t0 = time.perf_counter()
+        self.log(f"{patch}: {step}")
+        res = fn()
+        state = res.pop("_state", "done")
+        self.reg.step_finished(
+            self.run.id,
+            patch,
+            step,
+            state,
+            outcome=res.get("outcome"),
+            output_path=res.get("output_path"),
+            report_path=res.get("report_path"),
+        )
+        self._refresh(patch, step)
+        self.log(f"{patch}: {step} {state} ({time.perf_counter() - t0:.2f} s)")
+        return res.get("outcome")
+
+    # -- the pipeline of one patch --
+
+    def patch(self, name: str) -> None:
+        p = self.plans[name]
+        src, base, suite = p["source"], p["base"], list(p["suite"])
+        models, patches, reports = self.work / "models", self.work / "patches", self.work / "reports"
+        target = str(self.reg.checkpoint_path(self.to_ref))
+        policy = self.opts.get("vocab_policy")
+        ft = p["finetuned"] if p["finetuned"] and Path(p["finetuned"]).is_dir() else None
+        if p["kind"] == "merge":
+            raise UpgradeError(merge_hook(PatchPlan(**{k: v for k, v in p.items() if k != "fused"})))
+
+        def diagnose_step() -> dict[str, Any]:
+            from patchlab.measure.diagnose import diagnose
+
+            d = diagnose(
+                self.reg.patch_path(src), target, source_base=self.reg.checkpoint_path(base), device=self.device
+            )
+            out = reports / f"{name}.diagnostics.json"
+            write_atomic(out, d.dumps())
+            return {"outcome": {"verdict": d.verdict.level, "reasons": d.verdict.reasons}, "output_path": str(out)}
+
+        verdict = self.do(name, "diagnose", diagnose_step)["verdict"]
+
+        def port_args() -> dict[str, Any]:
+            return {
+                "out": str(models / name),
+                "target": target,
+                "patch_dir": None if ft else str(self.reg.patch_path(src)),
+                "finetuned": ft,
+                "source_base": str(self.reg.checkpoint_path(base)) if ft else None,
+                "vocab_policy": policy,
+                "device": self.device,
+            }
+
+        def eval_args() -> dict[str, Any]:
+            return {"model": str(models / name), "suite": suite, "device": self.device}
+
+        def port_step() -> dict[str, Any]:
+            if getattr(self.executor, "bundles", False) and self.state(name, "evaluate").state != "done":
+                both = self.executor.port_and_evaluate(port_args(), eval_args())
+                res, self.stash[(name, "evaluate")] = both["port"], both["evaluate"]
+            else:
+                res = self.executor.port(port_args())
+            if res.get("reused"):
+                self.log(f"{name}: reused the complete model an interrupted run left at {models / name}")
+            out = models / name
+            if not complete_model(out):
+                raise UpgradeError(f"the port of {src} did not leave a complete model at {out}")
+            have = [d for d in self.reg.list_derived(src) if Path(d.path) == out.resolve()]
+            derived = have[0] if have else None
+            if derived is None:
+                derived = self.reg.add_derived(
+                    src, out, base=self.to_ref, kind="port", parameters={"upgrade_run": self.run.id, "fused": bool(ft)}
+                )
+            return {
+                "outcome": {"fused": bool(ft), "derived": derived.ref},
+                "output_path": str(out),
+            }
+
+        self.do(name, "port", port_step)
+
+        def register_step() -> dict[str, Any]:
+            import patchlab
+
+            out = patches / name
+            clean_partials(out)
+            if not (out / "patch.json").is_file():
+                if out.exists():
+                    shutil.rmtree(out)
+                patchlab.extract(target, models / name, out, vocab_policy=policy, device=self.device)
+            info = self.reg.add_patch(
+                out,
+                name=name,
+                base=self.to_ref,
+                parents=[src],
+                relation="port",
+                description=f"upgrade run {self.run.id}: {src} ported onto {self.to_ref}",
+            )
+            return {"outcome": {"ref": info.ref, "digest": info.digest}, "output_path": str(out)}
+
+        new_ref = self.do(name, "register", register_step)["ref"]
+
+        def record(ref: str, result_json: dict[str, Any]) -> list[int]:
+            """Store an evaluation on ``ref`` once per run: tasks this run already stored are not stored again."""
+            from patchlab.measure.results import EvalResult
+
+            res = EvalResult.from_json(result_json)
+            res.settings = {**(res.settings or {}), "upgrade_run": self.run.id}
+            have = {
+                e.dataset: e.id
+                for e in self.reg.list_evaluations(ref, kind="patch")
+                if isinstance(e.settings, dict) and e.settings.get("upgrade_run") == self.run.id
+            }
+            missing = [t for t in res.tasks if t not in have]
+            if missing:
+                sub = EvalResult(
+                    model=res.model,
+                    tasks={t: res.tasks[t] for t in missing},
+                    instances=[i for i in res.instances if i.task in missing],
+                    settings=res.settings,
+                )
+                for e in self.reg.record_eval_result(ref, sub, kind="patch"):
+                    have[e.dataset] = e.id
+            return [have[t] for t in res.tasks]
+
+        def check_suite() -> None:
+            if not suite:
+                raise UpgradeError(
+                    f"patch {name} has no evaluation suite; set one with `patchlab gate set {name} --suite FILE`"
+                )
+            for f in suite:
+                if not Path(f).is_file():
+                    raise UpgradeError(
+                        f"suite file {f} of patch {name} is missing; restore it or set another with "
+                        f"`patchlab gate set {name} --suite FILE`"
+                    )
+
+        def evaluate_step() -> dict[str, Any]:
+            check_suite()
+            res = self.stash.pop((name, "evaluate"), None) or self.executor.evaluate(eval_args())
+            ids = record(new_ref, res)
+            acc = {t: s["accuracy"] for t, s in res["tasks"].items()}
+            return {"outcome": {"tasks": acc, "evaluations": ids}}
+
+        tasks = list(self.do(name, "evaluate", evaluate_step)["tasks"])
+
+        def baseline_step() -> dict[str, Any]:
+            stored = {e.dataset for e in self.reg.list_evaluations(src, kind="patch")}
+            if set(tasks) <= stored:
+                return {"outcome": {"stored": True}}
+            check_suite()
+            scratch = models / f".baseline-{name}"
+            res = self.executor.baseline(
+                {
+                    "patch_dir": str(self.reg.patch_path(src)),
+                    "source_base": str(self.reg.checkpoint_path(base)),
+                    "finetuned": ft,
+                    "scratch": str(scratch),
+                    "suite": suite,
+                    "device": self.device,
+                }
+            )
+            return {"outcome": {"stored": False, "evaluations": record(src, res)}}
+
+        self.do(name, "baseline", baseline_step)
+
+        def flips_step() -> dict[str, Any]:
+            from patchlab.measure.flips import compare
+
+            old = self.reg.eval_result(src, kind="patch", tasks=tasks)
+            new = self.reg.eval_result(new_ref, kind="patch", tasks=tasks)
+            f = compare(old.flip_records(), new.flip_records(), allow_missing=True)
+            out = reports / f"{name}.flips.json"
+            write_atomic(out, f.dumps())
+            o = f.overall
+            return {
+                "outcome": {
+                    "nfr": o.nfr,
+                    "pfr": o.pfr,
+                    "accuracy_old": o.accuracy_old,
+                    "accuracy_new": o.accuracy_new,
+                    "n": o.n,
+                    "negative_flips": o.n_negative_flips,
+                },
+                "output_path": str(out),
+            }
+
+        flips = self.do(name, "flips", flips_step)
+
+        def gate_step() -> dict[str, Any]:
+            from patchlab.measure.gate import check_gates
+
+            values = {
+                "nfr": flips["nfr"],
+                "pfr": flips["pfr"],
+                "accuracy": flips["accuracy_new"],
+                "old": flips["accuracy_old"],
+                "verdict": verdict,
+            }
+            results = [r.to_json() for r in check_gates(list(p["gates"]), values)]
+            passed = all(r["passed"] for r in results)
+            return {"outcome": {"passed": passed, "results": results, "values": values}}
+
+        gate = self.do(name, "gate", gate_step)
+
+        def alias_step() -> dict[str, Any]:
+            alias = p["alias"]
+            if not gate["passed"]:
+                failed = "; ".join(f"{r['expression']} ({r['detail']})" for r in gate["results"] if not r["passed"])
+                # NAME@latest means the newest version while no alias of that name exists: pin it to the
+                # version it meant before this run, so a failed port never becomes "latest" by default
+                pinned = None
+                if not any(a.scope == name and a.name == alias for a in self.reg.list_aliases()):
+                    pinned = self.reg.set_alias(alias, src, kind="patch").target
+                return {
+                    "_state": "skipped",
+                    "outcome": {"moved": False, "alias": alias, "kept_at": pinned, "reason": f"gate failed: {failed}"},
+                }
+            a = self.reg.set_alias(alias, new_ref, kind="patch")
+            return {"outcome": {"moved": True, "alias": a.ref, "target": a.target}}
+
+        alias = self.do(name, "alias", alias_step)
+
+        def report_step() -> dict[str, Any]:
+            from patchlab.measure.diagnose import PortDiagnostics
+            from patchlab.report.render import build_report, render
+
+            diag = PortDiagnostics.from_json(json.loads((reports / f"{name}.diagnostics.json").read_text()))
+            flips_json = json.loads((reports / f"{name}.flips.json").read_text())
+            evals = {
+                f"previous ({src})": self.reg.eval_result(src, kind="patch", tasks=tasks),
+                f"ported ({new_ref})": self.reg.eval_result(new_ref, kind="patch", tasks=tasks),
+            }
+            notes = [f"gate {'passed' if gate['passed'] else 'FAILED'}"]
+            notes += [
+                f"{'pass' if r['passed'] else 'FAIL'}: {r['expression']} ({r['detail']})" for r in gate["results"]
+            ]
+            notes.append(
+                f"alias {alias['alias']} moved to {new_ref}"
+                if alias.get("moved")
+                else f"alias not moved: {alias['reason']}"
+            )
+            rep = build_report(
+                title=f"Upgrading {src} onto {self.to_ref}",
+                diagnostics=diag,
+                flips=flips_json,
+                evaluations=evals,
+                notes=notes,
+                meta={"run": self.run.id, "previous": src, "ported": new_ref, "port": "fused" if ft else "from patch"},
+            )
+            paths = {}
+            for fmt in SUMMARY_FORMATS:
+                out = reports / f"{name}.{fmt}"
+                write_atomic(out, render(rep, fmt))
+                paths[fmt] = str(out)
+            return {"outcome": {"paths": paths}, "report_path": paths["html"]}
+
+        self.do(name, "report", report_step)
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place (whole or absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run_upgrade(
+    reg: Registry,
+    family: str,
+    to: str,
+    *,
+    from_version: str | None = None,
+    patches: Sequence[str] | None = None,
+    alias: str | None = None,
+    vocab_policy: str | None = None,
+    jobs: int = 1,
+    executor: Any = None,
+    device: str = "auto",
+    wait: bool = False,
+    lease_seconds: float = LEASE_SECONDS,
+    log: Log = lambda s: None,
+) -> UpgradeResult:
+    """Run (or resume) the upgrade of ``family`` to version ``to``. The same call after an interruption
+    continues the unfinished run; after a finished one it returns that run (``already_done``)."""
+    from registry.workflows.executors import LocalExecutor
+
+    reg.get_base(f"{family}@{to}")  # unknown family/version: one clear line before anything else
+    key = f"{family}@{to}"
+    lease = _Lease(reg, key, wait=wait, log=log, seconds=lease_seconds)
+    own_executor = executor is None
+    executor = executor or LocalExecutor()
+    try:
+        prev = reg.latest_run(family, to)
+        resumed = prev is not None and prev.state != "done"
+        if prev is not None and prev.state == "done":
+            names = {s.patch for s in prev.steps}
+            if not patches or set(patches) <= names:
+                return UpgradeResult(prev, prev.summary or {}, resumed=False, already_done=True)
+        if resumed:
+            run = prev
+            log(f"resuming upgrade run {run.id} of {key}")
+        else:
+            plan = plan_upgrade(
+                reg, family, to, from_version=from_version, patches=patches, vocab_policy=vocab_policy, device=device
+            )
+            if plan.problems:
+                raise UpgradeError(plan.problems[0])
+            opts = {
+                "patches": [
+                    {**p.to_dict(), "alias": alias or p.alias, "suite": list(p.suite), "gates": list(p.gates)}
+                    for p in plan.patches
+                ],
+                "vocab_policy": plan.vocab_policy,
+                "requested": {"patches": list(patches or []), "alias": alias, "from": from_version},
+            }
+            run = reg.create_run(family, to, from_version=from_version, options=opts, work_dir="")
+            work = reg.home / "upgrades" / f"run-{run.id}"
+            reg.set_run_work_dir(run.id, str(work))
+            reg.ensure_steps(
+                run.id,
+                [(p.name, p.source, i, step) for i, p in enumerate(plan.patches) for step in STEPS],
+            )
+            run = reg.get_run(run.id)
+            log(f"upgrade run {run.id}: {len(plan.patches)} patch(es) of {family} onto {key}")
+        lease.attach(run.id)
+        reg.mark_run(run.id, "running")
+        r = _Run(reg, reg.get_run(run.id), executor, lease, device, log)
+        for d in ("models", "patches", "reports"):
+            (r.work / d).mkdir(parents=True, exist_ok=True)
+        names = [p["name"] for p in r.opts["patches"]]
+        failures: list[tuple[str, BaseException]] = []
+
+        def one(name: str) -> None:
+            try:
+                r.patch(name)
+            except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then reported
+                failures.append((name, exc))
+                _record_failure(reg, r, name, exc)
+
+        if jobs <= 1:
+            for n in names:
+                one(n)
+                if failures:
+                    break
+        else:
+            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="upgrade") as pool:
+                list(pool.map(one, names))
+        if failures:
+            name, exc = failures[0]
+            step = next((s.step for s in reg.get_run(run.id).steps if s.patch == name and s.state == "failed"), "?")
+            raise UpgradeError(
+                f"upgrade run {run.id} failed at step {step} of {r.plans[name]['source']}: {_one_line(exc)}; "
+                "rerun the same command to resume"
+            ) from exc
+        summary = write_summary(reg, reg.get_run(run.id))
+        reg.mark_run(run.id, "done", summary=summary)
+        return UpgradeResult(reg.get_run(run.id), summary, resumed=resumed)
+    except SQLAlchemyError as exc:
+        raise UpgradeError(
+            f"{_one_line(exc)}; the run stays resumable: rerun the same command once the registry is back"
+        ) from exc
+    finally:
+        lease.release()
+        if own_executor:
+            executor.close()
+
+
+def _record_failure(reg: Registry, r: _Run, name: str, exc: BaseException) -> None:
+    """Mark the running step of ``name`` and the run failed (best effort: the database may be what failed)."""
+    msg = _one_line(exc)
+    try:
+        run = reg.get_run(r.run.id)
+        step = next((s for s in run.steps if s.patch == name and s.state == "running"), None)
+        if step is not None:
+            reg.step_finished(r.run.id, name, step.step, "failed", error=msg)
+        reg.mark_run(r.run.id, "failed", error=msg, failed_step=f"{name}:{step.step if step else '?'}")
+    except Exception:  # noqa: BLE001 - the database itself is gone; the rerun will find the step running
+        pass
+
+
+# ---- the run summary --------------------------------------------------------------------------------------
+
+
+def summarise_run(run: RunInfo) -> dict[str, Any]:
+    """The run's table as a plain dict (the source of the Markdown, JSON and HTML summaries)."""
+    by_patch: dict[str, dict[str, StepInfo]] = {}
+    for s in run.steps:
+        by_patch.setdefault(s.patch, {})[s.step] = s
+    rows = []
+    work = Path(run.work_dir)
+    for name, steps in by_patch.items():
+
+        def out(step: str, steps: dict[str, StepInfo] = steps) -> dict[str, Any]:
+            st = steps.get(step)
+            return (st.outcome or {}) if st is not None and st.state in ("done", "skipped") else {}
+
+        gate, flips, alias = out("gate"), out("flips"), out("alias")
+        failed = [s for s in steps.values() if s.state == "failed"]
+        reports = out("report").get("paths", {})
+        rows.append(
+            {
+                "patch": name,
+                "source": next(iter(steps.values())).source,
+                "new": out("register").get("ref"),
+                "verdict": out("diagnose").get("verdict"),
+                "fused": out("port").get("fused"),
+                "accuracy_old": flips.get("accuracy_old"),
+                "accuracy_new": flips.get("accuracy_new"),
+                "nfr": flips.get("nfr"),
+                "pfr": flips.get("pfr"),
+                "gate": ("pass" if gate.get("passed") else "fail") if gate else ("error" if failed else "pending"),
+                "gate_results": gate.get("results", []),
+                "alias": alias.get("alias"),
+                "alias_moved": bool(alias.get("moved")),
+                "reason": alias.get("reason") or (f"{failed[0].step} failed: {failed[0].error}" if failed else None),
+                "reports": {k: os.path.relpath(v, work) for k, v in reports.items()},
+                "seconds": round(sum(s.seconds or 0.0 for s in steps.values()), 3),
+                "steps": {s.step: {"state": s.state, "seconds": s.seconds} for s in steps.values()},
+            }
+        )
+    return {
+        "format": "patchlab-upgrade-summary",
+        "format_version": 1,
+        "run": run.id,
+        "family": run.family,
+        "from": run.from_version,
+        "to": run.to_version,
+        "state": run.state,
+        "started_at": run.started_at,
+        "work_dir": run.work_dir,
+        "patches": rows,
+        "passed": sum(r["gate"] == "pass" for r in rows),
+        "failed": sum(r["gate"] != "pass" for r in rows),
+    }
+
+
+def write_summary(reg: Registry, run: RunInfo) -> dict[str, Any]:
+    """Write summary.{md,json,html} into the run directory; returns the summary with their paths."""
+    from patchlab.report.upgrade import render_summary
+
+    summary = summarise_run(run)
+    summary["state"] = "done"
+    work = Path(run.work_dir)
+    summary["summary_files"] = {fmt: str(work / f"summary.{fmt}") for fmt in SUMMARY_FORMATS}
+    for fmt in SUMMARY_FORMATS:
+        write_atomic(work / f"summary.{fmt}", render_summary(summary, fmt))
+    return summary

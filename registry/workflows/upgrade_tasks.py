@@ -1,0 +1,107 @@
+"""The heavy work of an upgrade, as plain functions of paths: port a patch onto the new base, evaluate a model.
+
+They touch no database (only the driver writes to the registry), so they run the same in the driver's
+threads (``--executor local``) or as Ray tasks on other machines (``--executor ray``), provided those machines
+see the same paths (the registry's blob cache, the base checkpoints, the run directory): a shared file system.
+Outputs are written atomically (a ``.NAME.partial-*`` directory renamed into place), so a killed task leaves
+either the whole output or a partial directory the driver recognises and removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def complete_model(path: Path) -> bool:
+    """A model directory a finished port wrote (the rename is atomic: present means whole)."""
+    return (path / "config.json").is_file() and (path / "patchlab.json").is_file()
+
+
+def clean_partials(out: Path) -> list[str]:
+    """Remove what a killed writer of ``out`` left beside it (``.NAME.partial-*``, ``.NAME.old-*``)."""
+    removed = []
+    if out.parent.is_dir():
+        for p in out.parent.iterdir():
+            if p.name.startswith((f".{out.name}.partial-", f".{out.name}.old-", f".{out.name}.tmp-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+def port_task(
+    *,
+    out: str,
+    target: str,
+    patch_dir: str | None,
+    finetuned: str | None,
+    source_base: str | None,
+    vocab_policy: str | None,
+    device: str,
+) -> dict[str, Any]:
+    """Port onto ``target`` at ``out``: fused (``target + (ft − source_base)``) when the fine-tune is given,
+    else from the stored patch. An existing complete output (a killed run's) is reused."""
+    import patchlab
+
+    out_p = Path(out)
+    clean_partials(out_p)
+    if complete_model(out_p):
+        return {"out": out, "reused": True, "fused": finetuned is not None}
+    if out_p.exists():
+        shutil.rmtree(out_p)
+    if finetuned is not None:
+        patchlab.port_fused(finetuned, source_base, target, out_p, vocab_policy=vocab_policy, device=device)
+    else:
+        patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device)
+    return {"out": out, "reused": False, "fused": finetuned is not None}
+
+
+def evaluate_task(*, model: str, suite: list[str], device: str, batch_size: int = 32) -> dict[str, Any]:
+    """Evaluate ``model`` on the suite's task files; the ``EvalResult`` as JSON."""
+    from patchlab.measure.evaluate import evaluate
+
+    return evaluate(model, [Path(s) for s in suite], device=device, batch_size=batch_size).to_json()
+
+
+def baseline_task(
+    *,
+    patch_dir: str,
+    source_base: str,
+    finetuned: str | None,
+    scratch: str,
+    suite: list[str],
+    device: str,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Evaluate the previous version: its fine-tune when available, else the patch re-applied to its base
+    (built in ``scratch``, removed afterwards)."""
+    import patchlab
+
+    if finetuned is not None:
+        return evaluate_task(model=finetuned, suite=suite, device=device, batch_size=batch_size)
+    out = Path(scratch)
+    clean_partials(out)
+    if out.exists():
+        shutil.rmtree(out)
+    try:
+        patchlab.apply(patch_dir, source_base, out, device=device)
+        return evaluate_task(model=str(out), suite=suite, device=device, batch_size=batch_size)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def port_and_evaluate_task(port: dict[str, Any] | None, evaluate: dict[str, Any] | None) -> dict[str, Any]:
+    """One patch's port then evaluation, in one task (what a Ray worker runs)."""
+    out: dict[str, Any] = {}
+    if port is not None:
+        out["port"] = port_task(**port)
+    if evaluate is not None:
+        out["evaluate"] = evaluate_task(**evaluate)
+    return out
+
+
+def reachable(paths: list[str]) -> list[str]:
+    """The paths this process cannot see (a worker checks the driver's paths before any work)."""
+    return [p for p in paths if not os.path.exists(p)]

@@ -1,0 +1,251 @@
+"""The upgrade workflow on the tiny family: three patches on v1 follow v2, gated; bad input and faults give one
+clear line, a run failed at the right step, and resume with the same call."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from registry import Registry, UnknownReferenceError
+from registry.upgrades import LeaseHeldError
+from registry.workflows import upgrade_tasks
+from registry.workflows.upgrade import UpgradeError, plan_upgrade, run_upgrade
+from tests.upgrade_helpers import MODELS, build_family, copy_family, differences, state, strays
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="module")
+def reference(family, tmp_path_factory):
+    """One uninterrupted upgrade (module-wide): its registry directory and final state."""
+    reg_dir = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
+    with Registry(reg_dir) as reg:
+        result = run_upgrade(reg, "tiny", "v2", device="cpu")
+    return reg_dir, result, state(reg_dir)
+
+
+def test_end_to_end_pass_fail_lineage_alias_summary(reference):
+    reg_dir, result, _ = reference
+    assert not result.all_passed
+    with Registry(reg_dir) as reg:
+        for name in ("task", "stored"):
+            p = reg.get_patch(f"{name}@2")
+            assert p.base == "tiny@v2" and p.parents == ((f"{name}@1", "port"),)
+            assert reg.get_patch(f"{name}@latest").ref == f"{name}@2"
+            assert [n.ref for n in reg.lineage(f"{name}@2").parents] == [f"{name}@1"]
+        strict = reg.get_patch("strict@2")  # registered, but its alias did not move
+        assert strict.base == "tiny@v2" and strict.aliases == ()
+        assert reg.get_patch("strict@latest").ref == "strict@1"  # pinned where "latest" meant before
+        assert reg.verify().ok
+        run = reg.get_run(result.run.id)
+        assert run.state == "done" and {s.state for s in run.steps} <= {"done", "skipped"}
+        fused = {s.patch: s.outcome["fused"] for s in run.steps if s.step == "port"}
+        assert fused == {"task": True, "strict": True, "stored": False}
+    rows = {p["patch"]: p for p in result.summary["patches"]}
+    assert rows["task"]["gate"] == "pass" and rows["task"]["alias_moved"]
+    assert rows["strict"]["gate"] == "fail" and not rows["strict"]["alias_moved"]
+    assert "gate failed: accuracy >= old + 0.5" in rows["strict"]["reason"]
+    work = reg_dir / "upgrades" / f"run-{result.run.id}"
+    md = (work / "summary.md").read_text()
+    assert "strict@1 → strict@2" in md and "Why aliases did not move" in md and "accuracy >= old + 0.5" in md
+    assert json.loads((work / "summary.json").read_text())["passed"] == 2
+    html = (work / "summary.html").read_text()
+    assert "<script" not in html and "http" not in html.replace('lang="en"', "") and "<svg" in html
+    for name in ("task", "stored", "strict"):
+        assert (work / "reports" / f"{name}.html").is_file() and (work / "reports" / f"{name}.md").is_file()
+    assert strays(reg_dir) == []
+
+
+def test_same_command_again_does_nothing_twice(reference, tmp_path):
+    reg_dir, result, before = reference
+    with Registry(reg_dir) as reg:
+        again = run_upgrade(reg, "tiny", "v2", device="cpu")
+    assert again.already_done and again.run.id == result.run.id
+    assert state(reg_dir) == before
+
+
+def test_dry_run_plans_with_verdicts_and_writes_nothing(family, tmp_path):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    before = state(reg_dir)
+    with Registry(reg_dir) as reg:
+        plan = plan_upgrade(reg, "tiny", "v2", verdicts=True, device="cpu")
+    assert [p.source for p in plan.patches] == ["stored@1", "strict@1", "task@1"]
+    assert {p.verdict for p in plan.patches} == {"safe to port"}
+    assert plan.problems == [] and plan.vocab_change is None and plan.disk_needed > 0
+    assert state(reg_dir) == before and not (reg_dir / "upgrades").exists()
+
+
+def test_vocabulary_change_needs_an_explicit_policy(family, tmp_path):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    with Registry(reg_dir) as reg:
+        reg.add_base("tiny", "v2-vocab", MODELS / "v2-vocab")
+        plan = plan_upgrade(reg, "tiny", "v2-vocab")
+        assert plan.vocab_change == (320, 328) and "--vocab-policy" in plan.problems[0]
+        with pytest.raises(UpgradeError, match="vocabulary changes"):
+            run_upgrade(reg, "tiny", "v2-vocab", device="cpu")
+        assert reg.list_runs() == []
+        ok = plan_upgrade(reg, "tiny", "v2-vocab", vocab_policy="pad-zero")
+        assert ok.problems == [] and ok.vocab_policy == "pad-zero"
+
+
+def test_bad_input_is_one_clear_line(family, tmp_path):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    with Registry(reg_dir) as reg:
+        with pytest.raises(UpgradeError, match="not newer than tiny@v2"):
+            plan_upgrade(reg, "tiny", "v1", from_version="v2")
+        with pytest.raises(UnknownReferenceError, match="no base family 'nope'"):
+            run_upgrade(reg, "nope", "v2")
+        reg.add_base("other", "v1", MODELS / "tied-v1")
+        reg.add_base("other", "v2", MODELS / "tied-v2")
+        with pytest.raises(UpgradeError, match="has no patches on a release older than v2"):
+            plan_upgrade(reg, "other", "v2")
+        with pytest.raises(UpgradeError, match="not a release of family other"):
+            plan_upgrade(reg, "other", "v2", patches=["task"])
+        with pytest.raises(UpgradeError, match="not newer than the releases"):
+            plan_upgrade(reg, "tiny", "v1")
+
+
+def _fault_then_resume(reg_dir, monkeypatch, target, step, match):
+    with Registry(reg_dir) as reg:
+        with pytest.raises(UpgradeError, match=match) as e:
+            run_upgrade(reg, "tiny", "v2", device="cpu")
+        assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
+        run = reg.get_run()
+        assert run.state == "failed" and run.failed_step == f"{target}:{step}"
+        monkeypatch.undo()
+        done = run_upgrade(reg, "tiny", "v2", device="cpu")
+        assert done.resumed and done.run.id == run.id and done.run.state == "done"
+    return done
+
+
+def test_disk_full_mid_run_fails_the_step_and_resumes(family, reference, tmp_path, monkeypatch):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    real = upgrade_tasks.port_task
+
+    def full(**kw):
+        if kw["out"].endswith("strict"):
+            raise OSError(errno.ENOSPC, "No space left on device", kw["out"])
+        return real(**kw)
+
+    monkeypatch.setattr(upgrade_tasks, "port_task", full)
+    _fault_then_resume(reg_dir, monkeypatch, "strict", "port", "failed at step port of strict@1: no space left")
+    assert not differences(state(reg_dir), reference[2]), (
+        differences(state(reg_dir), reference[2]) and strays(reg_dir) == []
+    )
+
+
+def test_missing_eval_file_fails_at_evaluate_and_resumes(family, reference, tmp_path, monkeypatch):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    suite = reg_dir.parent / "suite.jsonl"
+    text = suite.read_text()
+    suite.unlink()
+
+    class Restore:
+        def undo(self):
+            suite.write_text(text)
+
+    _fault_then_resume(reg_dir, Restore(), "stored", "evaluate", "suite file .*suite.jsonl of patch stored is missing")
+    assert not differences(state(reg_dir), reference[2]), differences(state(reg_dir), reference[2])
+
+
+def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_path, monkeypatch):
+    reg_dir = copy_family(family, tmp_path / "fam")
+    from registry.upgrades import Upgrades
+
+    real = Upgrades.step_finished
+    calls = {"n": 0}
+
+    def flaky(self, run_id, patch, step, state_, **kw):
+        calls["n"] += 1
+        if patch == "strict" and step == "register":
+            raise OperationalError("UPDATE upgrade_steps", {}, Exception("unable to open database file"))
+        return real(self, run_id, patch, step, state_, **kw)
+
+    monkeypatch.setattr(Upgrades, "step_finished", flaky)
+    with Registry(reg_dir) as reg:
+        with pytest.raises(UpgradeError, match="registry database became unavailable") as e:
+            run_upgrade(reg, "tiny", "v2", device="cpu")
+        assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
+        monkeypatch.undo()
+        assert run_upgrade(reg, "tiny", "v2", device="cpu").run.state == "done"
+    assert not differences(state(reg_dir), reference[2]), differences(state(reg_dir), reference[2])
+
+
+def test_second_run_refuses_while_a_live_holder_has_the_lease(family, tmp_path):
+    import subprocess
+    import sys
+
+    reg_dir = copy_family(family, tmp_path / "fam")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Registry(reg_dir) as reg:
+            from registry.rows import LeaseRow, utcnow
+
+            with reg.db.write() as s:
+                import datetime as dt
+                import socket
+
+                s.add(
+                    LeaseRow(
+                        key="tiny@v2",
+                        holder_pid=holder.pid,
+                        holder_host=socket.gethostname(),
+                        token="x",
+                        expires_at=utcnow() + dt.timedelta(seconds=60),
+                    )
+                )
+            with pytest.raises(LeaseHeldError, match=f"already running \\(pid {holder.pid}"):
+                run_upgrade(reg, "tiny", "v2", device="cpu")
+            assert reg.list_runs() == []
+            holder.kill()
+            holder.wait()
+            # the holder died (kill -9): its lease is taken over at once
+            token = reg.acquire_lease("tiny@v2")
+            assert reg.lease_holder("tiny@v2")["pid"] != holder.pid
+            reg.release_lease("tiny@v2", token)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_summary_html_renders_in_headless_chromium(reference, tmp_path):
+    """The self-contained summary page, loaded by a real browser: the table is there, row by row."""
+    import os
+    import subprocess
+
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    reg_dir, result, _ = reference
+    page = reg_dir / "upgrades" / f"run-{result.run.id}" / "summary.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [exe, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert '<table id="summary">' in dom
+    for name, gate in (("task", "PASS"), ("stored", "PASS"), ("strict", "FAIL")):
+        row = dom.split(f'data-patch="{name}"', 1)[1].split("</tr>", 1)[0]
+        assert f"<td>{gate}</td>" in row and f'href="reports/{name}.html"' in row
+    assert dom.count("<svg") == 2
+    shot = tmp_path / "summary.png"
+    subprocess.run(
+        [exe, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
