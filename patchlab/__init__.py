@@ -30,6 +30,7 @@ _EXPORTS = {
     "apply": "methods.port",
     "port": "methods.port",
     "port_fused": "methods.port",
+    "edit": "methods.edit_patch",
 }
 
 __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
@@ -45,6 +46,7 @@ __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
     "apply",
     "port",
     "port_fused",
+    "edit",
     "__version__",
 ]
 
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from patchlab.errors import PatchlabError
     from patchlab.io.checkpoint import Checkpoint, Fingerprint, TensorInfo
     from patchlab.io.patch import Patch, PatchTensor
+    from patchlab.methods.edit_patch import edit
     from patchlab.methods.extract import extract
     from patchlab.methods.port import apply, port, port_fused
     from patchlab.plan import Plan, Step
