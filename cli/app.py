@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from cli import bases, catalog, compat, demo, evals, labels, lowrank, maintenance, transfer
+from cli import bases, catalog, compat, demo, edit, evals, labels, lowrank, maintenance, transfer
 from cli.common import STATE, RegistryOpt
 
 app = typer.Typer(
@@ -43,7 +43,7 @@ def main(
 
 
 # top-level commands, in the order `patchlab --help` lists them
-for group in (catalog, maintenance, transfer, lowrank, demo, compat):
+for group in (catalog, maintenance, transfer, lowrank, edit, demo, compat):
     app.add_typer(group.app)
 # command groups: patchlab base|alias|tag|evals ...
 app.add_typer(bases.base_app, name="base")

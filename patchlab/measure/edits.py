@@ -139,7 +139,8 @@ def evaluate_edits(
         rel += ok
         gen += sum(reph)
         loc += sum(local)
-        per_edit.append({"id": e.id, "output": out[e.prompt], "reliable": ok, "generalized": reph, "local": local})
+        per_edit.append({"id": e.id, "target": e.target, "output": out[e.prompt], "reliable": ok,
+                         "generalized": reph, "local": local})
     return EditScores(
         reliability=rel / len(edit_list),
         generalization=gen / n_reph if n_reph else None,

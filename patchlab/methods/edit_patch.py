@@ -52,7 +52,7 @@ from patchlab.methods.edit import (
     locate as locate_layer,
 )
 
-__all__ = ["EditEvaluation", "EditedPatch", "check_config", "edit", "evaluate_edit", "patched"]
+__all__ = ["EditEvaluation", "EditedPatch", "check_config", "edit", "evaluate_edit", "evaluate_model", "patched"]
 
 GENERAL_MAX_NEW_TOKENS = 8
 GENERAL_STOP = ("\n", ".")
@@ -313,3 +313,38 @@ def edit(
         with edited(model, res):
             evaluation = evaluate_edit(model, tok, edit_list, baseline=baseline, tasks=tasks)
     return EditedPatch(Patch.open(out), res, located, evaluation)
+
+
+def evaluate_model(
+    model: str | Path,
+    edits: str | Path | Iterable[Edit | dict],
+    *,
+    base: str | Path | None = None,
+    patch: str | Path | Patch | None = None,
+    tasks: Sequence[str | Path] = (),
+    device: str = "auto",
+) -> EditEvaluation:
+    """WILD figures (and accuracy on ``tasks``) of a checkpoint on ``edits``, loaded on ``device``.
+
+    Locality compares against the unedited outputs: with ``patch``, ``model`` is the base the patch goes
+    onto and is measured both without and with it (applied in memory, as ``apply`` would write it); else
+    ``base`` (optional) names the unedited checkpoint. Everything is checked before a model is loaded.
+    """
+    edit_list = as_edits(edits)
+    for t in tasks:
+        load_task(t)
+    p = Patch.open(patch) if patch is not None else None
+    dev = resolve_device(device)
+    m = load_causal_lm(model, dev)
+    tok = load_tokenizer(model)
+    check_context(m, tok, edit_list)
+    baseline = None
+    if p is not None:
+        baseline = locality_baseline(m, tok, edit_list)
+        with patched(m, p):
+            return evaluate_edit(m, tok, edit_list, baseline=baseline, tasks=tasks)
+    if base is not None:
+        b = load_causal_lm(base, dev)
+        baseline = locality_baseline(b, load_tokenizer(base), edit_list)
+        del b
+    return evaluate_edit(m, tok, edit_list, baseline=baseline, tasks=tasks)
