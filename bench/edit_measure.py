@@ -46,12 +46,9 @@ def one(args: argparse.Namespace, method: str, n: int) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from fixtures import EVAL
-    from fixtures.build import SEED, make_world
     from patchlab.engine.devices import resolve_device
     from patchlab.io.hf import load_model
-    from patchlab.measure.edits import evaluate_edits, locality_baseline
-    from patchlab.measure.evaluate import evaluate
+    from patchlab.measure.edits import locality_baseline
     from patchlab.methods.edit import edited, full_ft, load_edits, locft_bf, sequential_ft
 
     hf_logging.set_verbosity_error()
@@ -79,25 +76,8 @@ def one(args: argparse.Namespace, method: str, n: int) -> dict:
     rss1 = _maxrss_mib()
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
-    world = make_world(SEED)
-    touched = {r.get("subject") for r in raw}
-
     def measure() -> dict:
-        s = evaluate_edits(model, tok, edits, baseline=base)
-        ev = evaluate(model, [EVAL / "task.jsonl", EVAL / "general.jsonl"], tokenizer=tok, max_new_tokens=8,
-                      stop=("\n", "."))
-        gen = [i for i in ev.instances if i.task == "general"]
-        prompts = {json.loads(line)["id"]: json.loads(line)["prompt"] for line in
-                   (EVAL / "general.jsonl").read_text().splitlines()}
-        untouched = [i for i in gen if not (set(prompts[i.id].split()) & touched & set(world.old))]
-        task = [i for i in ev.instances if i.task == "task"]
-        return {
-            "reliability": s.reliability, "generalization": s.generalization, "locality": s.locality,
-            "task": sum(i.correct for i in task) / len(task),
-            "general": sum(i.correct for i in gen) / len(gen),
-            "general_untouched": sum(i.correct for i in untouched) / len(untouched),
-            "n_general_untouched": len(untouched),
-        }
+        return {**wild_figures(model, tok, edits, base), **general_figures(model, tok, raw)}
 
     if res is None:
         row = measure()
@@ -111,6 +91,37 @@ def one(args: argparse.Namespace, method: str, n: int) -> dict:
     row.update(method=method, n_edits=len(edits), device=str(next(model.parameters()).device),
                peak_rss_mib=round(rss1, 1), rss_growth_mib=round(rss1 - rss0, 1), peak_cuda_mib=peak_cuda)
     return row
+
+
+def wild_figures(model, tok, edits, baseline) -> dict:
+    """WILD reliability / generalization / locality (locality against ``baseline``, the unedited outputs)."""
+    from patchlab.measure.edits import evaluate_edits
+
+    s = evaluate_edits(model, tok, edits, baseline=baseline)
+    return {"reliability": s.reliability, "generalization": s.generalization, "locality": s.locality}
+
+
+def general_figures(model, tok, raw: list[dict]) -> dict:
+    """task, general and general on the items about people no edit of ``raw`` (the edit lines) touches."""
+    from fixtures import EVAL
+    from fixtures.build import SEED, make_world
+    from patchlab.measure.evaluate import evaluate
+
+    world = make_world(SEED)
+    touched = {r.get("subject") for r in raw}
+    ev = evaluate(model, [EVAL / "task.jsonl", EVAL / "general.jsonl"], tokenizer=tok, max_new_tokens=8,
+                  stop=("\n", "."))
+    gen = [i for i in ev.instances if i.task == "general"]
+    prompts = {json.loads(line)["id"]: json.loads(line)["prompt"] for line in
+               (EVAL / "general.jsonl").read_text().splitlines()}
+    untouched = [i for i in gen if not (set(prompts[i.id].split()) & touched & set(world.old))]
+    task = [i for i in ev.instances if i.task == "task"]
+    return {
+        "task": sum(i.correct for i in task) / len(task),
+        "general": sum(i.correct for i in gen) / len(gen),
+        "general_untouched": sum(i.correct for i in untouched) / len(untouched),
+        "n_general_untouched": len(untouched),
+    }
 
 
 def fmt(row: dict) -> str:

@@ -16,7 +16,22 @@ from typing import Annotated
 
 import typer
 
-from cli import bases, catalog, compat, demo, evals, gate, hub, labels, lowrank, maintenance, merge, transfer, upgrade
+from cli import (
+    bases,
+    catalog,
+    compat,
+    demo,
+    edit,
+    evals,
+    gate,
+    hub,
+    labels,
+    lowrank,
+    maintenance,
+    merge,
+    transfer,
+    upgrade,
+)
 from cli.common import STATE, RegistryOpt
 
 app = typer.Typer(
@@ -43,7 +58,7 @@ def main(
 
 
 # top-level commands, in the order `patchlab --help` lists them
-for group in (catalog, maintenance, transfer, merge, lowrank, hub, demo, compat):
+for group in (catalog, maintenance, transfer, merge, lowrank, edit, hub, demo, compat):
     app.add_typer(group.app)
 # command groups: patchlab base|alias|tag|evals ...
 app.add_typer(bases.base_app, name="base")

@@ -31,6 +31,7 @@ _EXPORTS = {
     "port": "methods.port",
     "port_fused": "methods.port",
     "merge": "methods.merge",
+    "edit": "methods.edit_patch",
 }
 
 __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
@@ -47,6 +48,7 @@ __all__ = [  # noqa: F822 (names resolved lazily by __getattr__)
     "port",
     "port_fused",
     "merge",
+    "edit",
     "__version__",
 ]
 
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from patchlab.errors import PatchlabError
     from patchlab.io.checkpoint import Checkpoint, Fingerprint, TensorInfo
     from patchlab.io.patch import Patch, PatchTensor
+    from patchlab.methods.edit_patch import edit
     from patchlab.methods.extract import extract
     from patchlab.methods.merge import merge
     from patchlab.methods.port import apply, port, port_fused

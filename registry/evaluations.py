@@ -85,6 +85,56 @@ class Evaluations(Topic):
 
         return retry_locked(run)
 
+    def record_edit_evaluation(
+        self,
+        target: str,
+        evaluation: Any,
+        *,
+        dataset: str = "wild",
+        model: str | None = None,
+        kind: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> list[EvaluationInfo]:
+        """Store the evaluation of an edited model (``patchlab.methods.edit_patch.EditEvaluation``, or a
+        ``patchlab.measure.edits.EditScores``) against ``target`` (the edit's patch, or a derived model).
+
+        One evaluation ``dataset`` (default ``wild``) holds the WILD figures as metrics (reliability,
+        generalization, locality, counts, the edit set's digest) and one record per edit (its output, target,
+        whether it is reliable, and its rephrasing and locality outcomes); the general-ability results, when
+        present, are stored as ``record_eval_result`` stores any evaluation (one entry per task).
+        """
+        wild = getattr(evaluation, "wild", evaluation)
+        digest = getattr(evaluation, "edits_sha256", None)
+        metrics = {
+            "accuracy": wild.reliability,  # the records' share correct, as aggregate() would say: reliability
+            "reliability": wild.reliability,
+            "generalization": wild.generalization,
+            "locality": wild.locality,
+            "n_edits": wild.n_edits,
+            "n_rephrasings": wild.n_rephrasings,
+            "n_locality": wild.n_locality,
+            "edits_sha256": digest,
+        }
+        records = [
+            {
+                "id": e["id"],
+                "prediction": e["output"],
+                "gold": e.get("target"),
+                "correct": e["reliable"],
+                "score": float(e["reliable"]),
+                "generalized": e["generalized"],
+                "local": e["local"],
+            }
+            for e in wild.per_edit
+        ]
+        sett = {"protocol": "WILD", "max_new_tokens": 32, "stop": [".", "\n"], **dict(settings or {})}
+        out = [self.record_evaluation(target, dataset, records, metrics=metrics, model=model, kind=kind,
+                                      settings=sett)]
+        general = getattr(evaluation, "general", None)
+        if general is not None:
+            out += self.record_eval_result(target, general, model=model, kind=kind)
+        return out
+
     def list_evaluations(self, target: str | None = None, *, kind: str | None = None) -> list[EvaluationInfo]:
         with self.db.read() as s:
             q = select(EvaluationRow).order_by(EvaluationRow.id)

@@ -38,16 +38,7 @@ def wild_outputs(
 ) -> dict[str, str]:
     """Greedy output of each distinct prompt, cut at the first stop string, stripped: ``{prompt: output}``."""
     uniq = list(dict.fromkeys(prompts))
-    ctx = context_length(model)
-    ids = []
-    for p in uniq:
-        enc = tokenizer(p)["input_ids"]
-        if ctx is not None and len(enc) + max_new_tokens > ctx:
-            raise EditTooLongError(
-                f"prompt {p[:60]!r}: {len(enc)} tokens + {max_new_tokens} new tokens exceed the model's "
-                f"context of {ctx}; shorten it"
-            )
-        ids.append(enc)
+    ids = _encode_prompts(model, tokenizer, uniq, max_new_tokens)
     was_training = model.training
     model.eval()
     try:
@@ -56,6 +47,30 @@ def wild_outputs(
         model.train(was_training)
     return {p: cut_at_stop(tokenizer.decode(g, skip_special_tokens=True), STOP).strip()
             for p, g in zip(uniq, gen, strict=True)}
+
+
+def _encode_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    ctx = context_length(model)
+    ids = []
+    for p in prompts:
+        enc = tokenizer(p)["input_ids"]
+        if ctx is not None and len(enc) + max_new_tokens > ctx:
+            raise EditTooLongError(
+                f"prompt {p[:60]!r}: {len(enc)} tokens + {max_new_tokens} new tokens exceed the model's "
+                f"context of {ctx}; shorten it"
+            )
+        ids.append(enc)
+    return ids
+
+
+def check_context(
+    model: Any, tokenizer: Any, edits: str | Path | Iterable[Edit | dict], *, max_new_tokens: int = MAX_NEW_TOKENS
+) -> None:
+    """Raise :class:`EditTooLongError` unless every prompt the WILD evaluation of ``edits`` asks (edit prompts,
+    rephrasings, locality prompts) leaves room for ``max_new_tokens`` in the model's context."""
+    edit_list = as_edits(edits)
+    prompts = [p for e in edit_list for p in (e.prompt, *e.rephrasings, *e.locality)]
+    _encode_prompts(model, tokenizer, list(dict.fromkeys(prompts)), max_new_tokens)
 
 
 def locality_baseline(
@@ -124,7 +139,8 @@ def evaluate_edits(
         rel += ok
         gen += sum(reph)
         loc += sum(local)
-        per_edit.append({"id": e.id, "output": out[e.prompt], "reliable": ok, "generalized": reph, "local": local})
+        per_edit.append({"id": e.id, "target": e.target, "output": out[e.prompt], "reliable": ok,
+                         "generalized": reph, "local": local})
     return EditScores(
         reliability=rel / len(edit_list),
         generalization=gen / n_reph if n_reph else None,

@@ -177,6 +177,12 @@ def _batch_loss(
     return per_edit.mean(), per_edit.detach(), wrong == 0
 
 
+def encode_edits(tokenizer: Any, model: Any, edits: Sequence[Edit]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids + EOS) per edit, as training sees them; raises :class:`EditTooLongError` when
+    one does not fit the model's context (a check to run before anything else happens)."""
+    return _encode(tokenizer, model, edits)
+
+
 # ---- Training ---------------------------------------------------------------------------------------------
 
 
@@ -194,6 +200,9 @@ class EditResult:
     seconds: float
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """The trained weights themselves (fp32, on CPU), kept by the localized methods: ``original + delta``
+    rounds, so the exact edited model (and an exact patch) is built from these."""
 
     @property
     def param_name(self) -> str:
@@ -228,7 +237,12 @@ class EditResult:
 
 @contextlib.contextmanager
 def edited(model: Any, result: EditResult, alpha: float = 1.0) -> Iterator[Any]:
-    """Within the block, ``model`` carries ``original + alpha * delta`` (in its own dtype); restored after."""
+    """Within the block, ``model`` carries the edit (in its own dtype); restored after.
+
+    With ``alpha`` 1 and the trained weights at hand, the trained weight itself (cast to the model's dtype):
+    the model that was trained, bit for bit, and what ``apply`` of the edit's patch gives. Otherwise
+    ``original + alpha * delta``.
+    """
     params = dict(model.named_parameters())
     saved = {}
     try:
@@ -236,7 +250,11 @@ def edited(model: Any, result: EditResult, alpha: float = 1.0) -> Iterator[Any]:
             for name, d in result.deltas.items():
                 p = params[name]
                 saved[name] = p.detach().clone()
-                p.copy_((p.float() + alpha * d.to(p.device)).to(p.dtype))
+                w = result.trained.get(name) if alpha == 1.0 else None
+                if w is not None:
+                    p.copy_(w.to(p.device, p.dtype))
+                else:
+                    p.copy_((p.float() + alpha * d.to(p.device)).to(p.dtype))
         yield model
     finally:
         with torch.no_grad():
@@ -261,6 +279,7 @@ def _train(
     precision: str,
     progress: Progress | None,
     extra_params: dict[str, Any],
+    keep_weights: bool = False,
 ) -> EditResult:
     """Shared trainer: validate everything, train ``names`` (None: all weights), restore, return deltas."""
     check_architecture(model)
@@ -355,6 +374,7 @@ def _train(
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             deltas = {n: (masters[n].detach().float() - saved[n].float()).cpu() for n in names}
+            trained = {n: masters[n].detach().float().cpu().clone() for n in names} if keep_weights else {}
     finally:
         with torch.no_grad():
             for n in names:
@@ -374,6 +394,7 @@ def _train(
         n_edits=len(edit_list),
         seconds=seconds,
         stopped_early=stopped,
+        trained=trained,
     )
 
 
@@ -405,7 +426,7 @@ def locft_bf(
     hp = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, skip_below=skip_below,
               stop_below=stop_below, seed=seed)
     return _train(METHOD, model, tokenizer, edits, [name], hp, False, precision, progress,
-                  {"layer": _layer_of(model, name), "module": module, "tensor": name})
+                  {"layer": _layer_of(model, name), "module": module, "tensor": name}, keep_weights=True)
 
 
 def sequential_ft(
@@ -434,7 +455,7 @@ def sequential_ft(
     hp = dict(lr=lr, weight_decay=weight_decay, batch_size=1, epochs=1, steps_per_edit=steps_per_edit,
               skip_below=stop_below, stop_below=stop_below, seed=0)
     return _train("sequential-ft", model, tokenizer, edits, [name], hp, True, precision, progress,
-                  {"layer": _layer_of(model, name), "module": module, "tensor": name})
+                  {"layer": _layer_of(model, name), "module": module, "tensor": name}, keep_weights=True)
 
 
 def full_ft(

@@ -67,7 +67,8 @@ def test_only_the_chosen_weight_changes(v1, trained):
     after = snapshot(model)
     changed = [n for n in before if not torch.equal(before[n], during[n])]
     assert changed == [TARGET]
-    assert torch.equal(during[TARGET], before[TARGET] + res.delta)
+    assert torch.equal(during[TARGET], res.trained[TARGET])  # the trained weight itself, not original + delta
+    assert torch.allclose(during[TARGET], before[TARGET] + res.delta, rtol=0, atol=1e-6)
     assert all(torch.equal(before[n], after[n]) for n in before)  # restored bit for bit
     assert res.params["layer"] == 2 and res.method == "locft-bf"
     assert len(res.edits_sha256) == 64 and res.n_edits == 16
