@@ -453,8 +453,9 @@ def test_default_location_is_user_data_dir(monkeypatch, tmp_path):
     loc = resolve_location()
     assert loc.home == tmp_path / "data" / "patchlab"
     assert loc.url == f"sqlite:///{tmp_path / 'data' / 'patchlab' / 'registry.db'}"
-    url = resolve_location("postgresql://u:p@db.example/patchlab")
-    assert url.url == "postgresql://u:p@db.example/patchlab" and url.home == loc.home
+    url = resolve_location("postgresql://u:p@db.example/patchlab")  # plain postgresql:// means psycopg 3
+    assert url.url == "postgresql+psycopg://u:p@db.example/patchlab" and url.home == loc.home
+    assert url.safe_url == "postgresql+psycopg://u:***@db.example/patchlab"
 
 
 def test_readding_links_parents_and_tags(tmp_path, populated):
@@ -484,3 +485,42 @@ def test_checkpoint_path_for_hub_base_uses_local_cache_only(tmp_path, reg, monke
     local = reg.add_base("loc", "v1", make_base(tmp_path / "b"), fingerprint=False)
     assert reg.checkpoint_path("loc@v1") == Path(local.source)
     assert reg.checkpoint_path(str(tmp_path / "b")) == tmp_path / "b"
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("postgresql://u:secret@127.0.0.1:notaport/db", "is not a database URL"),
+        ("nosuchdb://x/y", "does not know"),
+        ("postgresql+pg8000://u@127.0.0.1/db", "needs the Python package 'pg8000'"),
+    ],
+)
+def test_bad_database_url_is_one_clear_line(url, match):
+    from registry import RegistryConnectionError, RegistryError
+
+    with pytest.raises(RegistryConnectionError, match=match) as err:
+        Registry(url)
+    assert isinstance(err.value, RegistryError) and "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_missing_psycopg_says_which_extra(monkeypatch):
+    import sys
+
+    from registry import RegistryConnectionError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    with pytest.raises(RegistryConnectionError, match=r"'psycopg'.*patchlab\[postgres\]"):
+        Registry("postgresql://u@127.0.0.1/db")
+
+
+def test_unreachable_server_is_one_clear_line():
+    import socket
+
+    from registry import RegistryConnectionError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RegistryConnectionError, match=f"cannot connect to the registry database .*:{port}/db") as err:
+        Registry(f"postgresql://u:secret@127.0.0.1:{port}/db")
+    assert "\n" not in str(err.value) and "secret" not in str(err.value)

@@ -88,7 +88,7 @@ def test_0002_registry_with_evaluations_upgrades(tmp_path):
 
     db = Database(resolve_location(tmp_path))
     upgrade_schema(db, "0002")
-    with db.engine.execution_options(sqlite_immediate=True).begin() as c:
+    with db.engine.execution_options(write_lock=True).begin() as c:
         c.execute(text("INSERT INTO families VALUES (1, 'f', '2026-01-01 00:00:00')"))
         c.execute(
             text(
