@@ -23,7 +23,7 @@ from registry import (
 )
 from registry.blobs import sha256_file, tree_digest
 
-from .conftest import fake_fingerprint, make_base, make_patch
+from .conftest import fake_fingerprint, make_base, make_patch, postgresql_only, sqlite_only
 
 
 def test_errors_are_patchlab_errors():
@@ -46,6 +46,7 @@ def test_location_argument_env_and_missing(tmp_path, monkeypatch):
         assert r2.home == (tmp_path / "x").resolve()
 
 
+@sqlite_only
 def test_sqlite_pragmas(reg):
     with reg.db.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -485,6 +486,36 @@ def test_checkpoint_path_for_hub_base_uses_local_cache_only(tmp_path, reg, monke
     local = reg.add_base("loc", "v1", make_base(tmp_path / "b"), fingerprint=False)
     assert reg.checkpoint_path("loc@v1") == Path(local.source)
     assert reg.checkpoint_path(str(tmp_path / "b")) == tmp_path / "b"
+
+
+@postgresql_only
+def test_postgresql_session_settings(reg):
+    with reg.db.engine.connect() as c:
+        assert c.exec_driver_sql("SHOW lock_timeout").scalar() == "30s"
+        assert c.exec_driver_sql("SELECT current_setting('server_version_num')::int").scalar() >= 120000
+
+
+@postgresql_only
+def test_postgresql_writers_queue_on_the_write_lock(reg, tmp_path):
+    """A write transaction holds the registry's advisory lock; another writer waits for it, readers do not."""
+    import threading
+    import time
+
+    reg.add_base("f", "v1", make_base(tmp_path / "b"), content="aa" * 32, fingerprint=False)
+    other = Registry(reg.location.url)
+    done: list[str] = []
+    try:
+        with reg.db.write() as s:
+            s.connection()  # the session begins (and takes the lock) on first use
+            t = threading.Thread(target=lambda: done.append(other.add_base("f", "v2", "org/m", revision="r").ref))
+            t.start()
+            time.sleep(0.5)
+            assert done == [] and t.is_alive()  # queued behind our write transaction
+            assert [b.ref for b in other.list_bases()] == ["f@v1"]  # reading is not blocked
+        t.join(30)
+        assert done == ["f@v2"]
+    finally:
+        other.close()
 
 
 @pytest.mark.parametrize(
