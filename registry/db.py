@@ -7,6 +7,8 @@ else ``$PATCHLAB_HOME``, else the user's data directory (platformdirs).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +20,10 @@ from typing import TypeVar
 import platformdirs
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.errors import RegistryNotFoundError, RegistrySchemaError
+from registry.errors import RegistryConnectionError, RegistryNotFoundError, RegistrySchemaError
 
 DB_FILENAME = "registry.db"
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -30,6 +32,13 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SCHEMA_HEAD = "0006"
 KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0006")
 BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL: the transaction-scoped advisory lock every write transaction takes first, so writers
+#: to one registry database run one at a time, as SQLite's ``BEGIN IMMEDIATE`` makes them.
+PG_WRITE_LOCK_KEY = 0x7061_7463_686C_6162  # "patchlab"
+PG_CONNECT_TIMEOUT_S = 10
+#: SQLSTATEs after which a PostgreSQL transaction may simply be run again (serialization failure,
+#: deadlock, lock wait past ``lock_timeout``).
+PG_RETRY_SQLSTATES = ("40001", "40P01", "55P03")
 
 T = TypeVar("T")
 
@@ -44,6 +53,15 @@ class Location:
     @property
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.url.startswith("postgresql")
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return _safe_url(self.url)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -75,10 +93,19 @@ def resolve_location(url_or_path: str | os.PathLike[str] | None = None) -> Locat
         return Location(f"sqlite:///{home / DB_FILENAME}", home)
     text_arg = os.fspath(url_or_path)
     if "://" in text_arg:
-        url = make_url(text_arg)
+        try:
+            url = make_url(text_arg)
+        except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
+            raise RegistryConnectionError(
+                f"{_safe_url(text_arg)!r} is not a database URL; use e.g. postgresql://user@host:5432/dbname, "
+                "sqlite:////path/registry.db, or a directory"
+            ) from None
         if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
             db = Path(url.database).expanduser().resolve()
             return Location(url.set(database=str(db)).render_as_string(hide_password=False), db.parent)
+        if url.drivername in ("postgresql", "postgres"):  # plain postgresql:// means psycopg 3, our extra
+            url = url.set(drivername="postgresql+psycopg")
+            return Location(url.render_as_string(hide_password=False), default_home())
         return Location(text_arg, default_home())
     path = Path(text_arg).expanduser().resolve()
     if path.suffix.lower() in SQLITE_SUFFIXES or path.is_file():
@@ -86,11 +113,48 @@ def resolve_location(url_or_path: str | os.PathLike[str] | None = None) -> Locat
     return Location(f"sqlite:///{path / DB_FILENAME}", path)
 
 
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url.split("@", 1)[-1] if "@" in url else url
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def _create_engine(location: Location, **kw) -> Engine:
+    """``create_engine``, with a missing driver or an unknown kind of database as one clear line."""
+    try:
+        return create_engine(location.url, **kw)
+    except NoSuchModuleError:
+        raise RegistryConnectionError(
+            f"the registry URL {location.safe_url} names a database or driver SQLAlchemy does not know "
+            f"({make_url(location.url).drivername!r}); use postgresql://... or sqlite:///..."
+        ) from None
+    except ImportError as exc:
+        extra = " (pip install 'patchlab[postgres]')" if location.is_postgresql else ""
+        raise RegistryConnectionError(
+            f"the registry URL {location.safe_url} needs the Python package {exc.name or 'its driver'!r}, "
+            f"which is not installed{extra}"
+        ) from None
+
+
 def make_engine(location: Location) -> Engine:
-    """An engine with WAL, a busy timeout and foreign keys for SQLite; writes begin IMMEDIATE."""
+    """An engine with WAL, a busy timeout and foreign keys for SQLite; writes begin IMMEDIATE.
+
+    On PostgreSQL, a write transaction (execution option ``write_lock``) first takes a transaction-level
+    advisory lock, so writers queue as they do on SQLite and every read-then-write in ``registry.api``
+    (next version number, family creation, alias moves) sees the rows the previous writer committed.
+    """
+    if location.is_postgresql:
+        return _make_pg_engine(location)
     if not location.is_sqlite:
-        return create_engine(location.url, pool_pre_ping=True)
-    engine = create_engine(location.url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        return _create_engine(location, pool_pre_ping=True)
+    engine = _create_engine(location, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
@@ -107,7 +171,7 @@ def make_engine(location: Location) -> Engine:
     def _on_begin(conn) -> None:
         # A deferred transaction that later writes can fail with "database is locked" at once (the
         # busy handler cannot help a reader upgrading to writer); writers take the lock up front.
-        if conn.get_execution_options().get("sqlite_immediate"):
+        if conn.get_execution_options().get("write_lock"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
@@ -115,17 +179,83 @@ def make_engine(location: Location) -> Engine:
     return engine
 
 
+#: How a JSON column on PostgreSQL holds a float JSON cannot (NaN, Infinity): PostgreSQL's json type
+#: rejects Python's ``NaN``/``Infinity`` tokens, which SQLite stores and gives back as they are.
+PG_NONFINITE_KEY = "$patchlab.float"
+
+
+def _tag_nonfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return {PG_NONFINITE_KEY: repr(value).replace("inf", "Infinity").replace("nan", "NaN")}
+    if isinstance(value, dict):
+        return {k: _tag_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_nonfinite(v) for v in value]
+    return value
+
+
+def pg_json_dumps(value) -> str:
+    """JSON for a PostgreSQL json column; non-finite floats become ``{"$patchlab.float": "NaN"}``."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:  # a NaN or an infinity somewhere: tag them (the rare, slower path)
+        return json.dumps(_tag_nonfinite(value), allow_nan=False)
+
+
+def _untag_nonfinite(obj: dict):
+    if len(obj) == 1 and isinstance(obj.get(PG_NONFINITE_KEY), str):
+        return float(obj[PG_NONFINITE_KEY])
+    return obj
+
+
+def pg_json_loads(text_: str | bytes):
+    return json.loads(text_, object_hook=_untag_nonfinite)
+
+
+def _make_pg_engine(location: Location) -> Engine:
+    url = make_url(location.url)
+    connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    engine = _create_engine(
+        location,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+        json_serializer=pg_json_dumps,
+        json_deserializer=pg_json_loads,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # a writer waits for the write lock at most as long as SQLite's busy timeout, then retry_locked
+        # backs off and tries again
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = {BUSY_TIMEOUT_MS}")
+        dbapi_conn.commit()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        if conn.get_execution_options().get("write_lock"):
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_WRITE_LOCK_KEY})")
+
+    return engine
+
+
 def is_locked_error(exc: BaseException) -> bool:
+    """A lock or serialization conflict: running the whole transaction again may succeed."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if getattr(exc.orig, "sqlstate", None) in PG_RETRY_SQLSTATES:
+        return True
     msg = str(exc).lower()
     return isinstance(exc, OperationalError) and ("database is locked" in msg or "database is busy" in msg)
 
 
 def retry_locked(fn: Callable[[], T], attempts: int = 8, delay: float = 0.05) -> T:
-    """Run ``fn``; when SQLite reports the database locked past its busy timeout, back off and rerun."""
+    """Run ``fn``; when the database reports a lock conflict past its timeout (SQLite: locked; PostgreSQL:
+    lock timeout, deadlock, serialization failure), back off and rerun."""
     for i in range(attempts):
         try:
             return fn()
-        except OperationalError as exc:
+        except DBAPIError as exc:
             if not is_locked_error(exc) or i == attempts - 1:
                 raise
             time.sleep(delay * (2**i))
@@ -139,7 +269,7 @@ class Database:
         self.location = location
         self.engine = make_engine(location)
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
-        self._writer = sessionmaker(self.engine.execution_options(sqlite_immediate=True), expire_on_commit=False)
+        self._writer = sessionmaker(self.engine.execution_options(write_lock=True), expire_on_commit=False)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -148,7 +278,8 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A short write transaction holding SQLite's write lock from its start."""
+        """A short write transaction holding the registry's write lock from its start (SQLite: BEGIN
+        IMMEDIATE; PostgreSQL: an advisory transaction lock)."""
         with self._writer() as session, session.begin():
             yield session
 
@@ -205,7 +336,7 @@ def upgrade_schema(db: Database, target: str = "head") -> str:
     from alembic import command
 
     def run() -> str:
-        with db.engine.execution_options(sqlite_immediate=True).begin() as conn:
+        with db.engine.execution_options(write_lock=True).begin() as conn:
             before = current_revision(conn)
             _check_known(before)
             if target == "head" and before == SCHEMA_HEAD:
@@ -230,7 +361,15 @@ def open_database(location: Location, *, create: bool) -> Database:
         path.parent.mkdir(parents=True, exist_ok=True)
     db = Database(location)
     try:
-        with db.engine.connect() as conn:
+        try:
+            conn = db.engine.connect()
+        except DBAPIError as exc:
+            if is_locked_error(exc):
+                raise
+            raise RegistryConnectionError(
+                f"cannot connect to the registry database {location.safe_url}: {_first_line(exc)}"
+            ) from None
+        with conn:
             rev = current_revision(conn)
             conn.rollback()
         _check_known(rev)

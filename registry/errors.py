@@ -13,6 +13,11 @@ class RegistryNotFoundError(RegistryError):
     """No registry exists at the location given (run ``patchlab init``)."""
 
 
+class RegistryConnectionError(RegistryError):
+    """The registry's database cannot be reached: a malformed URL, a driver that is not installed
+    (``pip install 'patchlab[postgres]'``), or a server that is down or refuses the connection."""
+
+
 class RegistrySchemaError(RegistryError):
     """The registry's schema was made by a newer patchlab, or is not a patchlab registry."""
 

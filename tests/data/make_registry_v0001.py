@@ -26,7 +26,7 @@ def main() -> None:
     db = Database(resolve_location(OUT))
     upgrade_schema(db, "0001")
     now = "2026-01-01 00:00:00.000000"
-    with db.engine.execution_options(sqlite_immediate=True).begin() as c:
+    with db.engine.execution_options(write_lock=True).begin() as c:
         c.execute(text("INSERT INTO families (id, name, created_at) VALUES (1, 'llama', :t)"), {"t": now})
         for i, (ver, content) in enumerate([("v1", C1), ("v2", C2)], start=1):
             c.execute(

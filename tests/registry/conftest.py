@@ -1,4 +1,10 @@
-"""Small real directories for registry tests: HF-layout bases and patchlab patch directories."""
+"""Registry test fixtures: every registry test runs on each backend (SQLite and a throwaway PostgreSQL
+server, see ``tests/pgserver.py``), plus small real directories: HF-layout bases and patch directories.
+
+``registry_target`` is what to open a fresh registry with: a directory (SQLite) or a database URL whose
+blob home is the test's ``tmp_path / "home"`` (PostgreSQL). A test bound to one backend says so with
+``@sqlite_only`` / ``@postgresql_only``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,60 @@ import torch
 from safetensors.torch import save_file
 
 from registry import Registry
+from tests.pgserver import pg_database_url, pg_server  # noqa: F401  (fixtures)
+
+BACKENDS = ("sqlite", "postgresql")
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
+postgresql_only = pytest.mark.parametrize("backend", ["postgresql"])
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the PostgreSQL runs, so ``-m "not postgresql"`` leaves them out."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgresql":
+            item.add_marker(pytest.mark.postgresql)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+def _location(request, backend: str, tmp_path: Path, monkeypatch, pg_fixture: str) -> str:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    if backend == "sqlite":
+        return str(home)
+    monkeypatch.setenv("PATCHLAB_HOME", str(home))  # a URL's home comes from PATCHLAB_HOME (spawned workers too)
+    return request.getfixturevalue(pg_fixture)
+
+
+@pytest.fixture
+def registry_target(request, backend: str, tmp_path: Path, monkeypatch) -> str:
+    """An empty location on ``backend`` (no registry yet); its blob home is ``tmp_path / "home"`` (made, empty)."""
+    return _location(request, backend, tmp_path, monkeypatch, "pg_database_url")
+
+
+@pytest.fixture(scope="session")
+def pg_registry_template(request) -> str:
+    """A database holding an empty registry at the newest schema, for tests to copy (copying is several
+    times faster than running the migrations again; the migration tests start from empty databases)."""
+    from registry.db import open_database, resolve_location
+
+    server = request.getfixturevalue("pg_server")
+    name = server.create_database()
+    open_database(resolve_location(server.url(name)), create=True).dispose()  # no connection may stay open
+    return name
+
+
+@pytest.fixture
+def pg_registry_url(request, pg_registry_template: str):
+    """A fresh database holding an empty registry (a copy of the template), dropped after the test."""
+    server = request.getfixturevalue("pg_server")
+    name = server.create_database(template=pg_registry_template)
+    yield server.url(name)
+    server.drop_database(name)
 
 
 def make_base(path: Path, seed: int = 0, hidden: int = 8) -> Path:
@@ -85,8 +145,9 @@ def make_patch(
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Registry:
-    r = Registry.init(tmp_path / "home")
+def reg(request, backend: str, tmp_path: Path, monkeypatch) -> Registry:
+    """A new, empty registry on ``backend``, blob home ``tmp_path / "home"``."""
+    r = Registry.init(_location(request, backend, tmp_path, monkeypatch, "pg_registry_url"))
     yield r
     r.close()
 

@@ -23,7 +23,7 @@ from registry import (
 )
 from registry.blobs import sha256_file, tree_digest
 
-from .conftest import fake_fingerprint, make_base, make_patch
+from .conftest import fake_fingerprint, make_base, make_patch, postgresql_only, sqlite_only
 
 
 def test_errors_are_patchlab_errors():
@@ -46,6 +46,7 @@ def test_location_argument_env_and_missing(tmp_path, monkeypatch):
         assert r2.home == (tmp_path / "x").resolve()
 
 
+@sqlite_only
 def test_sqlite_pragmas(reg):
     with reg.db.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -455,8 +456,9 @@ def test_default_location_is_user_data_dir(monkeypatch, tmp_path):
     loc = resolve_location()
     assert loc.home == tmp_path / "data" / "patchlab"
     assert loc.url == f"sqlite:///{tmp_path / 'data' / 'patchlab' / 'registry.db'}"
-    url = resolve_location("postgresql://u:p@db.example/patchlab")
-    assert url.url == "postgresql://u:p@db.example/patchlab" and url.home == loc.home
+    url = resolve_location("postgresql://u:p@db.example/patchlab")  # plain postgresql:// means psycopg 3
+    assert url.url == "postgresql+psycopg://u:p@db.example/patchlab" and url.home == loc.home
+    assert url.safe_url == "postgresql+psycopg://u:***@db.example/patchlab"
 
 
 def test_readding_links_parents_and_tags(tmp_path, populated):
@@ -487,3 +489,74 @@ def test_checkpoint_path_for_hub_base_uses_the_local_cache_first(tmp_path, reg, 
     local = reg.add_base("loc", "v1", make_base(tmp_path / "b"), fingerprint=False)
     assert reg.checkpoint_path("loc@v1") == Path(local.source)
     assert reg.checkpoint_path(str(tmp_path / "b")) == tmp_path / "b"
+
+
+@postgresql_only
+def test_postgresql_session_settings(reg):
+    with reg.db.engine.connect() as c:
+        assert c.exec_driver_sql("SHOW lock_timeout").scalar() == "30s"
+        assert c.exec_driver_sql("SELECT current_setting('server_version_num')::int").scalar() >= 120000
+
+
+@postgresql_only
+def test_postgresql_writers_queue_on_the_write_lock(reg, tmp_path):
+    """A write transaction holds the registry's advisory lock; another writer waits for it, readers do not."""
+    import threading
+    import time
+
+    reg.add_base("f", "v1", make_base(tmp_path / "b"), content="aa" * 32, fingerprint=False)
+    b2 = make_base(tmp_path / "b2")
+    other = Registry(reg.location.url)
+    done: list[str] = []
+    try:
+        with reg.db.write() as s:
+            s.connection()  # the session begins (and takes the lock) on first use
+            add = lambda: done.append(other.add_base("f", "v2", b2, content="bb" * 32, fingerprint=False).ref)  # noqa: E731
+            t = threading.Thread(target=add)
+            t.start()
+            time.sleep(0.5)
+            assert done == [] and t.is_alive()  # queued behind our write transaction
+            assert [b.ref for b in other.list_bases()] == ["f@v1"]  # reading is not blocked
+        t.join(30)
+        assert done == ["f@v2"]
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("postgresql://u:secret@127.0.0.1:notaport/db", "is not a database URL"),
+        ("nosuchdb://x/y", "does not know"),
+        ("postgresql+pg8000://u@127.0.0.1/db", "needs the Python package 'pg8000'"),
+    ],
+)
+def test_bad_database_url_is_one_clear_line(url, match):
+    from registry import RegistryConnectionError, RegistryError
+
+    with pytest.raises(RegistryConnectionError, match=match) as err:
+        Registry(url)
+    assert isinstance(err.value, RegistryError) and "\n" not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_missing_psycopg_says_which_extra(monkeypatch):
+    import sys
+
+    from registry import RegistryConnectionError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
+    with pytest.raises(RegistryConnectionError, match=r"'psycopg'.*patchlab\[postgres\]"):
+        Registry("postgresql://u@127.0.0.1/db")
+
+
+def test_unreachable_server_is_one_clear_line():
+    import socket
+
+    from registry import RegistryConnectionError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RegistryConnectionError, match=f"cannot connect to the registry database .*:{port}/db") as err:
+        Registry(f"postgresql://u:secret@127.0.0.1:{port}/db")
+    assert "\n" not in str(err.value) and "secret" not in str(err.value)

@@ -1,4 +1,4 @@
-"""Two processes writing one registry at once lose no row."""
+"""Two processes writing one registry at once lose no row (on SQLite and on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from .conftest import fake_fingerprint, make_base, make_patch
 PER_WORKER = 12
 
 
-def test_two_writers_lose_nothing(tmp_path):
+def test_two_writers_lose_nothing(tmp_path, registry_target):
     content = fake_fingerprint("base")
-    with Registry.init(tmp_path / "home") as reg:
+    with Registry.init(registry_target) as reg:
         reg.add_base("fam", "v1", make_base(tmp_path / "base"), content=content, fingerprint=False)
     dirs = {
         w: [
@@ -26,11 +26,11 @@ def test_two_writers_lose_nothing(tmp_path):
     ctx = mp.get_context("spawn")
     start = ctx.Manager().Event()
     with ctx.Pool(2) as pool:
-        results = [pool.apply_async(add_many, (str(tmp_path / "home"), dirs[w], w, start)) for w in ("a", "b")]
+        results = [pool.apply_async(add_many, (registry_target, dirs[w], w, start)) for w in ("a", "b")]
         start.set()
         counts = [r.get(timeout=120) for r in results]
     assert counts == [PER_WORKER, PER_WORKER]
-    with Registry(tmp_path / "home") as reg:
+    with Registry(registry_target) as reg:
         shared = reg.list_patches(name="shared")
         assert [p.version for p in shared] == list(range(1, 2 * PER_WORKER + 1))
         assert len({p.digest for p in shared}) == 2 * PER_WORKER

@@ -75,3 +75,22 @@ def test_plain_records_keep_extra_keys_and_order(populated):
     ev = reg.record_evaluation("llama@v1", "d", [{"id": "b", "correct": True, "note": "x"}, {"id": "a"}])
     got = reg.get_evaluation(ev.id).results
     assert [r["id"] for r in got] == ["b", "a"] and got[0]["note"] == "x"
+
+
+def test_non_finite_values_round_trip(populated):
+    """NaN and infinities (e.g. the log-probability of an impossible choice) come back as stored, on
+    PostgreSQL too, whose json type has no token for them."""
+    import math
+
+    reg, _, _ = populated
+    ev = reg.record_evaluation(
+        "sql@1",
+        "task",
+        [{"id": "a", "correct": True, "logprobs": [-math.inf, -0.5], "margin": math.inf, "text": "NaN"}],
+        metrics={"accuracy": 1.0, "spread": math.nan, "nested": {"x": [math.nan]}},
+    )
+    full = reg.get_evaluation(ev.id)
+    assert full.metrics["accuracy"] == 1.0 and math.isnan(full.metrics["spread"])
+    assert math.isnan(full.metrics["nested"]["x"][0])
+    (r,) = full.results
+    assert r["logprobs"] == [-math.inf, -0.5] and r["margin"] == math.inf and r["text"] == "NaN"
