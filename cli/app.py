@@ -15,11 +15,51 @@ import os
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from cli import bases, catalog, compat, demo, evals, labels, lowrank, maintenance, transfer
 from cli.common import STATE, RegistryOpt
 
+#: patchlab's own flags, accepted after the command as well as before it (``patchlab ls -q``)
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+GLOBAL_WITH_VALUE = ("-R", "--registry")
+
+
+def hoist_global_flags(group, args: list[str]) -> list[str]:
+    """Move -q/-v found after the command in front of it, and a --json given before the command to after
+    it (every command that prints data has --json); ``--`` ends the options as usual."""
+    args = list(args)
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        i += 2 if args[i] in GLOBAL_WITH_VALUE else 1
+    if i >= len(args) or args[i] not in group.commands:
+        return args
+    head, rest = args[:i], args[i:]
+    moved, kept = [], []
+    for k, a in enumerate(rest):
+        if a == "--":
+            kept += rest[k:]
+            break
+        (moved if a in GLOBAL_FLAGS else kept).append(a)
+    tail = []
+    if "--json" in head:
+        head = [a for a in head if a != "--json"]
+        tail = ["--json"] if "--json" not in kept else []
+    if "--" in kept:
+        cut = kept.index("--")
+        kept = kept[:cut] + tail + kept[cut:]
+    else:
+        kept = kept + tail
+    return head + moved + kept
+
+
+class PatchlabGroup(TyperGroup):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_flags(self, args))
+
+
 app = typer.Typer(
+    cls=PatchlabGroup,
     name="patchlab",
     help="Manage base-model versions and fine-tuning patches: register, list, trace, port.",
     no_args_is_help=True,
@@ -35,6 +75,7 @@ def main(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or status lines (errors and requested output only).")
     ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (passed on to the command).")] = False,
 ) -> None:
     """patchlab: base versions, fine-tuning patches and their lineage, in one registry."""
     STATE.registry = registry

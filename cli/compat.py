@@ -122,12 +122,16 @@ def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[
 
 def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Render ``report`` in each format into ``out_dir/report.<ext>``; each file appears whole (temp + rename)."""
+    from patchlab.io.outputs import check_output, new_marker, read_marker, write_marker
     from patchlab.report.render import render
 
+    check_output(out_dir, True, "report")  # only an empty directory or an earlier report is written into
     texts = {fmt: render(report, fmt) for fmt in formats}  # render everything before writing anything
     written = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if read_marker(out_dir) is None:
+            write_marker(out_dir, new_marker("report"))
         for fmt, text in texts.items():
             dest = out_dir / f"report.{fmt}"
             tmp = dest.with_name(dest.name + ".partial")

@@ -19,10 +19,11 @@ from registry.evaluations import Evaluations
 from registry.labels import Labels
 from registry.lineage import Lineage
 from registry.maintenance import Maintenance
+from registry.outputs import Outputs
 from registry.patches import Patches
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Maintenance):
+class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Maintenance, Outputs):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,

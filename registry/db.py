@@ -27,8 +27,8 @@ DB_FILENAME = "registry.db"
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: The newest schema revision this patchlab knows; a test checks it is the Alembic head.
-SCHEMA_HEAD = "0003"
-KNOWN_REVISIONS = ("0001", "0002", "0003")
+SCHEMA_HEAD = "0005"
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0005")
 BUSY_TIMEOUT_MS = 30_000
 
 T = TypeVar("T")
