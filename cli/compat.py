@@ -468,6 +468,9 @@ def report_cmd(
         raise CliInputError(f"unknown --format {fmt!r}; use md, json, html or all")
     if output.exists() and not output.is_dir():
         raise CliInputError(f"{output} exists and is not a directory; -o names a directory for the report files")
+    from patchlab.io.outputs import check_output
+
+    check_output(output, True, "report")  # before the work: only an empty dir or an earlier report
     for f in eval_files or ():
         load_task(f)
     ids, texts = load_prompts(prompts) if prompts is not None else (None, [])
