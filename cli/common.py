@@ -143,20 +143,18 @@ def handled(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
-
         from patchlab.io.outputs import guard
 
         with guard(_new_guard(kwargs.get("registry"))) as g:
             try:
                 result = fn(*args, **kwargs)
-            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-                _forget_noted(g)
-                raise
             except KeyboardInterrupt:
+                _forget_noted(g)
                 fail("interrupted", 130)
             except BaseException as exc:  # noqa: BLE001 - the one error path of the CLI
                 _forget_noted(g)
+                if _is_cli_control(exc):  # typer.Exit, usage errors: click reports those itself
+                    raise
                 if STATE.verbose:
                     err_console().print_exception()
                 message, code = describe_error(exc, kwargs.get("registry") or STATE.registry)
@@ -165,6 +163,13 @@ def handled(fn: F) -> F:
             return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_cli_control(exc: BaseException) -> bool:
+    return isinstance(exc, typer.Exit | typer.Abort | SystemExit) or type(exc).__module__.split(".")[0] in (
+        "click",
+        "typer",
+    )
 
 
 def _new_guard(registry: str | None):

@@ -165,6 +165,9 @@ def eval_cmd(
         typer.Option(help="Store the result in the registry against this reference (automatic for references)."),
     ] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="Never store the result in the registry.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Drop prompt tokens from the left when a prompt is over the context.")
+    ] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -196,6 +199,7 @@ def eval_cmd(
             max_new_tokens=max_new_tokens,
             device=device,
             model_name=label,
+            on_overflow="truncate" if truncate else "error",
         )
         if output is not None:
             res.save(output)

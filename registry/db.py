@@ -18,7 +18,7 @@ from typing import TypeVar
 import platformdirs
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.errors import RegistryNotFoundError, RegistrySchemaError
@@ -86,7 +86,13 @@ def resolve_location(url_or_path: str | os.PathLike[str] | None = None) -> Locat
         return Location(f"sqlite:///{home / DB_FILENAME}", home)
     text_arg = os.fspath(url_or_path)
     if "://" in text_arg:
-        url = make_url(text_arg)
+        try:
+            url = make_url(text_arg)
+        except (ValueError, ArgumentError) as exc:
+            raise RegistryNotFoundError(
+                f"cannot read the registry URL {text_arg!r} ({exc}); pass --registry a directory, a .db file or a "
+                "SQLAlchemy URL such as postgresql+psycopg://user@host:5432/db"
+            ) from None
         if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
             db = Path(url.database).expanduser().resolve()
             return Location(url.set(database=str(db)).render_as_string(hide_password=False), db.parent)
