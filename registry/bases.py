@@ -143,7 +143,7 @@ class Bases(Topic):
 
             raise CheckpointNotFoundError(
                 f"base {b.ref} is the Hub repo {b.location}, which is not in the local Hugging Face cache "
-                f"({type(exc).__name__}); download it first: `huggingface-cli download {b.source} --revision "
+                f"({type(exc).__name__}); download it first: `hf download {b.source} --revision "
                 f"{b.revision}`, or pass a local directory"
             ) from None
 

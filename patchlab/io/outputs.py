@@ -333,6 +333,12 @@ def _stale(d: Path, grace: float) -> bool:
         alive = owner_alive(m)
         if alive is not None:
             return not alive
+    else:
+        try:  # killed between creating it and writing its marker (written before any data): holds nothing
+            if all(p.name.startswith(MARKER) for p in d.iterdir()) and time.time() - d.stat().st_mtime > 1.0:
+                return True
+        except OSError:
+            return False
     try:
         return time.time() - d.stat().st_mtime >= grace
     except OSError:

@@ -160,9 +160,10 @@ def invocations(path, cmd, env):
                 more += ["--base", str(mdir)]
             else:
                 args[where[n]] = str(mdir)
-            yield f"model ({n}): {what}", [*path, *args, *more, "--registry", env["home"]][
-                : None if "--registry" in opts else -2
-            ]
+            yield (
+                f"model ({n}): {what}",
+                [*path, *args, *more, "--registry", env["home"]][: None if "--registry" in opts else -2],
+            )
     outs = [n for n in names if n in OUT_ARGS]
     for what, out in env["outputs"].items():
         for n in outs:
@@ -245,7 +246,7 @@ def test_database_failures_map_to_one_line():
 
     from cli.common import describe_error
 
-    exc = OperationalError("SELECT 1", {}, Exception('could not connect to server: Connection refused\n\tIs it up?'))
+    exc = OperationalError("SELECT 1", {}, Exception("could not connect to server: Connection refused\n\tIs it up?"))
     line, code = describe_error(exc, "postgresql://db.example/patchlab")
     assert code == 1 and "\n" not in line and "cannot reach" in line and "--registry" in line
     exc = OperationalError("INSERT", {}, Exception("attempt to write a readonly database"))
@@ -326,3 +327,16 @@ def test_no_python_keyword_arguments_in_cli_hints(env):
     """CLI messages name CLI flags, not Python keyword arguments (``overwrite=True``)."""
     r = CliRunner().invoke(app, ["diff", "tiny@v1", str(env["ft"]), str(env["tmp"] / "p"), "-R", env["home"]])
     assert r.exit_code == 1 and "--overwrite" in r.stderr and "=True" not in r.stderr
+
+
+def test_hub_cli_named_in_hints_is_installed():
+    """Hints name the Hub CLI the installed huggingface_hub ships (``hf``; ``huggingface-cli`` is gone)."""
+    import shutil
+    import sys
+
+    bindir = Path(sys.executable).parent
+    for where, text in _message_strings():
+        for tool in ("huggingface-cli", "hf download"):
+            if f"`{tool}" in text:
+                exe = tool.split()[0]
+                assert (bindir / exe).exists() or shutil.which(exe), f"{where}: {exe} is not installed"

@@ -59,9 +59,7 @@ def one_error_line(result) -> str:
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
-    }
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 # ---- 1. --overwrite replaces only what patchlab wrote --------------------------------------------------------
