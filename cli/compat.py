@@ -108,7 +108,8 @@ def load_flip_side(
     kw = {"metric": metric, "score_metric": score_metric}
     if p.is_dir():
         return read_samples_dir(p, tasks=tasks, **kw), f"lm-eval samples {p}"
-    return _only_tasks(read_samples(p, **kw), tasks, spec), f"lm-eval samples {p}"
+    named = tasks[0] if tasks and len(tasks) == 1 else None  # a file named otherwise: --task names its task
+    return _only_tasks(read_samples(p, task=named, **kw), tasks, spec), f"lm-eval samples {p}"
 
 
 def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[Any]:
