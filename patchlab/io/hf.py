@@ -17,7 +17,7 @@ def checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
         what = "is a file, not a model directory" if p.exists() else "does not exist"
-        raise CheckpointNotFoundError(f"{p} {what}; pass a Hugging Face model directory")
+        raise CheckpointNotFoundError(f"{p} {what} (no config.json); pass a Hugging Face model directory")
     if not (p / "config.json").is_file():
         raise CheckpointNotFoundError(f"{p}: not a Hugging Face checkpoint directory (no config.json)")
     return p

@@ -427,8 +427,8 @@ def _check_stored(path: Path, name: str, meta: dict, p: Patch) -> None:
         if role == "indices":
             if e.dtype.is_floating_point or e.dtype.is_complex or len(e.shape) != 1:
                 raise bad(role, "a 1-D integer tensor")
-        elif not e.dtype.is_floating_point:
-            raise bad(role, "a floating-point tensor")
+        elif role in ("delta", "A", "B", "values") and not e.dtype.is_floating_point:
+            raise bad(role, "a floating-point tensor")  # a stored 'set' value keeps its own dtype
     enc = meta.get("encoding", "dense")
     if enc == "dense" and "delta" in keys and tuple(f.entries[keys["delta"]].shape) != shape:
         raise bad("delta", f"shape {list(shape)}")

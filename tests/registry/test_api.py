@@ -475,7 +475,7 @@ def test_checkpoint_path_for_hub_base_uses_local_cache_only(tmp_path, reg, monke
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hfcache"))
-    with pytest.raises(CheckpointNotFoundError, match="huggingface-cli download org/tiny"):
+    with pytest.raises(CheckpointNotFoundError, match="hf download org/tiny"):
         reg.checkpoint_path("org@v1")
     snap = tmp_path / "hfcache" / "models--org--tiny" / "snapshots" / rev
     snap.mkdir(parents=True)
