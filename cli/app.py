@@ -12,13 +12,14 @@ are in ``cli.common``).
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
 import os
+import sys
 from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from cli import bases, catalog, compat, demo, evals, labels, lowrank, maintenance, transfer
-from cli.common import STATE, RegistryOpt
+from cli.common import STATE, RegistryOpt, err_console, escape
 
 #: patchlab's own flags, accepted after the command as well as before it (``patchlab ls -q``)
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
@@ -56,6 +57,24 @@ def hoist_global_flags(group, args: list[str]) -> list[str]:
 class PatchlabGroup(TyperGroup):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_global_flags(self, args))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        """Usage errors (a missing option, a bad value) end in one line too, like every other failure."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from typer.core import _click
+
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except _click.exceptions.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            err_console().print(f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}", highlight=False)
+            sys.exit(e.exit_code)
+        except _click.exceptions.Abort:
+            err_console().print("[bold red]error:[/] aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 app = typer.Typer(

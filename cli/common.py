@@ -183,10 +183,21 @@ def _new_guard(registry: str | None):
         home = resolve_location(registry or STATE.registry).home
     except Exception:  # a malformed --registry: the command itself reports it
         return g
-    g.protect(home, "the registry home", inside=True)
+    protect_home(g, home)
     if home.is_dir():
         g.journal = home / "journal"
     return g
+
+
+def protect_home(g, home) -> None:
+    """The registry home is never an output (nor is any directory holding it); what the registry keeps in it
+    (database, blobs, cache, journal) is not written inside either. Registry workflows may keep their own
+    outputs in other directories of the home (``patchlab upgrade`` does)."""
+    from registry.outputs import RESERVED
+
+    g.protect(home, "the registry home")
+    for name in RESERVED:
+        g.protect(home / name, f"the registry's {name}", inside=True)
 
 
 def _forget_noted(g) -> None:
@@ -286,7 +297,7 @@ def open_registry(registry: str | None, *, create: bool = False):
     reg = Registry(registry or STATE.registry, create=create)
     g = current_guard()
     if g is not None:
-        g.protect(reg.home, "the registry home", inside=True)
+        protect_home(g, reg.home)
         try:
             for path, what in reg.protected_paths():
                 g.protect(path, what)

@@ -22,6 +22,8 @@ from registry.rows import BaseVersionRow, DerivedModelRow, FamilyRow
 from registry.topic import Topic
 
 JOURNAL = "journal"
+#: what inside the home belongs to the registry itself: never an output, nor inside one
+RESERVED = ("registry.db", "registry.db-wal", "registry.db-shm", "blobs", "cache", JOURNAL)
 SCRATCH_PREFIXES = ("patchlab-compat-", "patchlab-demo-")
 
 

@@ -208,7 +208,7 @@ def check_output(out: str | os.PathLike[str], overwrite: bool, kind: str | None 
     if g is not None:
         for root, what in g.inside.items():
             for p in {a, r}:
-                if _is_within(p, root) or root in p.parents or _is_within(root, p):
+                if _is_within(p, root) or _is_within(root, p):
                     raise UnsafeOutputError(
                         f"refusing to write {out}: it is inside or contains {what} ({root}); "
                         "name a directory outside it for the output"

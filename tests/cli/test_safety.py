@@ -68,11 +68,11 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
 def test_overwrite_refuses_registry_home_and_keeps_it(family, run):
     home = family / "home"
     before = tree_state(home / "blobs")
-    for target in (home, home / "blobs", home / "newdir"):
+    for target in (home, home / "blobs", home / "blobs" / "new", home / "cache", home / "registry.db", family):
         r = run("port", "task", "tiny@v2", target, "--overwrite", code=None)
-        assert "registry home" in one_error_line(r)
+        assert "registry" in one_error_line(r)
     assert tree_state(home / "blobs") == before and (home / "registry.db").is_file()
-    assert not (home / "newdir").exists()
+    assert not (home / "blobs" / "new").exists()
     run("verify")
 
 
