@@ -288,8 +288,12 @@ def atomic_output(out: str | os.PathLike[str], overwrite: bool = False, kind: st
     tmp = out.parent / f".{out.name}{PARTIAL}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_marker(tmp, new_marker(kind or "model"))
+        marker = new_marker(kind or "model")
+        write_marker(tmp, marker)
         yield tmp
+        if kind is None:  # a caller that did not say: the kind is read from what it wrote
+            marker["kind"] = infer_kind(tmp)
+            write_marker(tmp, marker)
         check_output(out, overwrite, kind)  # again: something may have appeared there meanwhile
         if out.exists():
             if _exchange(tmp, out):
@@ -304,6 +308,17 @@ def atomic_output(out: str | os.PathLike[str], overwrite: bool = False, kind: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def infer_kind(directory: Path) -> str:
+    """What a finished output directory holds, from its files."""
+    if (directory / "patch.json").is_file():
+        return "patch"
+    if (directory / "adapter_config.json").is_file():
+        return "adapter"
+    if any(directory.glob("report.*")):
+        return "report"
+    return "model"
 
 
 # ---- leftovers --------------------------------------------------------------------------------------------
