@@ -6,6 +6,7 @@ They parse, resolve registry references, call the library (``patchlab.measure.ev
 
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -121,6 +122,21 @@ def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[
     return [r for r in records if r.task in tasks]
 
 
+def _check_replaceable_result(path: Path) -> None:
+    """``eval -o`` replaces only an earlier patchlab result: never a file of the user's own."""
+    from patchlab.measure.results import RESULTS_FORMAT
+
+    try:
+        ok = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("format") == RESULTS_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CliInputError(
+            f"-o {path}: it exists and is not a patchlab evaluation result; choose another -o file "
+            "(an earlier result is replaced)"
+        )
+
+
 def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Render ``report`` in each format into ``out_dir/report.<ext>``; each file appears whole (temp + rename)."""
     from patchlab.io.outputs import check_output, new_marker, read_marker, write_marker
@@ -180,6 +196,8 @@ def eval_cmd(
         raise CliInputError("--record and --no-record contradict each other; pass one")
     if output is not None and not output.parent.is_dir():
         raise CliInputError(f"-o {output}: directory {output.parent} does not exist; create it first")
+    if output is not None and output.exists():
+        _check_replaceable_result(output)
     for t in tasks:  # every task file problem before any model is loaded or registry opened
         load_task(t)
     quiet_transformers()

@@ -374,3 +374,20 @@ def test_read_only_mount_is_detected(family, run, monkeypatch):
     assert "task@1" in run("ls").stdout
     assert "all good" in run("verify").stdout
     assert tree_state(home) == before
+
+
+def test_eval_output_never_replaces_a_users_file(tmp_path):
+    """``eval -o`` replaces an earlier result, never a file of the user's own (found hunting class 1)."""
+    from fixtures import EVAL, model_path
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join((EVAL / "task.jsonl").read_text().splitlines()[:2]) + "\n")
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    r = CliRunner().invoke(app, ["eval", str(model_path("v1")), str(task), "-o", str(mine), "--device", "cpu"])
+    assert "not a patchlab evaluation result" in one_error_line(r)
+    assert mine.read_text() == '{"my": "notes"}'
+    out = tmp_path / "res.json"
+    for _ in range(2):  # an earlier result is replaced
+        r = CliRunner().invoke(app, ["eval", str(model_path("v1")), str(task), "-o", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
