@@ -201,11 +201,18 @@ def protect_home(g, home) -> None:
 
 
 def _forget_noted(g) -> None:
-    """The command ended (well or with an error it cleaned up after): its journal entries are not needed."""
+    """The command ended (well or with an error it cleaned up after): its journal entries are not needed,
+    unless an output it wrote was never recorded (an orphan `patchlab gc` should list)."""
+    from patchlab.io.outputs import read_marker
+
     for entry in g.noted:
         try:
+            out = json.loads(entry.read_text()).get("path", "")
+            m = read_marker(out) if out else None
+            if m is not None and m.get("registry") and not m.get("registered"):
+                continue
             entry.unlink()
-        except OSError:
+        except (OSError, ValueError):
             pass
 
 

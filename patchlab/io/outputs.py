@@ -177,8 +177,14 @@ def is_orphan(marker: dict[str, Any] | None, kind: str | None, registry: str | N
         and marker.get("registry") == registry
         and not marker.get("registered")
         and (kind is None or marker.get("kind") == kind)
-        and owner_alive(marker) is not True
+        and (owner_alive(marker) is not True or _is_me(marker))
     )
+
+
+def _is_me(info: dict[str, Any]) -> bool:
+    """The marker names this very process (a long-lived caller whose registration failed)."""
+    me = owner()
+    return info.get("pid") == me["pid"] and info.get("pid_start") == me["pid_start"] and info.get("host") == me["host"]
 
 
 # ---- checks -------------------------------------------------------------------------------------------

@@ -397,3 +397,23 @@ def test_eval_output_never_replaces_a_users_file(tmp_path):
     for _ in range(2):  # an earlier result is replaced
         r = CliRunner().invoke(app, ["eval", str(model_path("v1")), str(task), "-o", str(out), "--device", "cpu"])
         assert r.exit_code == 0, r.output
+
+
+def test_output_whose_registration_failed_is_an_orphan_gc_lists_and_the_rerun_finishes(family, run, monkeypatch):
+    import registry.derived as derived
+
+    real = derived.Derived.add_derived
+
+    def down(*a, **k):
+        raise OSError(5, "Input/output error", str(family / "home" / "registry.db"))
+
+    monkeypatch.setattr(derived.Derived, "add_derived", down)
+    out = family / "ported"
+    one_error_line(run("port", "task", "tiny@v2", out, code=None))
+    assert out.is_dir()
+    assert json.loads(run("gc", "--json").stdout)["orphans"] == [str(out)]
+    monkeypatch.setattr(derived.Derived, "add_derived", real)
+    assert "recorded derived:1" in run("port", "task", "tiny@v2", out).stdout  # no --overwrite needed
+    assert json.loads(run("gc", "--json").stdout)["orphans"] == []
+    line = one_error_line(run("port", "task", "tiny@v2", out, code=None))  # now it is registered: refused
+    assert "derived:1" in line
