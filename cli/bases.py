@@ -8,7 +8,7 @@ import typer
 
 from cli.common import JsonOpt, RegistryOpt, console, escape, fail, fmt_params, handled, open_registry, print_json
 
-base_app = typer.Typer(help="Base model versions: add.", no_args_is_help=True)
+base_app = typer.Typer(help="Base model versions: add, refresh.", no_args_is_help=True)
 
 
 @base_app.command("add")
@@ -30,6 +30,9 @@ def base_add(
     release_order: Annotated[
         int | None, typer.Option(help="Position in the family's releases (default: after the newest).")
     ] = None,
+    allow_nonfinite: Annotated[
+        bool, typer.Option("--allow-nonfinite", help="Register it even if some weights are NaN/Inf.")
+    ] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -48,7 +51,13 @@ def base_add(
         fail("usage: patchlab base add FAMILY@VERSION SOURCE  (or FAMILY VERSION SOURCE)", 2)
     with open_registry(registry) as reg:
         b = reg.add_base(
-            family, version, source, revision=revision, release_order=release_order, download=not no_download
+            family,
+            version,
+            source,
+            revision=revision,
+            release_order=release_order,
+            download=not no_download,
+            allow_nonfinite=allow_nonfinite,
         )
     if json_out:
         print_json(b.to_dict())
@@ -61,4 +70,24 @@ def base_add(
         console().print(
             f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
             f"({fmt_params(b.num_parameters)} params, {b.dtype or '?'}, content {(b.content or '?')[:12]})"
+        )
+
+
+@base_app.command("refresh")
+@handled
+def base_refresh(
+    ref: Annotated[str, typer.Argument(help="FAMILY@VERSION of a local base whose files were touched.")],
+    registry: RegistryOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash a local base whose files changed on disk: same weights -> its file records are updated; other
+    weights -> refused (register them as a new version)."""
+    with open_registry(registry) as reg:
+        b = reg.refresh_base(ref)
+    if json_out:
+        print_json(b.to_dict())
+    else:
+        console().print(
+            f"base [bold]{escape(b.ref)}[/]: weights unchanged (content {(b.content or '?')[:12]}); "
+            "file records updated"
         )

@@ -133,31 +133,185 @@ def escape(s: str) -> str:
 
 
 def handled(fn: F) -> F:
-    """Turn patchlab errors into one line on stderr and a non-zero exit (a traceback only with -v)."""
+    """Turn every failure into one line on stderr and a non-zero exit (a traceback only with -v).
+
+    Also sets the output guard for the command: nothing it writes may replace the registry home (or go
+    inside it), the current directory or its parents, nor (once the registry is open) a registered base's
+    or derived model's directory; outputs are noted in the registry's journal so ``patchlab gc`` finds
+    what a killed run leaves.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PatchlabError as exc:
-            if STATE.verbose:
-                err_console().print_exception()
-            fail(escape(str(exc)), getattr(exc, "exit_code", 1) or 1)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-        return None
+        from patchlab.io.outputs import guard
+
+        with guard(_new_guard(kwargs.get("registry"))) as g:
+            try:
+                result = fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                _forget_noted(g)
+                fail("interrupted", 130)
+            except BaseException as exc:  # noqa: BLE001 - the one error path of the CLI
+                _forget_noted(g)
+                if _is_cli_control(exc):  # typer.Exit, usage errors: click reports those itself
+                    raise
+                if STATE.verbose:
+                    err_console().print_exception()
+                message, code = describe_error(exc, kwargs.get("registry") or STATE.registry)
+                fail(escape(message), code)
+            _forget_noted(g)
+            return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _is_cli_control(exc: BaseException) -> bool:
+    return isinstance(exc, typer.Exit | typer.Abort | SystemExit) or type(exc).__module__.split(".")[0] in (
+        "click",
+        "typer",
+    )
+
+
+def _new_guard(registry: str | None):
+    """The output guard of one command: the registry home (and all inside it) is never an output."""
+    from patchlab.io.outputs import Guard
+
+    g = Guard()
+    try:
+        from registry.db import resolve_location
+
+        home = resolve_location(registry or STATE.registry).home
+    except Exception:  # a malformed --registry: the command itself reports it
+        return g
+    protect_home(g, home)
+    if home.is_dir():
+        g.journal = home / "journal"
+    return g
+
+
+def protect_home(g, home) -> None:
+    """The registry home is never an output (nor is any directory holding it); what the registry keeps in it
+    (database, blobs, cache, journal) is not written inside either. Registry workflows may keep their own
+    outputs in other directories of the home (``patchlab upgrade`` does)."""
+    from registry.outputs import RESERVED
+
+    g.protect(home, "the registry home")
+    for name in RESERVED:
+        g.protect(home / name, f"the registry's {name}", inside=True)
+
+
+def _forget_noted(g) -> None:
+    """The command ended (well or with an error it cleaned up after): its journal entries are not needed,
+    unless an output it wrote was never recorded (an orphan `patchlab gc` should list)."""
+    from patchlab.io.outputs import read_marker
+
+    for entry in g.noted:
+        try:
+            out = json.loads(entry.read_text()).get("path", "")
+            m = read_marker(out) if out else None
+            if m is not None and m.get("registry") and not m.get("registered"):
+                continue
+            entry.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
+def describe_error(exc: BaseException, registry: str | None = None) -> tuple[str, int]:
+    """One line for any failure: what failed, where, and the flag or command that fixes it."""
+    import errno
+
+    if isinstance(exc, PatchlabError):
+        return one_line(str(exc)), getattr(exc, "exit_code", 1) or 1
+    where = f"the registry at {registry}" if registry else "the registry (--registry / PATCHLAB_HOME)"
+    try:
+        from sqlalchemy import exc as sa_exc
+    except ImportError:  # pragma: no cover
+        sa_exc = None
+    if sa_exc is not None:
+        if isinstance(exc, sa_exc.NoSuchModuleError | sa_exc.ArgumentError):
+            return (
+                f"cannot use {where}: {one_line(str(exc))}; pass --registry a directory, a .db file or a "
+                "SQLAlchemy URL such as postgresql+psycopg://user@host/db",
+                1,
+            )
+        if isinstance(exc, sa_exc.DBAPIError):
+            orig = one_line(str(getattr(exc, "orig", None) or exc)).split(" [SQL:")[0]
+            low = orig.lower()
+            if "readonly" in low or "read-only" in low:
+                return (
+                    f"{where} is read-only ({orig}): commands that only read it work (ls, show, log, verify); "
+                    "run this one against a writable registry (--registry)",
+                    1,
+                )
+            if "not a database" in low or "malformed" in low or "corrupt" in low:
+                return (
+                    f"{where} is damaged ({orig}); restore registry.db from a backup, or point --registry at "
+                    "another registry",
+                    1,
+                )
+            if isinstance(exc, sa_exc.OperationalError):
+                return (
+                    f"cannot reach {where} ({orig}); check that the database server is up and the URL is right, "
+                    "or pass --registry another registry",
+                    1,
+                )
+            return f"database error in {where}: {orig}; check --registry", 1
+        if isinstance(exc, sa_exc.SQLAlchemyError):
+            return f"database error in {where}: {one_line(str(exc))}; check --registry", 1
+    if isinstance(exc, ModuleNotFoundError):
+        name = exc.name or "a module"
+        return (
+            f"the Python package {name!r} is not installed ({one_line(str(exc))}); install it "
+            f"(`pip install {name.split('.')[0]}`) or use a --registry that does not need it",
+            1,
+        )
+    if isinstance(exc, OSError):
+        path = exc.filename or ""
+        what = f" {path}" if path else ""
+        if exc.filename2:
+            what += f" -> {exc.filename2}"
+        code = exc.errno
+        if code == errno.ENOSPC:
+            return f"no space left on the device writing{what}; free some space or write the output elsewhere", 1
+        if code == errno.EROFS:
+            return f"read-only file system:{what}; write the output somewhere writable", 1
+        if code in (errno.EACCES, errno.EPERM):
+            return f"permission denied:{what}; check its permissions or write the output somewhere you may", 1
+        if code == errno.ENOENT:
+            return f"no such file or directory:{what}; check the path", 1
+        if code == errno.EDQUOT:
+            return f"disk quota exceeded writing{what}; free some space or write the output elsewhere", 1
+        return f"{exc.strerror or one_line(str(exc))}:{what}", 1
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a smaller --batch-size or a machine with more memory", 1
+    return (
+        f"unexpected {type(exc).__name__}: {one_line(str(exc))} (run with -v for the traceback, and please report it)",
+        1,
+    )
 
 
 def open_registry(registry: str | None, *, create: bool = False):
     """The registry named by the command's ``--registry``, else by ``patchlab -R``, else the default.
 
-    Hub downloads it makes (a base from the Hub, fetched on first use) draw their progress with rich on stderr
-    when it is a terminal and ``-q`` was not given."""
+    Its bases' and derived models' directories join the command's protected outputs."""
+    from patchlab.io.outputs import current_guard
     from registry import Registry
 
-    return Registry(registry or STATE.registry, create=create, hub_progress=hub_bars())
+    reg = Registry(registry or STATE.registry, create=create, hub_progress=hub_bars())
+    g = current_guard()
+    if g is not None:
+        protect_home(g, reg.home)
+        try:
+            for path, what in reg.protected_paths():
+                g.protect(path, what)
+        except BaseException:
+            reg.close()
+            raise
+    return reg
 
 
 def hub_bars() -> type | bool:
@@ -232,6 +386,23 @@ def hub_bars() -> type | bool:
                     shared["progress"] = None
 
     return RichBar
+
+
+def will_register(reg) -> None:
+    """The command's outputs are meant for ``reg``: their markers say so, so a rerun after a crash between
+    the output and its registry row finishes the job instead of refusing an existing output."""
+    from patchlab.io.outputs import current_guard
+
+    g = current_guard()
+    if g is not None and reg is not None:
+        g.registry = str(reg.home)
+
+
+def registered(path, ref: str) -> None:
+    """The output at ``path`` now has its registry row."""
+    from patchlab.io.outputs import mark_registered
+
+    mark_registered(path, ref)
 
 
 def is_ref(s: str) -> bool:

@@ -6,6 +6,7 @@ They parse, resolve registry references, call the library (``patchlab.measure.ev
 
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -108,7 +109,8 @@ def load_flip_side(
     kw = {"metric": metric, "score_metric": score_metric}
     if p.is_dir():
         return read_samples_dir(p, tasks=tasks, **kw), f"lm-eval samples {p}"
-    return _only_tasks(read_samples(p, **kw), tasks, spec), f"lm-eval samples {p}"
+    named = tasks[0] if tasks and len(tasks) == 1 else None  # a file named otherwise: --task names its task
+    return _only_tasks(read_samples(p, task=named, **kw), tasks, spec), f"lm-eval samples {p}"
 
 
 def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[Any]:
@@ -120,14 +122,33 @@ def _only_tasks(records: list[Any], tasks: list[str] | None, spec: str) -> list[
     return [r for r in records if r.task in tasks]
 
 
+def _check_replaceable_result(path: Path) -> None:
+    """``eval -o`` replaces only an earlier patchlab result: never a file of the user's own."""
+    from patchlab.measure.results import RESULTS_FORMAT
+
+    try:
+        ok = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("format") == RESULTS_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CliInputError(
+            f"-o {path}: it exists and is not a patchlab evaluation result; choose another -o file "
+            "(an earlier result is replaced)"
+        )
+
+
 def write_report_files(report: dict, out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Render ``report`` in each format into ``out_dir/report.<ext>``; each file appears whole (temp + rename)."""
+    from patchlab.io.outputs import check_output, new_marker, read_marker, write_marker
     from patchlab.report.render import render
 
+    check_output(out_dir, True, "report")  # only an empty directory or an earlier report is written into
     texts = {fmt: render(report, fmt) for fmt in formats}  # render everything before writing anything
     written = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if read_marker(out_dir) is None:
+            write_marker(out_dir, new_marker("report"))
         for fmt, text in texts.items():
             dest = out_dir / f"report.{fmt}"
             tmp = dest.with_name(dest.name + ".partial")
@@ -161,6 +182,9 @@ def eval_cmd(
         typer.Option(help="Store the result in the registry against this reference (automatic for references)."),
     ] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="Never store the result in the registry.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Drop prompt tokens from the left when a prompt is over the context.")
+    ] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -172,6 +196,8 @@ def eval_cmd(
         raise CliInputError("--record and --no-record contradict each other; pass one")
     if output is not None and not output.parent.is_dir():
         raise CliInputError(f"-o {output}: directory {output.parent} does not exist; create it first")
+    if output is not None and output.exists():
+        _check_replaceable_result(output)
     for t in tasks:  # every task file problem before any model is loaded or registry opened
         load_task(t)
     quiet_transformers()
@@ -192,6 +218,7 @@ def eval_cmd(
             max_new_tokens=max_new_tokens,
             device=device,
             model_name=label,
+            on_overflow="truncate" if truncate else "error",
         )
         if output is not None:
             res.save(output)
@@ -464,6 +491,9 @@ def report_cmd(
         raise CliInputError(f"unknown --format {fmt!r}; use md, json, html or all")
     if output.exists() and not output.is_dir():
         raise CliInputError(f"{output} exists and is not a directory; -o names a directory for the report files")
+    from patchlab.io.outputs import check_output
+
+    check_output(output, True, "report")  # before the work: only an empty dir or an earlier report
     for f in eval_files or ():
         load_task(f)
     ids, texts = load_prompts(prompts) if prompts is not None else (None, [])

@@ -4,7 +4,7 @@
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -35,8 +35,13 @@ def demo(
     out = console()
     log = (lambda s: None) if json_out or STATE.quiet else (lambda s: out.print(f"[dim]•[/] {s}"))
     if work is None:
-        with tempfile.TemporaryDirectory(prefix="patchlab-demo-") as tmp:
-            result = run_demo(Path(tmp), fixtures, device=device, log=log)
+        from patchlab.io.outputs import scratch_dir
+
+        tmp = scratch_dir(None, "patchlab-demo-")  # marked with this process: `patchlab gc` finds it if killed
+        try:
+            result = run_demo(tmp, fixtures, device=device, log=log)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     else:
         result = run_demo(work, fixtures, device=device, log=log)
     if json_out:

@@ -16,6 +16,7 @@ from cli.common import (
     JsonOpt,
     OverwriteOpt,
     RankOpt,
+    RegistryOpt,
     SeedOpt,
     SparseMethodOpt,
     StorageDtypeOpt,
@@ -24,6 +25,8 @@ from cli.common import (
     escape,
     fmt_size,
     handled,
+    is_ref,
+    open_registry,
     print_json,
 )
 
@@ -107,18 +110,26 @@ def export_peft_cmd(
     patch: Annotated[Path, typer.Argument(help="Patch directory (low-rank entries become LoRA modules).")],
     out: Annotated[Path, typer.Argument(help="Adapter directory to write.")],
     base: Annotated[
-        Path | None, typer.Option(help="Base checkpoint: dense/sparse tensors go to modules_to_save.")
+        str | None,
+        typer.Option(
+            help="Base checkpoint (a directory or family@version): dense/sparse tensors go to modules_to_save; "
+            "recorded as the adapter's base."
+        ),
     ] = None,
     base_model_name_or_path: Annotated[
         str | None, typer.Option(help="Recorded in adapter_config.json (default: the patch's base path).")
     ] = None,
     skip_dense: Annotated[bool, typer.Option(help="Leave dense/sparse tensors out of the adapter.")] = False,
     overwrite: OverwriteOpt = False,
+    registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Write a low-rank patch as a PEFT LoRA adapter that PeftModel.from_pretrained loads."""
     from patchlab.methods.peft import export_peft
 
+    if base is not None and is_ref(base):
+        with open_registry(registry) as reg:
+            base = str(reg.checkpoint_path(base))
     path = export_peft(
         patch,
         out,

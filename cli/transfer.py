@@ -32,7 +32,9 @@ from cli.common import (
     is_ref,
     open_registry,
     print_json,
+    registered,
     status,
+    will_register,
 )
 
 app = typer.Typer()
@@ -76,6 +78,13 @@ def diff(
     reg = None if no_register and not is_ref(base) else open_registry(registry)
     try:
         base_path = reg.checkpoint_path(base) if reg is not None else base
+        if not no_register and reg is not None:
+            # every precondition of the registration, before a byte is written
+            reg.check_patch_registration(
+                out, name=name, base=base if is_ref(base) else None, base_path=base_path, parents=parent or (),
+                relation=relation,
+            )
+            will_register(reg)
         if encoded:
             from patchlab.methods.compress import extract_encoded
 
@@ -106,6 +115,7 @@ def diff(
             info = reg.add_patch(
                 patch.path, name=name, base=base if is_ref(base) else None, parents=parent or (), relation=relation
             )
+            registered(patch.path, info.ref)
     finally:
         if reg is not None:
             reg.close()
@@ -131,6 +141,9 @@ def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Ca
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
         force: Annotated[bool, typer.Option(help=force_help)] = False,
+        allow_nonfinite: Annotated[
+            bool, typer.Option("--allow-nonfinite", help="Write the model even if weights are NaN/Inf.")
+        ] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
         no_register: NoRegisterOpt = False,
         registry: RegistryOpt = None,
@@ -144,6 +157,10 @@ def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Ca
         try:
             patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
             target_path = reg.checkpoint_path(target) if reg is not None else target
+            if reg is not None and not no_register and is_ref(patch):
+                if target is not None and is_ref(target):
+                    reg.get_base(target)  # recorded below: it must resolve before anything is written
+                will_register(reg)
             with ByteProgress(f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)) as progress:
                 result = fn(
                     patch_dir,
@@ -156,6 +173,7 @@ def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Ca
                     force=force,
                     dry_run=dry_run,
                     progress=progress,
+                    allow_nonfinite=allow_nonfinite,
                 )
             if dry_run:
                 return print_json(result.to_json()) if json_out else typer.echo(result.render())
@@ -164,6 +182,7 @@ def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Ca
                 derived = reg.add_derived(
                     patch, result.path, base=target if is_ref(target) else None, kind=op, parameters={"alpha": alpha}
                 )
+                registered(result.path, derived.ref)
         finally:
             if reg is not None:
                 reg.close()

@@ -39,6 +39,10 @@ class UnsupportedAdapterError(PatchlabError, ValueError):
     """The adapter is valid PEFT but not a plain LoRA patchlab can turn into ΔW (DoRA, LoHa, IA3...)."""
 
 
+class ModelLoadError(PatchlabError, ValueError):
+    """A model directory cannot be loaded as a transformers model (config, tokenizer or weights)."""
+
+
 # ---- plans and transfers ---------------------------------------------------------------------------
 class IncompatiblePatchError(PatchlabError, ValueError):
     """A patch does not fit the checkpoint it is applied or ported to."""
@@ -48,7 +52,11 @@ class PlanError(PatchlabError, ValueError):
     """A plan found problems it will not resolve silently; the message names the option that would."""
 
 
-class NonFiniteDeltaError(PatchlabError, ValueError):
+class NonFiniteError(PatchlabError, ValueError):
+    """A tensor read or produced holds NaN or Inf (the message names it and the option that allows it)."""
+
+
+class NonFiniteDeltaError(NonFiniteError):
     """A delta contains NaN or Inf."""
 
 
@@ -92,6 +100,11 @@ class UnsupportedArchitectureError(EditError):
 # ---- outputs and devices ---------------------------------------------------------------------------
 class OutputExistsError(PatchlabError, FileExistsError):
     """The output directory exists and ``overwrite`` was not given."""
+
+
+class UnsafeOutputError(OutputExistsError):
+    """The output may not be written or replaced: the current directory or a parent of it, the registry
+    home, a registered model's directory, or a directory patchlab did not write (or of another kind)."""
 
 
 class NoSpaceError(PatchlabError, OSError):

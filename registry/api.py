@@ -20,12 +20,13 @@ from registry.evaluations import Evaluations
 from registry.labels import Labels
 from registry.lineage import Lineage
 from registry.maintenance import Maintenance
+from registry.outputs import Outputs
 from registry.patches import Patches
 from registry.pushes import Pushes
 from registry.upgrades import Upgrades
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance, Upgrades):
+class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance, Upgrades, Outputs):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from registry import refs
 from registry.db import retry_locked
-from registry.errors import AlreadyExistsError, UnknownReferenceError
+from registry.errors import AlreadyExistsError, BaseChangedError, InvalidReferenceError, UnknownReferenceError
 from registry.records import BaseInfo, timestamp
 from registry.rows import AliasRow, BaseVersionRow, FamilyRow, TagRow
 from registry.topic import Topic, group
@@ -35,6 +35,7 @@ class Bases(Topic):
         release_order: int | None = None,
         fingerprint: bool = True,
         download: bool = True,
+        allow_nonfinite: bool = False,
     ) -> BaseInfo:
         """Record a base version by location and fingerprint (its weights are never copied).
 
@@ -46,11 +47,14 @@ class Bases(Topic):
         40-hex sha is then recorded without asking the Hub (it is checked by that first download).
         For a local directory the fingerprint, parameter count, dtype and vocabulary come from ``Checkpoint``
         unless given.
+        Local weights holding NaN/Inf are refused (unless ``allow_nonfinite``), and the sizes and modification
+        times of a local base's files are recorded so a later change is caught before use.
         """
         refs.validate_name(family, "family name")
         refs.validate_version_label(version)
         src = os.fspath(source)
         local = Path(src).expanduser()
+        stats = None
         if revision is None and (local.exists() or refs.looks_like_path(src)):
             if not local.is_dir():
                 raise UnknownReferenceError(
@@ -59,7 +63,8 @@ class Bases(Topic):
                 )
             kind, src = "local", str(local.resolve())
             if fingerprint:
-                facts = checkpoint_facts(local)
+                facts = checkpoint_facts(local, allow_nonfinite=allow_nonfinite, label=f"{family}@{version}")
+                stats = facts.get("file_stats")
                 architecture = architecture or facts.get("architecture")
                 content = content or facts.get("content")
                 num_parameters = num_parameters if num_parameters is not None else facts.get("num_parameters")
@@ -122,6 +127,7 @@ class Bases(Topic):
                     dtype=dtype,
                     vocab_size=vocab_size,
                     release_order=order,
+                    file_stats=stats,
                 )
                 s.add(bv)
                 s.flush()
@@ -152,6 +158,7 @@ class Bases(Topic):
             return Path(ref_or_path).expanduser()
         b = self.get_base(os.fspath(ref_or_path))
         if b.source_kind != "hub":
+            self.check_base_files(b.ref)
             return Path(b.source)
         return self._hub_checkpoint(b)
 
@@ -182,6 +189,77 @@ class Bases(Topic):
                 bv.vocab_size = bv.vocab_size if bv.vocab_size is not None else facts.get("vocab_size")
 
         retry_locked(run)
+
+    def check_base_files(self, ref: str) -> None:
+        """Cheap re-verification before a local base is used: its directory exists and every file recorded at
+        registration has the same size and modification time. Raises ``BaseChangedError`` naming the base
+        and the command that re-registers it."""
+        with self.db.read() as s:
+            bv = s.get(BaseVersionRow, refs.resolve_base(s, ref).id)
+            label = refs.resolve_base(s, ref).label
+            source, recorded = bv.source, bv.file_stats
+        problem = base_file_problem(Path(source), recorded)
+        if problem is not None:
+            raise BaseChangedError(changed_message(label, source, problem))
+
+    def refresh_base(self, ref: str) -> BaseInfo:
+        """Re-hash a local base whose files were touched: when its content is what was registered, record
+        its files' new sizes and times; when the weights changed, refuse (register them as a new version)."""
+        b = self.get_base(ref)
+        if b.source_kind != "local":
+            raise InvalidReferenceError(f"base {b.ref} is a Hub base; only local bases are re-verified")
+        facts = checkpoint_facts(Path(b.source), allow_nonfinite=True, label=b.ref)
+        if b.content and facts["content"] != b.content:
+            raise BaseChangedError(
+                f"base {b.ref}: the weights in {b.source} are no longer the ones registered (content "
+                f"{b.content[:12]} -> {facts['content'][:12]}); restore the original files, or register these "
+                f"as a new version: `patchlab base add {b.family}@NEW {b.source}`"
+            )
+
+        def run() -> BaseInfo:
+            with self.db.write() as s:
+                bv = s.get(BaseVersionRow, b.id)
+                bv.file_stats = facts["file_stats"]
+                if bv.content is None:
+                    bv.content = facts["content"]
+                s.flush()
+                return base_infos(s, [b.id])[0]
+
+        return retry_locked(run)
+
+    def verify_bases(self, *, full: bool = False) -> list[tuple[str, str]]:
+        """(base, problem) for every local base whose directory is gone or whose files changed since
+        registration; ``full`` also re-hashes the weights against the recorded content fingerprint."""
+        with self.db.read() as s:
+            rows = s.execute(
+                select(
+                    FamilyRow.name,
+                    BaseVersionRow.version,
+                    BaseVersionRow.source,
+                    BaseVersionRow.file_stats,
+                    BaseVersionRow.content,
+                )
+                .join(FamilyRow, FamilyRow.id == BaseVersionRow.family_id)
+                .where(BaseVersionRow.source_kind == "local")
+                .order_by(FamilyRow.name, BaseVersionRow.release_order)
+            ).all()
+        out: list[tuple[str, str]] = []
+        for fam, ver, src, stats, content in rows:
+            label = refs.base_label(fam, ver)
+            problem = base_file_problem(Path(src), stats)
+            if problem is None and full and content:
+                from patchlab.errors import PatchlabError
+
+                try:
+                    have = checkpoint_facts(Path(src), allow_nonfinite=True, label=label, stats=False)["content"]
+                except PatchlabError as exc:
+                    problem = f"cannot be read ({exc})"
+                else:
+                    if have != content:
+                        problem = f"its weights changed (content {content[:12]} -> {have[:12]})"
+            if problem is not None:
+                out.append((label, problem))
+        return out
 
     def checkpoint_location(self, ref_or_path: str | os.PathLike[str]) -> str:
         """Where a checkpoint is: a plain path as given, else the base version's path (or Hub id@rev)."""
@@ -226,16 +304,71 @@ def base_infos(s: Session, ids: Sequence[int]) -> list[BaseInfo]:
     return [by_id[i] for i in ids if i in by_id]
 
 
-def checkpoint_facts(path: Path) -> dict[str, Any]:
-    """Fingerprint and facts of a local checkpoint (``patchlab.io.checkpoint``)."""
+def checkpoint_facts(
+    path: Path, *, allow_nonfinite: bool = False, label: str = "", stats: bool = True
+) -> dict[str, Any]:
+    """Fingerprint and facts of a local checkpoint (``patchlab.io.checkpoint``), its files' sizes and
+    times, and a refusal of NaN/Inf weights (unless ``allow_nonfinite``)."""
+    from patchlab.errors import NonFiniteError
     from patchlab.io.checkpoint import Checkpoint  # lazy: torch is not needed to list a registry
 
     ck = Checkpoint.open(path)
+    file_stats = file_stats_of(path, ck.weight_files()) if stats else None  # before reading: a race shows
     fp = ck.fingerprint()
+    if not allow_nonfinite:
+        bad = ck.nonfinite()
+        if bad:
+            raise NonFiniteError(
+                f"base {label or path}: {', '.join(bad)} in {path} hold NaN/Inf; a port or apply onto it would "
+                "write non-finite weights. Fix the checkpoint, or pass --allow-nonfinite if it is meant"
+            )
     return {
         "architecture": fp.architecture,
         "content": fp.content,
         "num_parameters": ck.num_parameters,
         "dtype": str(ck.dtype),
         "vocab_size": ck.vocab_size,
+        "file_stats": file_stats,
     }
+
+
+STAT_EXTRA = ("config.json",)
+
+
+def file_stats_of(path: Path, weight_files: Sequence[str]) -> dict[str, list[int]]:
+    """``{file: [size, mtime_ns]}`` of a checkpoint's weight files (and its config)."""
+    out: dict[str, list[int]] = {}
+    for name in [*weight_files, *STAT_EXTRA]:
+        p = path / name
+        if p.is_file():
+            st = p.stat()
+            out[name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def base_file_problem(path: Path, recorded: dict[str, list[int]] | None) -> str | None:
+    """What changed in a local base's directory since its files were recorded (None: nothing seen)."""
+    if not path.is_dir():
+        return f"its directory {path} is gone"
+    if not recorded:
+        return None
+    for name, (size, mtime_ns) in sorted(recorded.items()):
+        try:
+            st = (path / name).stat()
+        except OSError:
+            return f"{name} is gone"
+        if st.st_size != size:
+            return f"{name} changed size ({size} -> {st.st_size} bytes)"
+        if st.st_mtime_ns != mtime_ns:
+            return f"{name} was modified after registration"
+    return None
+
+
+def changed_message(label: str, source: str, problem: str) -> str:
+    family = label.rsplit("@", 1)[0]
+    return (
+        f"base {label} changed on disk since it was registered: {problem}; a patch made on it would no longer "
+        f"reproduce its fine-tune. If only the file times changed, re-verify it with `patchlab base refresh "
+        f"{label}`; if the weights changed, register them as a new version: `patchlab base add {family}@NEW "
+        f"{source}`"
+    )

@@ -66,10 +66,11 @@ class BlobStore:
 
     def _install(self, tmp_path: Path, digest: str) -> Path:
         dest = self.path(digest)
-        if dest.exists():
+        if dest.exists() and self.check(digest) == "ok":
             os.unlink(tmp_path)
             os.utime(dest)  # refresh: a concurrent gc must see this blob as young
             return dest
+        # absent, or present but damaged: the good bytes in hand replace it (this is how re-adding repairs)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
         os.replace(tmp_path, dest)
@@ -77,7 +78,7 @@ class BlobStore:
 
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        if self.has(digest):
+        if self.has(digest) and self.check(digest) == "ok":
             os.utime(self.path(digest))
             return digest
         self._ensure()

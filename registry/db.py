@@ -30,7 +30,7 @@ SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: The newest schema revision this patchlab knows; a test checks it is the Alembic head.
 SCHEMA_HEAD = "0006"
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0006")
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 BUSY_TIMEOUT_MS = 30_000
 #: PostgreSQL: the transaction-scoped advisory lock every write transaction takes first, so writers
 #: to one registry database run one at a time, as SQLite's ``BEGIN IMMEDIATE`` makes them.
@@ -72,6 +72,17 @@ class Location:
         if not db or db == ":memory:" or db.startswith("file:"):
             return None
         return Path(db)
+
+    @property
+    def read_only(self) -> bool:
+        """A file-backed SQLite registry opened read-only: asked for (``?mode=ro`` in the URL, or
+        ``PATCHLAB_READ_ONLY=1``), or its database file or directory cannot be written (a read-only mount)."""
+        path = self.sqlite_path
+        if path is None:
+            return False
+        if make_url(self.url).query.get("mode") == "ro" or os.environ.get("PATCHLAB_READ_ONLY") == "1":
+            return True
+        return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
 def default_home() -> Path:
@@ -154,7 +165,19 @@ def make_engine(location: Location) -> Engine:
         return _make_pg_engine(location)
     if not location.is_sqlite:
         return _create_engine(location, pool_pre_ping=True)
-    engine = _create_engine(location, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    read_only = location.read_only
+    if read_only:
+        # SQLite's own read-only open. With nothing pending in a write-ahead log (a registry every writer
+        # closed cleanly), or where no -shm/-wal can be made (a read-only mount), the file is also declared
+        # immutable: SQLite then creates nothing beside it and takes no locks.
+        path = location.sqlite_path
+        wal = path.with_name(path.name + "-wal")
+        pending = wal.exists() and wal.stat().st_size > 0
+        flags = "mode=ro" if pending and os.access(path.parent, os.W_OK) else "mode=ro&immutable=1"
+        url = f"sqlite:///file:{path}?{flags}&uri=true"
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    else:
+        engine = _create_engine(location, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
@@ -162,7 +185,7 @@ def make_engine(location: Location) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
-        if location.sqlite_path is not None:
+        if location.sqlite_path is not None and not read_only:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
@@ -378,6 +401,11 @@ def open_database(location: Location, *, create: bool) -> Database:
                 f"the database at {location.url} holds no registry yet; create one with `patchlab init`"
             )
         if rev != SCHEMA_HEAD:
+            if location.read_only:
+                raise RegistrySchemaError(
+                    f"the registry at {location.url} is read-only and its schema ({rev}) is older than this "
+                    f"patchlab's ({SCHEMA_HEAD}); open it once where it can be written to upgrade it"
+                )
             upgrade_schema(db)
     except BaseException:
         db.dispose()

@@ -38,6 +38,10 @@ class InvalidReferenceError(ReferenceError_):
     """A reference is malformed (e.g. an empty name or a too-short digest prefix)."""
 
 
+class BaseChangedError(RegistryError):
+    """A registered local base's files changed (or vanished) since registration."""
+
+
 class AlreadyExistsError(RegistryError):
     """An entry with this identity already exists."""
 

@@ -152,7 +152,7 @@ class Evaluations(Topic):
         with self.db.read() as s:
             ev = s.get(EvaluationRow, evaluation_id)
             if ev is None:
-                raise UnknownReferenceError(f"no evaluation {evaluation_id} (list them with Registry.list_evaluations)")
+                raise UnknownReferenceError(f"no evaluation {evaluation_id} (list them with `patchlab evals ls`)")
             return eval_info(s, ev, results=True)
 
     def record_eval_result(

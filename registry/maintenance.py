@@ -92,7 +92,20 @@ class Maintenance(Topic):
 
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Delete blobs no row refers to, older than ``grace_seconds`` (a patch being added right now
-        writes its blobs before its row; the grace period keeps them). Also prunes stale cache entries."""
+        writes its blobs before its row; the grace period keeps them). Also prunes stale cache entries, and
+        removes what killed commands left: partial outputs beside the outputs the registry knows of and
+        scratch copies, whose process is gone (or, when that cannot be told, older than the grace period).
+        Orphaned outputs (complete, never recorded) are listed, not removed: rerunning the command that made
+        one finishes its job."""
+        leftovers = self.leftovers(grace_seconds)  # type: ignore[attr-defined]
+        orphans = self.orphans()  # type: ignore[attr-defined]
+        left_bytes = sum(x.size for x in leftovers)
+        if not dry_run:
+            from patchlab.io.outputs import remove_leftover
+
+            for x in leftovers:
+                remove_leftover(x)
+            self.prune_journal()  # type: ignore[attr-defined]
         referenced = self.referenced_digests()
         removed, freed, kept, young = [], 0, 0, 0
         for dg in list(self.blobs.iter_digests()):
@@ -115,10 +128,21 @@ class Maintenance(Topic):
                 for d in patches_cache.iterdir():
                     if d.name not in referenced:
                         shutil.rmtree(d, ignore_errors=True)
-        return GcReport(tuple(removed), freed, kept, young, dry_run)
+        return GcReport(
+            tuple(removed),
+            freed,
+            kept,
+            young,
+            dry_run,
+            leftovers=tuple(f"{x.what}: {x.path}" for x in leftovers),
+            leftover_bytes=left_bytes,
+            orphans=tuple(str(p) for p in orphans),
+        )
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every referenced blob; report the missing or damaged ones and the patches they break."""
+    def verify(self, *, full_bases: bool = False) -> VerifyReport:
+        """Re-hash every referenced blob; report the missing or damaged ones and the patches they break.
+        Local bases are checked too: their files' sizes and times against those recorded at registration
+        (``full_bases``: their weights re-hashed against the content fingerprint)."""
         referenced = self.referenced_digests()
         problems = []
         for dg in sorted(referenced):
@@ -133,7 +157,12 @@ class Maintenance(Topic):
                 .order_by(FamilyRow.name, BaseVersionRow.release_order)
             ).all()
         missing_bases = tuple(f"{fam}@{ver}" for fam, ver, src in local_bases if not Path(src).is_dir())
-        return VerifyReport(len(referenced), tuple(problems), missing_bases)
+        changed = tuple(
+            (label, why)
+            for label, why in self.verify_bases(full=full_bases)  # type: ignore[attr-defined]
+            if label not in missing_bases
+        )
+        return VerifyReport(len(referenced), tuple(problems), missing_bases, changed, len(local_bases))
 
 
 def dependants(s: Session, closure: set[int], base_ids: set[int], root_patch: int | None) -> list[str]:

@@ -147,6 +147,47 @@ class Patches(Topic):
             ids = list(s.execute(select(PatchRow.id).where(PatchRow.digest == digest).order_by(PatchRow.id)).scalars())
             return patch_infos(s, ids[-1:])[0] if ids else None
 
+    def check_patch_registration(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        base: str | None = None,
+        base_path: str | os.PathLike[str] | None = None,
+        parents: Iterable[str] = (),
+        relation: str = "port",
+    ) -> None:
+        """Everything :meth:`add_patch` would refuse about a patch still to be written at ``out`` from
+        ``base`` (a reference, else the checkpoint at ``base_path``): name, relation, parents, base. Lets a
+        command fail before it writes anything."""
+        refs.validate_name(name if name is not None else default_name(Path(out).expanduser()))
+        if relation not in PARENT_RELATIONS:
+            raise InvalidReferenceError(f"--relation must be one of {', '.join(PARENT_RELATIONS)}, not {relation!r}")
+        with self.db.read() as s:
+            for p in parents:
+                refs.resolve_patch(s, p)
+            if base is not None:
+                refs.resolve_base(s, base)
+                return
+            if base_path is None:
+                return
+            src = str(Path(base_path).expanduser().resolve())
+            hit = s.execute(
+                select(BaseVersionRow.id).where(BaseVersionRow.source_kind == "local", BaseVersionRow.source == src)
+            ).first()
+        if hit is not None:
+            return
+        from patchlab.io.checkpoint import Checkpoint  # lazy: torch
+
+        content = Checkpoint.open(base_path).content_digest
+        with self.db.read() as s:
+            hit = s.execute(select(BaseVersionRow.id).where(BaseVersionRow.content == content)).first()
+        if hit is None:
+            raise UnknownReferenceError(
+                f"the base {base_path} is not in the registry, so the patch could not be registered; register "
+                "it first with `patchlab base add FAMILY@VERSION PATH`, or pass --no-register"
+            )
+
     def get_patch(self, ref: str, *, detail: bool = False) -> PatchInfo:
         with self.db.read() as s:
             return patch_infos(s, [refs.resolve_patch(s, ref).id], detail=detail)[0]

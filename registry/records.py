@@ -171,10 +171,12 @@ class VerifyReport:
     checked: int
     problems: tuple[BlobProblem, ...]
     missing_bases: tuple[str, ...]  # local base versions whose directory is gone
+    changed_bases: tuple[tuple[str, str], ...] = ()  # (base, what changed) for local bases changed on disk
+    checked_bases: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.changed_bases
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -182,6 +184,8 @@ class VerifyReport:
             "checked": self.checked,
             "problems": [fields_dict(p) for p in self.problems],
             "missing_bases": list(self.missing_bases),
+            "changed_bases": [{"base": b, "problem": why} for b, why in self.changed_bases],
+            "checked_bases": self.checked_bases,
         }
 
 
@@ -192,6 +196,9 @@ class GcReport:
     kept: int
     skipped_young: int
     dry_run: bool
+    leftovers: tuple[str, ...] = ()  # partial outputs and scratch copies killed commands left
+    leftover_bytes: int = 0
+    orphans: tuple[str, ...] = ()  # complete outputs never recorded: rerun their command to finish
 
     def to_dict(self) -> dict[str, Any]:
         return fields_dict(self)

@@ -98,6 +98,12 @@ def resolve_base(s: Session, ref: str) -> Target:
         prefix_hits = _content_prefix(s, ref) if tail is None else []
         if len(prefix_hits) == 1:
             return prefix_hits[0]
+        if len(prefix_hits) > 1:
+            raise AmbiguousReferenceError(
+                f"content prefix {ref!r} matches {len(prefix_hits)} bases: "
+                + ", ".join(h.label for h in prefix_hits)
+                + "; name one of them (family@version) or type more digits"
+            )
         raise UnknownReferenceError(
             f"no base family {head!r} in the registry{close_matches(head, names)} "
             "(list them with `patchlab ls --bases`; add one with `patchlab base add`)"
@@ -109,9 +115,17 @@ def resolve_base(s: Session, ref: str) -> Target:
             raise UnknownReferenceError(f"base family {head!r} has no versions; add one with `patchlab base add`")
         return Target("base", bv.id, base_label(head, bv.version))
     bv = s.execute(q.where(BaseVersionRow.version == tail)).scalar_one_or_none()
-    if bv is not None:
-        return Target("base", bv.id, base_label(head, bv.version))
     alias = _alias(s, "family", head, tail)
+    if bv is not None:
+        if alias is not None and alias.base_version_id not in (None, bv.id):
+            other = s.execute(
+                select(BaseVersionRow.version).where(BaseVersionRow.id == alias.base_version_id)
+            ).scalar_one()
+            raise AmbiguousReferenceError(
+                f"{ref!r} names both version {base_label(head, bv.version)} and alias {head}@{tail} -> "
+                f"{base_label(head, other)}; rename the alias (`patchlab alias rm {head}@{tail}`)"
+            )
+        return Target("base", bv.id, base_label(head, bv.version))
     if alias is not None and alias.base_version_id is not None:
         version = s.execute(
             select(BaseVersionRow.version).where(BaseVersionRow.id == alias.base_version_id)
@@ -180,15 +194,28 @@ def resolve_patch(s: Session, ref: str) -> Target:
                     + ", ".join(f"{r[1]}@{r[2]} ({r[3][:12]})" for r in rows[:10])
                     + "; type more digits"
                 )
+            if len(rows) > 1:
+                # identical content registered under several names: refuse rather than pick one
+                raise AmbiguousReferenceError(
+                    f"digest prefix {p!r} matches {len(rows)} registered patches with the same content: "
+                    + ", ".join(f"{r[1]}@{r[2]}" for r in sorted(rows, key=lambda r: (r[1], r[2]))[:10])
+                    + "; name the one you mean (name@version)"
+                )
             if rows:
-                # identical content registered under several names: newest registration wins
-                r = max(rows, key=lambda r: r[0])
+                r = rows[0]
                 if not hits or hits[0].id != r[0]:
                     hits.append(Target("patch", r[0], patch_label(r[1], r[2])))
+        alias_rows = s.execute(
+            select(AliasRow.scope, AliasRow.patch_id).where(AliasRow.scope_kind == "patch", AliasRow.name == head)
+        ).all()
+        clash = [r for r in alias_rows if hits and r[1] != hits[0].id]
+        if clash:
+            raise AmbiguousReferenceError(
+                f"{ref!r} is both {hits[0].label} and an alias ("
+                + ", ".join(f"{r[0]}@{head}" for r in clash)
+                + f"); say which: {hits[0].label} or {clash[0][0]}@{head}"
+            )
         if not hits:
-            alias_rows = s.execute(
-                select(AliasRow.scope, AliasRow.patch_id).where(AliasRow.scope_kind == "patch", AliasRow.name == head)
-            ).all()
             if len(alias_rows) == 1:
                 return _patch_target(s, alias_rows[0][1])
             if len(alias_rows) > 1:
@@ -209,11 +236,17 @@ def resolve_patch(s: Session, ref: str) -> Target:
         raise UnknownReferenceError(
             f"no patch {head!r} in the registry{close_matches(head, names)} (list them with `patchlab ls`)"
         )
+    alias = _alias(s, "patch", head, tail)
     if tail.isdigit():
         row = s.execute(select(PatchRow.id).where(PatchRow.name == head, PatchRow.version == int(tail))).first()
         if row is not None:
+            if alias is not None and alias.patch_id != row[0]:
+                other = _patch_target(s, alias.patch_id).label
+                raise AmbiguousReferenceError(
+                    f"{ref!r} names both version {patch_label(head, int(tail))} and alias {head}@{tail} -> "
+                    f"{other}; rename the alias (`patchlab alias rm {head}@{tail}`)"
+                )
             return Target("patch", row[0], patch_label(head, int(tail)))
-    alias = _alias(s, "patch", head, tail)
     if alias is not None:
         return _patch_target(s, alias.patch_id)
     versions = [

@@ -66,6 +66,8 @@ class BaseVersionRow(RowBase):
     vocab_size: Mapped[int | None] = mapped_column(Integer)
     release_order: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+    # weight file -> [size, mtime_ns] at registration (local bases): checked before every use
+    file_stats: Mapped[dict | None] = mapped_column(JSON)
 
 
 class PatchRow(RowBase):

@@ -108,8 +108,13 @@ def test_existing_output(tmp_path, pair):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         patchlab.extract(base, ft, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    p = patchlab.extract(base, ft, tmp_path / "out", overwrite=True)
-    assert not (p.path / "keep.txt").exists() and not no_partial_dirs(tmp_path)
+    # --overwrite replaces only what patchlab wrote: a directory of the user's own is refused (issue 10)
+    with pytest.raises(OutputExistsError, match="did not write it"):
+        patchlab.extract(base, ft, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    p = patchlab.extract(base, ft, tmp_path / "out2")
+    p = patchlab.extract(base, ft, tmp_path / "out2", overwrite=True)
+    assert p.path.is_dir() and not no_partial_dirs(tmp_path)
 
 
 def test_damaged_patch(tmp_path, pair):

@@ -10,19 +10,18 @@ temporary directory is removed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from patchlab.errors import DeviceError, NoSpaceError, OutputExistsError
+from patchlab.errors import DeviceError, NoSpaceError
+from patchlab.io.outputs import atomic_output, check_output  # the output rules live in io.outputs
 from patchlab.io.safetensors import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
@@ -310,31 +309,4 @@ def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
         release_scratch()
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output before any work is done."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory; remove it first")
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that becomes ``out`` only if the block succeeds."""
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+__all__ = ["Job", "Shard", "assemble", "atomic_output", "check_output", "run", "scratch", "worker_count"]

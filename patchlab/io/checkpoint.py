@@ -289,6 +289,29 @@ class Checkpoint:
             h.update(f"{name}\0{per_tensor[name]}\n".encode())
         return h.hexdigest()
 
+    def weight_files(self) -> list[str]:
+        """The files the weights are read from (shards, and the index when there is one)."""
+        files = list(dict.fromkeys(self.weight_map.values()))
+        for idx in (SAFE_INDEX, BIN_INDEX):
+            if (self.path / idx).is_file():
+                files.append(idx)
+        return files
+
+    def nonfinite(self, limit: int = 5) -> list[str]:
+        """Names of (up to ``limit``) floating-point tensors holding NaN or Inf; reads every weight once."""
+        from patchlab.kernels.delta import all_finite
+
+        bad: list[str] = []
+        for name in self.weight_map:
+            if not self._infos[name].dtype.is_floating_point:
+                continue
+            t = self.tensor(name)
+            if not all_finite(t):
+                bad.append(name)
+                if len(bad) >= limit:
+                    break
+        return bad
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

@@ -186,6 +186,7 @@ class Patch:
                     raise PatchFormatError(
                         f"{path / meta['file']} lacks {key!r} ({role} of {name!r}); the patch is damaged"
                     )
+            _check_stored(path, name, meta, p)
         return p
 
     def _file(self, fname: str) -> MappedFile:
@@ -400,3 +401,43 @@ class PatchWriter:
         }
         (self.root / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
         return manifest
+
+
+def _check_stored(path: Path, name: str, meta: dict, p: Patch) -> None:
+    """The shard's tensors of one entry have the shapes and dtypes its manifest entry implies."""
+    keys = meta.get("keys") or {}
+    if not keys:
+        return
+    f = p._file(meta["file"])
+    where = path / meta["file"]
+    shape = tuple(int(x) for x in meta.get("shape") or ())
+    dt = meta.get("dtype")
+    if dt is not None and not isinstance(getattr(torch, str(dt), None), torch.dtype):
+        raise PatchFormatError(f"{path / MANIFEST}: tensor {name!r} has unknown dtype {dt!r}; the patch is damaged")
+
+    def bad(role: str, want: str) -> PatchFormatError:
+        e = f.entries[keys[role]]
+        return PatchFormatError(
+            f"{where}: {keys[role]!r} ({role} of {name!r}) is {list(e.shape)} {str(e.dtype).removeprefix('torch.')}"
+            f" but the manifest needs {want}; the patch is damaged: re-extract it (`patchlab diff`)"
+        )
+
+    for role, key in keys.items():
+        e = f.entries[key]
+        if role == "indices":
+            if e.dtype.is_floating_point or e.dtype.is_complex or len(e.shape) != 1:
+                raise bad(role, "a 1-D integer tensor")
+        elif role in ("delta", "A", "B", "values") and not e.dtype.is_floating_point:
+            raise bad(role, "a floating-point tensor")  # a stored 'set' value keeps its own dtype
+    enc = meta.get("encoding", "dense")
+    if enc == "dense" and "delta" in keys and tuple(f.entries[keys["delta"]].shape) != shape:
+        raise bad("delta", f"shape {list(shape)}")
+    if enc == "lowrank" and {"A", "B"} <= set(keys) and len(shape) >= 2:
+        a, b = f.entries[keys["A"]].shape, f.entries[keys["B"]].shape
+        cols = math.prod(shape[1:])
+        if len(a) != 2 or len(b) != 2 or b[0] != shape[0] or a[1] != cols or a[0] != b[1]:
+            raise bad("B", f"B of {shape[0]}×r and A of r×{cols} for shape {list(shape)}")
+    if enc == "sparse" and {"indices", "values"} <= set(keys):
+        i, v = f.entries[keys["indices"]].shape, f.entries[keys["values"]].shape
+        if tuple(i) != tuple(v):
+            raise bad("values", f"as many values as indices ({list(i)})")

@@ -25,8 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -342,11 +340,10 @@ def write_peft_adapter(
     """
     from safetensors.torch import save_file
 
-    from patchlab.errors import OutputExistsError
+    from patchlab.io.outputs import atomic_output, check_output
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(out, overwrite, "adapter")
     full_weights = dict(full_weights or {})
     if not modules and not full_weights:
         raise PeftAdapterError("nothing to export: the patch has no low-rank tensors")
@@ -398,15 +395,7 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output(out, overwrite, "adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

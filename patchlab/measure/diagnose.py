@@ -23,9 +23,10 @@ import torch
 
 from patchlab.engine.devices import resolve_device
 from patchlab.engine.executor import Job, Shard, run
-from patchlab.errors import IncompatiblePatchError, PatchlabError
+from patchlab.errors import IncompatiblePatchError, NonFiniteError, PatchlabError
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch, PatchTensor
+from patchlab.kernels.delta import all_finite
 from patchlab.kernels.drift import DriftAccumulator, DriftStats, IntruderStats, intruder_dimensions
 from patchlab.measure.verdict import Thresholds, Verdict, port_verdict
 from patchlab.names import align_names, is_embedding, is_vocab_tensor, layer_of
@@ -140,6 +141,12 @@ def _drift_job(
         return bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
+        for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
+            if t.dtype.is_floating_point and not all_finite(t):
+                raise NonFiniteError(
+                    f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights mean "
+                    "nothing: fix the checkpoint or the patch"
+                )
         acc.update(*x)
         return x[2]
 

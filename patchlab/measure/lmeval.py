@@ -39,7 +39,7 @@ def task_from_filename(path: str | Path) -> str:
         return name[len("samples_") : -len(".jsonl")]
     raise LMEvalFormatError(
         f"{path}: not an lm-eval samples file name (expected samples_<task>_<date>.jsonl); "
-        "pass task= to name the task explicitly"
+        "pass task= (--task NAME) to name the task explicitly"
     )
 
 

@@ -3,6 +3,7 @@ drift and intruder statistics of :mod:`patchlab.measure.diagnose` and :class:`Th
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +74,13 @@ def port_verdict(
         reasons.append(f"[{_LEVELS[lv]}] {msg}")
 
     r = overall.drift_rel_delta
+    rb0, c0 = overall.drift_rel_base, overall.cos_drift_delta
+    if any(v is not None and not math.isfinite(v) for v in (r, rb0, c0)):
+        flag(
+            2,
+            f"the diagnostics are not finite (bases differ by {_fmt(r)}×, relative drift {_fmt(rb0)}, cos "
+            f"{_fmt(c0)}): a base or the patch holds NaN/Inf; nothing can be said about this port",
+        )
     if r is not None:
         if r > th.rel_delta_stop:
             flag(

@@ -173,7 +173,7 @@ def _write(
 ) -> Patch:
     ranks = _budget_ranks(items, enc, store) if enc.budget_bytes is not None else {}
     entries: dict[str, dict] = {}
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, "patch") as tmp:
         w = PatchWriter(tmp, max_shard_bytes)
         for it in items:
             meta = dict(it.meta)
@@ -246,7 +246,7 @@ def compress(
     enc = EncodingRequest(**encoding)
     src = Patch.open(patch)
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "patch")
     dev = resolve_device(device)
     prev = src.provenance.get("parameters", {}).get("storage_dtype", "float32")
     store = resolve_storage_dtype(storage_dtype, resolve_storage_dtype(prev))
@@ -319,7 +319,7 @@ def extract_encoded(
     store = resolve_storage_dtype(storage_dtype)
     plan = plan_extract(base_ck, ft_ck, vocab_policy=vocab_policy, storage_dtype=store)
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "patch")
     dev = resolve_device(device)
     _check_rank_fits(enc, [(s.name, tuple(s.shape)) for s in plan.steps if s.action == "diff"])
 

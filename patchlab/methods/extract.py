@@ -63,11 +63,11 @@ def extract(
     if dry_run:
         return plan
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "patch")
     dev = resolve_device(device)
     exact = store == torch.float32
     entries: dict[str, dict] = {}
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, "patch") as tmp:
         writer = PatchWriter(tmp, max_shard_bytes)
         fix = writer.add_fixups if exact else None
         jobs = {

@@ -641,7 +641,7 @@ def _write_model(
 ) -> Checkpoint:
     """``target + merged Δ`` as a model directory, in the target's shard layout, in one pass: each chunk's
     Δ is computed exactly as the merged patch would store it, then added as ``apply`` adds."""
-    from patchlab.methods.port import _write_model_meta
+    from patchlab.methods.port import finite_job, write_model_meta
 
     shards: dict[str, list[Job]] = {}
     for s in plan.steps:
@@ -655,7 +655,7 @@ def _write_model(
             job.dtype = parse_dtype(s.dtype) or job.dtype
         else:
             job = _copy_job(s, target)
-        shards.setdefault(file, []).append(job)
+        shards.setdefault(file, []).append(finite_job(job, target))  # a NaN in the base is refused too
     shard_list = [Shard(f, jobs) for f, jobs in shards.items()]
     with atomic_output(out, overwrite) as tmp:
         run(shard_list, tmp, dev, progress=progress)
@@ -664,7 +664,7 @@ def _write_model(
             total = sum(sh.nbytes for sh in shard_list)
             (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
         meta = inputs[0].patch.finetune_dir
-        _write_model_meta(tmp, target, _Meta(meta if meta.is_dir() else None), plan)
+        write_model_meta(tmp, target, _Meta(meta if meta.is_dir() else None), plan)
     return Checkpoint.open(out)
 
 

@@ -60,11 +60,11 @@ def import_peft(
     base_ck = Checkpoint.open(base)
     check_shapes(adapter, {n: base_ck.info(n).shape for n in base_ck.names}, tied=base_ck.tied)
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "patch")
     store = parse_dtype(storage_dtype) or torch.float32
     entries: dict[str, dict] = {}
     unused: list[dict] = []
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, "patch") as tmp:
         w = PatchWriter(tmp)
         for name in base_ck.names:  # checkpoint order
             e = adapter.entries.get(name)
@@ -157,7 +157,7 @@ def export_peft(
     """
     p = Patch.open(patch)
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "adapter")
     base_ck = Checkpoint.open(base) if base is not None else None
     cast = parse_dtype(dtype)
     modules: list[ExportModule] = []
@@ -202,8 +202,8 @@ def export_peft(
         A, B = e.stored("A").float(), e.stored("B").float()
         emb = is_input_embedding(name)
         modules.append(ExportModule(name, A, B, float(e.meta.get("scale", 1.0)), embedding=emb))
-    if base_model_name_or_path is None:
-        base_model_name_or_path = p.provenance.get("base", {}).get("path")
+    if base_model_name_or_path is None:  # the base it was given, else the one the patch was made on
+        base_model_name_or_path = str(base_ck.path) if base_ck is not None else p.provenance.get("base", {}).get("path")
     return write_peft_adapter(
         out,
         modules,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from patchlab import __version__
 from patchlab.engine.devices import resolve_device
 from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch
 from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta
-from patchlab.errors import NonFiniteDeltaError
+from patchlab.errors import NonFiniteDeltaError, NonFiniteError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype
 from patchlab.io.patch import Patch, tensor_digest
 from patchlab.kernels.delta import all_finite, bits, gather_rows, scaled_add_into
@@ -35,6 +36,7 @@ class ApplyOptions(TypedDict, total=False):
     force: bool  # accept a plan that skips more than 1% of the patch's parameters
     dry_run: bool  # return the Plan; write nothing
     progress: Progress | None  # called with the bytes written
+    allow_nonfinite: bool  # write NaN/Inf weights instead of refusing them
 
 
 def apply(
@@ -82,6 +84,7 @@ def _apply_source(
     force: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> Checkpoint | Plan:
     plan = plan_for(
         source,
@@ -95,21 +98,43 @@ def _apply_source(
     if dry_run:
         return plan
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, "model")
     dev = resolve_device(device)
     shards: dict[str, list[Job]] = {}
     for s in plan.steps:
         if s.action != "drop":
-            shards.setdefault(s.file or "model.safetensors", []).append(_apply_job(s, source, target, plan, dev))
+            job = _apply_job(s, source, target, plan, dev)
+            if not allow_nonfinite:
+                job = finite_job(job, target)
+            shards.setdefault(s.file or "model.safetensors", []).append(job)
     shard_list = [Shard(f, jobs) for f, jobs in shards.items()]
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, "model") as tmp:
         run(shard_list, tmp, dev, progress=progress)
         if len(shard_list) > 1 or target.sharded:
             wm = {j.name: sh.file for sh in shard_list for j in sh.jobs}
             total = sum(sh.nbytes for sh in shard_list)
             (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
-        _write_model_meta(tmp, target, source, plan)
+        write_model_meta(tmp, target, source, plan)
     return Checkpoint.open(out)
+
+
+def finite_job(job: Job, target: Checkpoint) -> Job:
+    """``job`` refusing NaN/Inf in what it produces (the target's own weights included), by tensor name."""
+    compute = job.compute
+    if not job.dtype.is_floating_point:
+        return job
+
+    def checked(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
+        out = compute(x, r0, r1)
+        if not all_finite(out):
+            src = f"{target.path} holds NaN/Inf in {job.name}" if job.name in target else "the patch holds NaN/Inf"
+            raise NonFiniteError(
+                f"the output tensor {job.name} has NaN/Inf in rows {r0}..{r1} ({src}); nothing was written. "
+                "Fix the input, or pass --allow-nonfinite if non-finite weights are meant"
+            )
+        return out
+
+    return dataclasses.replace(job, compute=checked)
 
 
 def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev: torch.device) -> Job:
@@ -181,7 +206,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     )
 
 
-def _write_model_meta(tmp: Path, target: Checkpoint, source: DeltaSource, plan: Plan) -> None:
+def write_model_meta(tmp: Path, target: Checkpoint, source: DeltaSource, plan: Plan) -> None:
     """Config and tokenizer from the target; generation config and chat template from the fine-tune."""
     meta = source.meta_dir
     if plan.out_vocab_rows and meta is not None:

@@ -9,23 +9,27 @@
 3. with prompts: TuCo of the ported model against the target base;
 4. assembles the report dict (:func:`patchlab.report.render.build_report`).
 
-Models it has to build go to a temporary directory that is removed afterwards (or to ``work_dir``).
+Models it has to build go to a temporary directory that is removed afterwards (or to ``work_dir``);
+it is marked with this process, so ``patchlab gc`` removes the copies a killed process leaves.
 """
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from patchlab.io.checkpoint import Checkpoint
+from patchlab.io.outputs import scratch_dir
 from patchlab.io.patch import Patch
 from patchlab.measure.diagnose import diagnose
 from patchlab.measure.evaluate import evaluate
 from patchlab.measure.flips import compare
 from patchlab.measure.tasks import Task
 from patchlab.report.render import build_report
+
+SCRATCH_PREFIX = "patchlab-compat-"
 
 
 def compatibility_report(
@@ -59,7 +63,9 @@ def compatibility_report(
     tuco_report = None
     notes: list[str] = []
     need_ported = bool(tasks) or bool(prompts)
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="patchlab-compat-") as tmp:
+    # a scratch directory marked with this process: `patchlab gc` removes it if the process is killed
+    tmp = scratch_dir(work_dir, SCRATCH_PREFIX)
+    try:
         plan = _port_plan(p, tgt, Path(tmp) / "plan", alpha, vocab_policy, notes)
         if need_ported and ported is None:
             import patchlab
@@ -97,6 +103,8 @@ def compatibility_report(
                 tuco_report = tc.measure(list(prompts), ids=prompt_ids, batch_size=batch_size)
             finally:
                 tc.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not tasks and not prompts:
         notes.append("weight-space diagnostics only: pass tasks for flips and prompts for TuCo")
     return build_report(

@@ -192,7 +192,7 @@ def report_dir(env):
 
 def test_report_writes_every_format(report_dir):
     out, js = report_dir
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".patchlab-output.json", "report.html", "report.json", "report.md"]
     rep = js["report"]
     assert js["verdict"] == rep["diagnostics"]["verdict"]["level"] == "safe to port"
     assert list(rep["evaluations"]) == ["old fine-tune", "new base", "ported"]
@@ -209,7 +209,7 @@ def test_report_writes_every_format(report_dir):
 def test_report_format_choice_and_mistakes(env, tmp_path):
     _invoke("-R", env["reg"], "report", "task", "tiny@v2", "-o", tmp_path / "r", "--format", "md",
             "--no-intruders", "--device", "cpu")  # fmt: skip
-    assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.md"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [".patchlab-output.json", "report.md"]
     md = (tmp_path / "r" / "report.md").read_text()
     assert md.startswith("# Porting task onto tiny@v2") and "**target reference**: tiny@v2" in md
     assert "## Verdict: **safe to port**" in md and "## Accuracy" not in md  # no --eval: weights only

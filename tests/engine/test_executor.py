@@ -134,3 +134,17 @@ def test_a_file_truncated_while_open_is_reported(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         f.rows("w", 50, 100)
     f.close()
+
+
+def test_atomic_output_marks_its_kind_even_when_not_told(tmp_path):
+    """A writer that does not name its kind (a new method) still leaves the right marker (issue 10)."""
+    import json
+
+    from patchlab.engine.executor import atomic_output
+
+    with atomic_output(tmp_path / "p") as tmp:
+        (tmp / "patch.json").write_text("{}")
+    assert json.loads((tmp_path / "p" / ".patchlab-output.json").read_text())["kind"] == "patch"
+    with atomic_output(tmp_path / "m") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert json.loads((tmp_path / "m" / ".patchlab-output.json").read_text())["kind"] == "model"

@@ -356,7 +356,12 @@ def test_output_exists(fam, tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         patchlab.merge([fam["a"], fam["b"]], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
-    out = patchlab.merge([fam["a"], fam["b"]], tmp_path / "out", overwrite=True)
+    # --overwrite replaces only what patchlab wrote: a directory of the user's own is refused (issue 10)
+    with pytest.raises(OutputExistsError, match="did not write it"):
+        patchlab.merge([fam["a"], fam["b"]], tmp_path / "out", overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep"]
+    patchlab.merge([fam["a"], fam["b"]], tmp_path / "own")
+    out = patchlab.merge([fam["a"], fam["b"]], tmp_path / "own", overwrite=True)
     assert (out.path / "patch.json").exists()
 
 
