@@ -21,6 +21,7 @@ from registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "fixtures" / "models"
 TASK = ROOT / "fixtures" / "eval" / "task.jsonl"
+EDITS = ROOT / "fixtures" / "edits" / "edits.jsonl"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def build_family(
     suite_lines: int = 12,
     backend: str = "sqlite",
     server: Any = None,
+    edit_patch: Path | None = None,
 ) -> Fam:
     """Build it under ``where`` (the blob home is ``where / "reg"``) on ``backend``."""
     where.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,8 @@ def build_family(
         reg.add_base("tiny", "v1", MODELS / "v1")
         reg.add_base("tiny", "v2", MODELS / "v2")
         for name in patches:
+            if name in ("blend", "facts"):
+                continue
             ft = MODELS / "ft-v1"
             if name == "stored":
                 ft = where / "ft-gone"
@@ -104,7 +108,32 @@ def build_family(
         reg.set_gate("tiny", family=True, suite=[str(suite)], expressions=["verdict != 'do not port'", "nfr <= 0.5"])
         if "strict" in patches:
             reg.set_gate("strict", expressions=["accuracy >= old + 0.5"])
+        if "blend" in patches:  # a merge of task and stored, with a recipe that has a seed and densities
+            m = patchlab.merge(
+                [reg.patch_path("task@1"), reg.patch_path("stored@1")],
+                where / "made" / "blend",
+                **BLEND_RECIPE,
+                device="cpu",
+            )
+            reg.add_patch(m.path, name="blend", base="tiny@v1", parents=["task@1", "stored@1"], relation="merge")
+        if "facts" in patches:  # an edit patch (LocFT-BF on 10 edits); made once by make_edit_patch
+            reg.add_patch(edit_patch or make_edit_patch(where / "edit"), name="facts", base="tiny@v1")
+            reg.set_gate("facts", expressions=["verdict != 'do not port'", "reliability >= 0.8"])
     return fam
+
+
+BLEND_RECIPE = {"method": "ties", "weights": [0.7, 0.6], "densities": 0.5, "seed": 3}
+
+
+def make_edit_patch(where: Path, n_edits: int = 10) -> Path:
+    """An edit patch on tiny v1 (LocFT-BF, layer 2, 25 epochs: ~15 s on CPU) and its edit file beside it."""
+    where.mkdir(parents=True, exist_ok=True)
+    edits = where / "edits.jsonl"
+    edits.write_text("".join(EDITS.read_text().splitlines(keepends=True)[:n_edits]))
+    out = where / "facts"
+    if not (out / "patch.json").is_file():
+        patchlab.edit(MODELS / "v1", edits, out, layer=2, lr=5e-3, batch_size=4, epochs=25, seed=0, device="cpu")
+    return out
 
 
 def copy_family(src: Fam, dst: Path) -> Fam:
