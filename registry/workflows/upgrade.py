@@ -688,6 +688,27 @@ class _Run:
 
         self.do(name, "report", report_step)
 
+        org = self.opts.get("push")
+        if org:
+
+            def push_step() -> dict[str, Any]:
+                from registry.workflows.publish import push as hub_push
+
+                if not gate["passed"]:
+                    return {"_state": "skipped", "outcome": {"pushed": False, "reason": "gate failed"}}
+                repo = f"{org}/{name}"
+                res = hub_push(self.reg, new_ref, repo, report=reports / f"{name}.json")
+                return {
+                    "outcome": {
+                        "pushed": True,
+                        "repo": repo,
+                        "commit": res.result.commit_sha,
+                        "created_commit": res.result.created_commit,
+                    }
+                }
+
+            self.do(name, "push", push_step)
+
     def merge_parents(self, name: str, p: dict[str, Any]) -> list[str]:
         """The versions on the new base of a merged patch's parents, in its recipe's order: what this run
         registered for them, else the newest already there."""
@@ -763,6 +784,7 @@ def run_upgrade(
     patches: Sequence[str] | None = None,
     alias: str | None = None,
     vocab_policy: str | None = None,
+    push: str | None = None,
     jobs: int = 1,
     executor: Any = None,
     device: str = "auto",
@@ -771,7 +793,8 @@ def run_upgrade(
     log: Log = lambda s: None,
 ) -> UpgradeResult:
     """Run (or resume) the upgrade of ``family`` to version ``to``. The same call after an interruption
-    continues the unfinished run; after a finished one it returns that run (``already_done``)."""
+    continues the unfinished run; after a finished one it returns that run (``already_done``). ``push``: a Hub
+    organisation; each patch that passes its gate is pushed to ``ORG/NAME`` (``registry.workflows.publish``)."""
     from registry.workflows.executors import LocalExecutor
 
     reg.get_base(f"{family}@{to}")  # unknown family/version: one clear line before anything else
@@ -801,6 +824,7 @@ def run_upgrade(
                     for p in plan.patches
                 ],
                 "vocab_policy": plan.vocab_policy,
+                "push": push,
                 "requested": {"patches": list(patches or []), "alias": alias, "from": from_version},
             }
             run = reg.create_run(family, to, from_version=from_version, options=opts, work_dir="")
@@ -808,11 +832,17 @@ def run_upgrade(
             reg.set_run_work_dir(run.id, str(work))
             reg.ensure_steps(
                 run.id,
-                [(p.name, p.source, i, step) for i, p in enumerate(plan.patches) for step in steps_for(p.kind)],
+                [
+                    (p.name, p.source, i, step)
+                    for i, p in enumerate(plan.patches)
+                    for step in steps_for(p.kind) + (("push",) if push else ())
+                ],
             )
             run = reg.get_run(run.id)
             log(f"upgrade run {run.id}: {len(plan.patches)} patch(es) of {family} onto {key}")
         lease.attach(run.id)
+        if push and (run.options or {}).get("push") != push:  # a resumed run asked to push now
+            reg.set_run_options(run.id, {**(run.options or {}), "push": push})
         reg.mark_run(run.id, "running")
         r = _Run(reg, reg.get_run(run.id), executor, lease, device, log)
         for d in ("models", "patches", "reports"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -316,3 +317,22 @@ def test_summary_html_renders_in_headless_chromium(reference, tmp_path):
         check=True,
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+
+
+def test_two_jobs_give_the_same_result(family, reference, tmp_path):
+    """``--jobs 2`` (local threads): the same registry as one job, and no stray outputs."""
+    fam = copy_family(family, tmp_path / "fam")
+    with fam.open() as reg:
+        res = run_upgrade(reg, "tiny", "v2", device="cpu", jobs=2)
+        assert res.run.state == "done"
+
+    def same(st):  # threads finish in any order: ids of derived models and evaluation order may differ
+        out = dict(st, derived=sorted(st["derived"]), evaluations=sorted(st["evaluations"]))
+        out["runs"] = [
+            (*r[:4], tuple(sorted((*x[:4], re.sub(r"derived:\d+", "derived:N", x[4])) for x in r[4])))
+            for r in st["runs"]
+        ]
+        return out
+
+    assert same(state(fam)) == same(reference[2])
+    assert strays(fam) == []
