@@ -15,17 +15,13 @@ base_app = typer.Typer(help="Base model versions: add, refresh.", no_args_is_hel
 @handled
 def base_add(
     ref: Annotated[str, typer.Argument(help="FAMILY@VERSION (e.g. llama@v2), or FAMILY followed by VERSION.")],
-    args: Annotated[
-        list[str], typer.Argument(help="SOURCE: a local model directory, or a Hub repo id (org/name).")
-    ],
+    args: Annotated[list[str], typer.Argument(help="SOURCE: a local model directory, or a Hub repo id (org/name).")],
     revision: Annotated[
         str | None, typer.Option(help="Hub branch, tag or commit (default: main); recorded as its commit sha.")
     ] = None,
     no_download: Annotated[
         bool,
-        typer.Option(
-            "--no-download", help="Hub: record the commit now, download and fingerprint on first use."
-        ),
+        typer.Option("--no-download", help="Hub: record the commit now, download and fingerprint on first use."),
     ] = False,
     release_order: Annotated[
         int | None, typer.Option(help="Position in the family's releases (default: after the newest).")

@@ -171,7 +171,10 @@ def edit_cmd(
                 raise
             if made.evaluation is not None:
                 recorded = reg.record_edit_evaluation(
-                    info.ref, made.evaluation, kind="patch", model=f"{info.ref} on {info.base}",
+                    info.ref,
+                    made.evaluation,
+                    kind="patch",
+                    model=f"{info.ref} on {info.base}",
                     settings={"edits_file": str(edits.resolve())},
                 )
     finally:

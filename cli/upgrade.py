@@ -97,6 +97,9 @@ def upgrade_run(
     executor: Annotated[str, typer.Option(help="local (threads here) or ray (a Ray task per patch).")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: start a local one).")] = None,
     vocab_policy: VocabPolicyOpt = None,
+    push: Annotated[
+        str | None, typer.Option("--push", help="Push each patch that passes its gate to ORG/NAME on the Hub.")
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for a run of the same upgrade instead of refusing.")
     ] = False,
@@ -136,6 +139,7 @@ def upgrade_run(
                 patches=names or None,
                 alias=alias,
                 vocab_policy=vocab_policy,
+                push=push,
                 jobs=jobs,
                 executor=ex,
                 device=device,
@@ -253,6 +257,18 @@ def watch(
     directory: Annotated[
         str | None, typer.Option("--dir", help="A folder where new release directories appear (version = name).")
     ] = None,
+    hub_repo: Annotated[
+        str | None, typer.Option("--hub", help="A Hub repo (org/name) whose new commits or tags are releases.")
+    ] = None,
+    branch: Annotated[
+        str | None, typer.Option("--branch", help="With --hub: a new commit on this branch is a release (main).")
+    ] = None,
+    tags: Annotated[
+        str | None, typer.Option("--tags", help="With --hub: a new tag matching this glob is a release (v*).")
+    ] = None,
+    push: Annotated[
+        str | None, typer.Option("--push", help="Push each patch that passes its gate to ORG/NAME on the Hub.")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="Look once and exit (cron, systemd timers).")] = False,
     interval: Annotated[str, typer.Option(help="Time between looks without --once: 30s, 15m, 1h...")] = "1h",
     jobs: Annotated[int, typer.Option(help="Patches upgraded at once.")] = 1,
@@ -268,23 +284,30 @@ def watch(
     from pathlib import Path
 
     from cli.common import CliInputError
-    from registry.workflows.watch import parse_interval, watch_dir_once
+    from registry.workflows.watch import parse_interval, watch_dir_once, watch_hub_once
 
-    if directory is None:
-        raise CliInputError("say where releases appear: --dir PATH (Hub watches are not on this branch yet)")
+    if (directory is None) == (hub_repo is None):
+        raise CliInputError("say where releases appear: --dir PATH or --hub ORG/REPO [--branch B | --tags GLOB]")
+    if (branch or tags) and hub_repo is None:
+        raise CliInputError("--branch and --tags go with --hub")
+    if branch and tags:
+        raise CliInputError("watch a branch or tags, not both")
     quiet_transformers()
     wait_s = parse_interval(interval)
+    kw = {"log": _log(False), "jobs": jobs, "vocab_policy": vocab_policy, "device": device, "push": push}
+    where = directory or f"{hub_repo} ({'tags ' + tags if tags else 'branch ' + (branch or 'main')})"
     while True:
         with open_registry(registry) as reg:
-            res = watch_dir_once(
-                reg, family, Path(directory), log=_log(False), jobs=jobs, vocab_policy=vocab_policy, device=device
-            )
+            if hub_repo is not None:
+                res = watch_hub_once(reg, family, hub_repo, branch=branch, tags=tags, **kw)
+            else:
+                res = watch_dir_once(reg, family, Path(directory), **kw)
         for u in res.upgrades:
             print_summary(u.summary)
         for n in res.notes:
             status(n)
         if not res.found:
-            status(f"nothing new for {family} in {directory}")
+            status(f"nothing new for {family} in {where}")
         if once:
             raise typer.Exit(res.exit_code)
         time.sleep(wait_s)

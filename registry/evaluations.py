@@ -128,8 +128,7 @@ class Evaluations(Topic):
             for e in wild.per_edit
         ]
         sett = {"protocol": "WILD", "max_new_tokens": 32, "stop": [".", "\n"], **dict(settings or {})}
-        out = [self.record_evaluation(target, dataset, records, metrics=metrics, model=model, kind=kind,
-                                      settings=sett)]
+        out = [self.record_evaluation(target, dataset, records, metrics=metrics, model=model, kind=kind, settings=sett)]
         general = getattr(evaluation, "general", None)
         if general is not None:
             out += self.record_eval_result(target, general, model=model, kind=kind)

@@ -71,7 +71,7 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 
 def close_matches(word: str, candidates: list[str]) -> str:
-    """"; did you mean ...?" for the candidates close to ``word``, else nothing."""
+    """ "; did you mean ...?" for the candidates close to ``word``, else nothing."""
     near = difflib.get_close_matches(word, candidates, n=5, cutoff=0.5)
     return f"; did you mean {', '.join(near)}?" if near else ""
 

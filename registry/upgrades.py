@@ -282,6 +282,9 @@ class Upgrades(Topic):
     def set_run_work_dir(self, run_id: int, work_dir: str) -> None:
         self._update_run(run_id, work_dir=work_dir)
 
+    def set_run_options(self, run_id: int, options: Mapping[str, Any]) -> None:
+        self._update_run(run_id, options=json_safe(dict(options), "options"))
+
     def latest_run(self, family: str, to_version: str) -> RunInfo | None:
         with self.db.read() as s:
             row = s.execute(

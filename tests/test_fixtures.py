@@ -29,8 +29,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_every_fixture_loads_offline_and_runs(name: str) -> None:
     path = model_path(name)
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json"):
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (path / f).is_file(), f"{name} lacks {f}"
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -81,8 +80,7 @@ def test_bases_have_no_chat_template() -> None:
 
 
 def test_grown_vocabulary_keeps_old_ids() -> None:
-    old, new = AutoTokenizer.from_pretrained(model_path("v2")), AutoTokenizer.from_pretrained(
-        model_path("v2-vocab"))
+    old, new = AutoTokenizer.from_pretrained(model_path("v2")), AutoTokenizer.from_pretrained(model_path("v2-vocab"))
     old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
     assert len(new_vocab) > len(old_vocab)
     assert all(new_vocab[t] == i for t, i in old_vocab.items())

@@ -1,10 +1,17 @@
 """A registry of the tiny family for upgrade tests: v1 and v2 registered, three patches on v1 (``task``: its
 fine-tune at hand, a fused port; ``stored``: its fine-tune gone, ported from the stored patch; ``strict``: a
-gate it cannot pass), a 12-instance suite as the family default."""
+gate it cannot pass), a 12-instance suite as the family default.
+
+On either backend: :class:`Fam` is where a built family lives (its blob home, and on PostgreSQL its database);
+:func:`build_family` and :func:`copy_family` take and return one, and ``fam.open()`` opens its registry."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +21,82 @@ from registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "fixtures" / "models"
 TASK = ROOT / "fixtures" / "eval" / "task.jsonl"
+EDITS = ROOT / "fixtures" / "edits" / "edits.jsonl"
+
+
+@dataclass(frozen=True)
+class Fam:
+    """A registry for the upgrade tests: ``home`` (its blobs and runs; on SQLite also its database) and, on
+    PostgreSQL, the database ``url`` on the test server ``server`` (a ``tests.pgserver.PgServer``)."""
+
+    home: Path
+    url: str | None = None
+    server: Any = None
+
+    @property
+    def backend(self) -> str:
+        return "postgresql" if self.url else "sqlite"
+
+    @property
+    def target(self) -> str:
+        """What ``Registry(...)`` / ``patchlab -R`` take (with :meth:`env` set)."""
+        return self.url or str(self.home)
+
+    def env(self) -> dict[str, str]:
+        """The environment a process needs to open this registry (a URL's home is ``$PATCHLAB_HOME``)."""
+        return {"PATCHLAB_HOME": str(self.home)} if self.url else {}
+
+    @contextlib.contextmanager
+    def using_env(self) -> Iterator[None]:
+        old = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def open(self, *, create: bool = False) -> Registry:
+        with self.using_env():
+            return Registry.init(self.target) if create else Registry(self.target)
+
+    @property
+    def dbname(self) -> str | None:
+        return self.url.rsplit("/", 1)[1] if self.url else None
+
+
+def new_fam(home: Path, backend: str = "sqlite", server: Any = None) -> Fam:
+    """An empty location: ``home`` and, on PostgreSQL, a new database on ``server``."""
+    if backend == "sqlite":
+        return Fam(home)
+    if server is None:
+        raise ValueError("a PostgreSQL family needs the test server (the pg_server fixture)")
+    return Fam(home, server.url(server.create_database()), server)
 
 
 def build_family(
-    where: Path, *, patches: tuple[str, ...] = ("task", "stored", "strict"), suite_lines: int = 12
-) -> Path:
-    """Build it under ``where``; returns the registry directory."""
+    where: Path,
+    *,
+    patches: tuple[str, ...] = ("task", "stored", "strict"),
+    suite_lines: int = 12,
+    backend: str = "sqlite",
+    server: Any = None,
+    edit_patch: Path | None = None,
+) -> Fam:
+    """Build it under ``where`` (the blob home is ``where / "reg"``) on ``backend``."""
     where.mkdir(parents=True, exist_ok=True)
     suite = where / "suite.jsonl"
     suite.write_text("".join(TASK.read_text().splitlines(keepends=True)[:suite_lines]))
-    reg_dir = where / "reg"
-    with Registry.init(reg_dir) as reg:
+    fam = new_fam(where / "reg", backend, server)
+    with fam.open(create=True) as reg:
         reg.add_base("tiny", "v1", MODELS / "v1")
         reg.add_base("tiny", "v2", MODELS / "v2")
         for name in patches:
+            if name in ("blend", "facts"):
+                continue
             ft = MODELS / "ft-v1"
             if name == "stored":
                 ft = where / "ft-gone"
@@ -39,22 +108,51 @@ def build_family(
         reg.set_gate("tiny", family=True, suite=[str(suite)], expressions=["verdict != 'do not port'", "nfr <= 0.5"])
         if "strict" in patches:
             reg.set_gate("strict", expressions=["accuracy >= old + 0.5"])
-    return reg_dir
+        if "blend" in patches:  # a merge of task and stored, with a recipe that has a seed and densities
+            m = patchlab.merge(
+                [reg.patch_path("task@1"), reg.patch_path("stored@1")],
+                where / "made" / "blend",
+                **BLEND_RECIPE,
+                device="cpu",
+            )
+            reg.add_patch(m.path, name="blend", base="tiny@v1", parents=["task@1", "stored@1"], relation="merge")
+        if "facts" in patches:  # an edit patch (LocFT-BF on 10 edits); made once by make_edit_patch
+            reg.add_patch(edit_patch or make_edit_patch(where / "edit"), name="facts", base="tiny@v1")
+            reg.set_gate("facts", expressions=["verdict != 'do not port'", "reliability >= 0.8"])
+    return fam
 
 
-def copy_family(src: Path, dst: Path) -> Path:
-    """A copy of a built family (registry directory and suite), so each test starts from the same state."""
-    shutil.copytree(src.parent, dst, symlinks=True)
-    reg_dir = dst / "reg"
-    with Registry(reg_dir) as reg:  # the suite path points into the copy
+BLEND_RECIPE = {"method": "ties", "weights": [0.7, 0.6], "densities": 0.5, "seed": 3}
+
+
+def make_edit_patch(where: Path, n_edits: int = 10) -> Path:
+    """An edit patch on tiny v1 (LocFT-BF, layer 2, 25 epochs: ~15 s on CPU) and its edit file beside it."""
+    where.mkdir(parents=True, exist_ok=True)
+    edits = where / "edits.jsonl"
+    edits.write_text("".join(EDITS.read_text().splitlines(keepends=True)[:n_edits]))
+    out = where / "facts"
+    if not (out / "patch.json").is_file():
+        patchlab.edit(MODELS / "v1", edits, out, layer=2, lr=5e-3, batch_size=4, epochs=25, seed=0, device="cpu")
+    return out
+
+
+def copy_family(src: Fam, dst: Path) -> Fam:
+    """A copy of a built family (home, suite and, on PostgreSQL, its database: a template copy), so each test
+    starts from the same state."""
+    shutil.copytree(src.home.parent, dst, symlinks=True)
+    fam = Fam(dst / "reg")
+    if src.url:
+        name = src.server.create_database(template=src.dbname)
+        fam = Fam(dst / "reg", src.server.url(name), src.server)
+    with fam.open() as reg:  # the suite path points into the copy
         reg.set_gate("tiny", family=True, suite=[str(dst / "suite.jsonl")])
-    return reg_dir
+    return fam
 
 
-def state(reg_dir: Path) -> dict[str, Any]:
+def state(fam: Fam) -> dict[str, Any]:
     """Everything an upgrade leaves in the registry, without times and ids that differ between equal runs."""
-    home = reg_dir.resolve()
-    with Registry(reg_dir) as reg:
+    home = fam.home.resolve()
+    with fam.open() as reg:
         # a patch's manifest records where it was made from (paths under this registry): compare its tensors
         patches = [
             (p.ref, tensors(reg.get_patch(p.ref, detail=True)), p.base, p.parents, p.aliases)
@@ -84,9 +182,9 @@ def tensors(p: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((n, dg) for n, dg, _ in p.files if n != "patch.json"))
 
 
-def strays(reg_dir: Path) -> list[str]:
+def strays(fam: Fam) -> list[str]:
     """Partial outputs, temporary files and scratch models left under the upgrade runs' directories."""
-    root = reg_dir / "upgrades"
+    root = fam.home / "upgrades"
     if not root.is_dir():
         return []
     return sorted(

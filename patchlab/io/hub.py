@@ -333,6 +333,17 @@ def resolve_revision(
     return sha
 
 
+def list_tags(repo_id: str, *, endpoint: str | None = None, token: str | bool | None = None) -> dict[str, str]:
+    """The repo's tags, name -> commit sha (what a ``patchlab watch --tags`` looks for)."""
+    _check_repo_id(repo_id)
+    endpoint = endpoint or default_endpoint()
+    if _offline():
+        raise HubOfflineError(f"list the tags of {repo_id}: HF_HUB_OFFLINE=1 forbids asking the Hub", repo_id)
+    with _hub_errors(repo_id, None, endpoint, action="list the tags of"):
+        refs = _api(endpoint, token).list_repo_refs(repo_id)
+    return {t.name: t.target_commit for t in refs.tags}
+
+
 # -- downloads ---------------------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,9 @@ NAMES: dict[str, tuple[str, str]] = {
     "accuracy": ("num", "the ported patch's accuracy on its suite (0 to 1)"),
     "old": ("num", "the previous version's accuracy on the same suite"),
     "verdict": ("str", "the weight-space verdict: 'safe to port', 'port with care' or 'do not port'"),
+    "reliability": ("num", "an edit patch: WILD reliability of its edit set on the new base (0 to 1)"),
+    "generalization": ("num", "an edit patch: WILD generalization (rephrasings) on the new base (0 to 1)"),
+    "locality": ("num", "an edit patch: WILD locality against the new base's unedited outputs (0 to 1)"),
 }
 VERDICTS = ("safe to port", "port with care", "do not port")
 _TOKEN = re.compile(

@@ -29,6 +29,9 @@ class LocalExecutor:
     def port(self, args: dict[str, Any]) -> dict[str, Any]:
         return tasks.port_task(**args)
 
+    def merge(self, args: dict[str, Any]) -> dict[str, Any]:
+        return tasks.merge_task(**args)
+
     def evaluate(self, args: dict[str, Any]) -> dict[str, Any]:
         return tasks.evaluate_task(**args)
 
@@ -87,6 +90,7 @@ class RayExecutor:
         self._bundle = ray.remote(**opts)(tasks.port_and_evaluate_task)
         self._port = ray.remote(**opts)(tasks.port_task)
         self._eval = ray.remote(**opts)(tasks.evaluate_task)
+        self._merge = ray.remote(**opts)(tasks.merge_task)
         self._baseline = ray.remote(**opts)(tasks.baseline_task)
         self._reach = ray.remote(num_cpus=0, max_retries=max_retries)(tasks.reachable)
 
@@ -125,6 +129,9 @@ class RayExecutor:
 
     def port(self, args: dict[str, Any]) -> dict[str, Any]:
         return self._get(self._port.remote(**args), f"port to {args['out']}")
+
+    def merge(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._get(self._merge.remote(**args), f"merge rebuild to {args['out']}")
 
     def evaluate(self, args: dict[str, Any]) -> dict[str, Any]:
         return self._get(self._eval.remote(**args), f"evaluation of {args['model']}")

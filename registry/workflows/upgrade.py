@@ -39,6 +39,8 @@ from registry.upgrades import LEASE_SECONDS, VOCAB_POLICIES, LeaseHeldError, Run
 from registry.workflows.upgrade_tasks import clean_partials, complete_model
 
 STEPS = ("diagnose", "port", "register", "evaluate", "baseline", "flips", "gate", "alias", "report")
+#: an edit patch's extra step: its edit set re-evaluated (WILD) on the new base, after its suite
+EDIT_STEP = "edits"
 SUMMARY_FORMATS = ("md", "json", "html")
 #: how a patch is brought onto the new base, by the method its manifest records; anything else is ported
 MERGE_METHODS = ("merge",)
@@ -47,6 +49,14 @@ EDIT_METHODS = ("locft-bf", "edit")
 
 class UpgradeError(RegistryError):
     """An upgrade cannot start, or a step of it failed (the message says which; rerun to resume)."""
+
+
+def steps_for(kind: str) -> tuple[str, ...]:
+    """The steps of one patch: every kind has :data:`STEPS`; an edit patch re-evaluates its edit set too."""
+    if kind == "edit":
+        i = STEPS.index("evaluate") + 1
+        return (*STEPS[:i], EDIT_STEP, *STEPS[i:])
+    return STEPS
 
 
 Log = Callable[[str], None]
@@ -69,6 +79,9 @@ class PatchPlan:
     verdict: str | None = None
     reasons: list[str] = field(default_factory=list)
     kind: str = "port"  # port | merge | edit
+    parents: list[str] = field(default_factory=list)  # merge: the parent names (recipe order)
+    recipe: dict[str, Any] = field(default_factory=dict)  # merge: the recorded merge() arguments
+    edits: dict[str, Any] = field(default_factory=dict)  # edit: the recorded edit set (file, sha256)
 
     @property
     def fused(self) -> bool:
@@ -214,9 +227,13 @@ def plan_upgrade(
                 f"(or `--family {family}`)"
             )
         if kind == "merge":
-            problems.append(merge_hook(pp))
+            problems += _plan_merge(reg, pp, p, {q.name for q in todo}, target.ref)
+        elif kind == "edit":
+            prm = p.parameters if isinstance(p.parameters, dict) else {}
+            pp.edits = {"file": prm.get("edits_file"), "sha256": prm.get("edits_sha256")}
         need += target_size + p.size + (0 if ft else target_size)
         plans.append(pp)
+    plans.sort(key=lambda q: q.kind == "merge")  # merged patches after their parents (stable otherwise)
     if verdicts:
         from patchlab.measure.diagnose import diagnose
 
@@ -237,13 +254,32 @@ def plan_upgrade(
     return UpgradePlan(family, target, from_version, plans, vocab_change, policy, need, free, problems, up_to_date)
 
 
-def merge_hook(pp: PatchPlan) -> str:
-    """Merged patches are rebuilt from their upgraded parents with their recorded recipe; the merge methods
-    (``patchlab/methods/merge.py``) are not on this branch yet, so such a patch is refused clearly."""
-    return (
-        f"patch {pp.source} was made by {pp.method}: rebuilding a merged patch from its upgraded parents needs "
-        "patchlab.methods.merge, which this patchlab lacks; leave it out with --patches"
-    )
+def _plan_merge(reg: Registry, pp: PatchPlan, info: PatchInfo, names: set[str], to_ref: str) -> list[str]:
+    """Fill a merged patch's parents and recipe; what stops it from being rebuilt, as problems."""
+    from registry.workflows.upgrade_tasks import merge_recipe
+
+    parents = [ref.rsplit("@", 1)[0] for ref, rel in info.parents if rel == "merge"]
+    if not parents:
+        return [
+            f"merged patch {pp.source} has no registered parents (relation merge): it cannot be rebuilt from "
+            "upgraded ones; leave it out with --patches"
+        ]
+    pp.parents = parents
+    pp.recipe = merge_recipe(info.parameters if isinstance(info.parameters, dict) else {})
+    problems = []
+    for n in parents:
+        if n not in names and _version_on(reg, n, to_ref) is None:
+            problems.append(
+                f"merged patch {pp.source} needs its parent {n} on {to_ref}: upgrade it in the same run "
+                f"(--patches {n} {pp.name}) or first"
+            )
+    return problems
+
+
+def _version_on(reg: Registry, name: str, base_ref: str) -> str | None:
+    """The newest version of patch ``name`` on base ``base_ref``."""
+    have = [p for p in reg.list_patches(all_versions=True) if p.name == name and p.base == base_ref]
+    return max(have, key=lambda p: p.version).ref if have else None
 
 
 # ---- running it -----------------------------------------------------------------------------------------
@@ -329,7 +365,14 @@ class _Run:
 
     def state(self, patch: str, step: str) -> StepInfo:
         with self.lock:
-            return self.steps[(patch, step)]
+            have = self.steps.get((patch, step))
+        if have is None:  # a run begun by a patchlab without this step: add it, pending
+            first = next(s for (n, _), s in self.steps.items() if n == patch)
+            self.reg.ensure_steps(self.run.id, [(patch, first.source, first.position, step)])
+            self._refresh(patch, step)
+            with self.lock:
+                have = self.steps[(patch, step)]
+        return have
 
     def _refresh(self, patch: str, step: str) -> None:
         fresh = self.reg.get_run(self.run.id)
@@ -371,8 +414,9 @@ class _Run:
         target = str(self.reg.checkpoint_path(self.to_ref))
         policy = self.opts.get("vocab_policy")
         ft = p["finetuned"] if p["finetuned"] and Path(p["finetuned"]).is_dir() else None
-        if p["kind"] == "merge":
-            raise UpgradeError(merge_hook(PatchPlan(**{k: v for k, v in p.items() if k != "fused"})))
+        kind = p.get("kind", "port")
+        if kind == "merge":
+            ft = None
 
         def diagnose_step() -> dict[str, Any]:
             from patchlab.measure.diagnose import diagnose
@@ -400,7 +444,39 @@ class _Run:
         def eval_args() -> dict[str, Any]:
             return {"model": str(models / name), "suite": suite, "device": self.device}
 
+        def merge_step() -> dict[str, Any]:
+            """A merged patch: rebuilt from its parents' versions on the new base with its recorded recipe."""
+            parents = self.merge_parents(name, p)
+            res = self.executor.merge(
+                {
+                    "patch_out": str(patches / name),
+                    "out": str(models / name),
+                    "target": target,
+                    "parents": [str(self.reg.patch_path(r)) for r in parents],
+                    "recipe": dict(p.get("recipe") or {}),
+                    "vocab_policy": policy,
+                    "device": self.device,
+                }
+            )
+            if res.get("reused"):
+                self.log(f"{name}: reused the rebuilt patch an interrupted run left at {patches / name}")
+            out = models / name
+            if not complete_model(out) or not (patches / name / "patch.json").is_file():
+                raise UpgradeError(f"the rebuild of {src} did not leave a complete patch and model under {self.work}")
+            have = [d for d in self.reg.list_derived(src) if Path(d.path) == out.resolve()]
+            derived = have[0] if have else None
+            if derived is None:
+                derived = self.reg.add_derived(
+                    src, out, base=self.to_ref, kind="port", parameters={"upgrade_run": self.run.id, "merge": parents}
+                )
+            return {
+                "outcome": {"fused": False, "rebuilt": True, "parents": parents, "derived": derived.ref},
+                "output_path": str(out),
+            }
+
         def port_step() -> dict[str, Any]:
+            if kind == "merge":
+                return merge_step()
             if getattr(self.executor, "bundles", False) and self.state(name, "evaluate").state != "done":
                 both = self.executor.port_and_evaluate(port_args(), eval_args())
                 res, self.stash[(name, "evaluate")] = both["port"], both["evaluate"]
@@ -433,13 +509,18 @@ class _Run:
                 if out.exists():
                     shutil.rmtree(out)
                 patchlab.extract(target, models / name, out, vocab_policy=policy, device=self.device)
+            if kind == "merge":  # the rebuilt patch (port step) records the recipe again, for the next release
+                parents, relation = list(self.state(name, "port").outcome["parents"]), "merge"
+                why = f"{src} rebuilt from {', '.join(parents)}"
+            else:
+                parents, relation, why = [src], "port", f"{src} ported"
             info = self.reg.add_patch(
                 out,
                 name=name,
                 base=self.to_ref,
-                parents=[src],
-                relation="port",
-                description=f"upgrade run {self.run.id}: {src} ported onto {self.to_ref}",
+                parents=parents,
+                relation=relation,
+                description=f"upgrade run {self.run.id}: {why} onto {self.to_ref}",
             )
             return {"outcome": {"ref": info.ref, "digest": info.digest}, "output_path": str(out)}
 
@@ -488,6 +569,10 @@ class _Run:
             return {"outcome": {"tasks": acc, "evaluations": ids}}
 
         tasks = list(self.do(name, "evaluate", evaluate_step)["tasks"])
+
+        edit_figures: dict[str, Any] = {}
+        if kind == "edit":
+            edit_figures = self.do(name, EDIT_STEP, lambda: self.edits_step(name, p, src, new_ref, models / name))
 
         def baseline_step() -> dict[str, Any]:
             stored = {e.dataset for e in self.reg.list_evaluations(src, kind="patch")}
@@ -541,6 +626,7 @@ class _Run:
                 "accuracy": flips["accuracy_new"],
                 "old": flips["accuracy_old"],
                 "verdict": verdict,
+                **{k: edit_figures.get(k) for k in ("reliability", "generalization", "locality") if edit_figures},
             }
             results = [r.to_json() for r in check_gates(list(p["gates"]), values)]
             passed = all(r["passed"] for r in results)
@@ -602,6 +688,76 @@ class _Run:
 
         self.do(name, "report", report_step)
 
+        org = self.opts.get("push")
+        if org:
+
+            def push_step() -> dict[str, Any]:
+                from registry.workflows.publish import push as hub_push
+
+                if not gate["passed"]:
+                    return {"_state": "skipped", "outcome": {"pushed": False, "reason": "gate failed"}}
+                repo = f"{org}/{name}"
+                res = hub_push(self.reg, new_ref, repo, report=reports / f"{name}.json")
+                return {
+                    "outcome": {
+                        "pushed": True,
+                        "repo": repo,
+                        "commit": res.result.commit_sha,
+                        "created_commit": res.result.created_commit,
+                    }
+                }
+
+            self.do(name, "push", push_step)
+
+    def merge_parents(self, name: str, p: dict[str, Any]) -> list[str]:
+        """The versions on the new base of a merged patch's parents, in its recipe's order: what this run
+        registered for them, else the newest already there."""
+        out = []
+        for parent in p.get("parents") or []:
+            with self.lock:
+                st = self.steps.get((parent, "register"))
+            ref = (st.outcome or {}).get("ref") if st is not None and st.state == "done" else None
+            ref = ref or _version_on(self.reg, parent, self.to_ref)
+            if ref is None:
+                raise UpgradeError(
+                    f"merged patch {name} needs its parent {parent} on {self.to_ref}, which it does not have (its "
+                    "upgrade failed or was left out); fix that and rerun"
+                )
+            out.append(ref)
+        return out
+
+    def edits_step(self, name: str, p: dict[str, Any], src: str, new_ref: str, model: Path) -> dict[str, Any]:
+        """An edit patch: its recorded edit set, checked against its digest, evaluated (WILD) on the ported
+        model against the new base's unedited outputs; the figures are stored on ``NAME@n+1``."""
+        from patchlab.io.edits import edits_digest, load_edits
+        from patchlab.methods.edit_patch import evaluate_model
+
+        edits = p.get("edits") or {}
+        file, want = edits.get("file"), edits.get("sha256")
+        if not file or not Path(file).is_file():
+            raise UpgradeError(
+                f"the edit set of {src} ({file or 'not recorded'}) is missing; restore it to re-evaluate the edits"
+            )
+        if want and edits_digest(load_edits(file)) != want:
+            raise UpgradeError(f"the edit set {file} of {src} changed since the edit (sha256 differs); restore it")
+        stored = [
+            e
+            for e in self.reg.list_evaluations(new_ref, kind="patch")
+            if e.dataset == "wild" and isinstance(e.settings, dict) and e.settings.get("upgrade_run") == self.run.id
+        ]
+        if stored:
+            m = stored[0].metrics or {}
+        else:
+            ev = evaluate_model(model, file, base=self.reg.checkpoint_path(self.to_ref), device=self.device)
+            rec = self.reg.record_edit_evaluation(
+                new_ref, ev, kind="patch", settings={"upgrade_run": self.run.id, "edits_file": file}
+            )
+            m = rec[0].metrics or {}
+        old = next((e.metrics for e in self.reg.list_evaluations(src, kind="patch") if e.dataset == "wild"), None)
+        out = {k: m.get(k) for k in ("reliability", "generalization", "locality", "n_edits", "edits_sha256")}
+        out["reliability_old"] = (old or {}).get("reliability")
+        return {"outcome": out}
+
 
 def write_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file renamed into place (whole or absent)."""
@@ -628,6 +784,7 @@ def run_upgrade(
     patches: Sequence[str] | None = None,
     alias: str | None = None,
     vocab_policy: str | None = None,
+    push: str | None = None,
     jobs: int = 1,
     executor: Any = None,
     device: str = "auto",
@@ -636,7 +793,8 @@ def run_upgrade(
     log: Log = lambda s: None,
 ) -> UpgradeResult:
     """Run (or resume) the upgrade of ``family`` to version ``to``. The same call after an interruption
-    continues the unfinished run; after a finished one it returns that run (``already_done``)."""
+    continues the unfinished run; after a finished one it returns that run (``already_done``). ``push``: a Hub
+    organisation; each patch that passes its gate is pushed to ``ORG/NAME`` (``registry.workflows.publish``)."""
     from registry.workflows.executors import LocalExecutor
 
     reg.get_base(f"{family}@{to}")  # unknown family/version: one clear line before anything else
@@ -666,6 +824,7 @@ def run_upgrade(
                     for p in plan.patches
                 ],
                 "vocab_policy": plan.vocab_policy,
+                "push": push,
                 "requested": {"patches": list(patches or []), "alias": alias, "from": from_version},
             }
             run = reg.create_run(family, to, from_version=from_version, options=opts, work_dir="")
@@ -673,16 +832,27 @@ def run_upgrade(
             reg.set_run_work_dir(run.id, str(work))
             reg.ensure_steps(
                 run.id,
-                [(p.name, p.source, i, step) for i, p in enumerate(plan.patches) for step in STEPS],
+                [
+                    (p.name, p.source, i, step)
+                    for i, p in enumerate(plan.patches)
+                    for step in steps_for(p.kind) + (("push",) if push else ())
+                ],
             )
             run = reg.get_run(run.id)
             log(f"upgrade run {run.id}: {len(plan.patches)} patch(es) of {family} onto {key}")
         lease.attach(run.id)
+        if push and (run.options or {}).get("push") != push:  # a resumed run asked to push now
+            reg.set_run_options(run.id, {**(run.options or {}), "push": push})
         reg.mark_run(run.id, "running")
         r = _Run(reg, reg.get_run(run.id), executor, lease, device, log)
         for d in ("models", "patches", "reports"):
             (r.work / d).mkdir(parents=True, exist_ok=True)
-        names = [p["name"] for p in r.opts["patches"]]
+        plans = r.opts["patches"]
+        # merged patches are rebuilt from their parents' new versions: they run once every other patch has
+        phases = [
+            [p["name"] for p in plans if p.get("kind") != "merge"],
+            [p["name"] for p in plans if p.get("kind") == "merge"],
+        ]
         failures: list[tuple[str, BaseException]] = []
 
         def one(name: str) -> None:
@@ -692,14 +862,17 @@ def run_upgrade(
                 failures.append((name, exc))
                 _record_failure(reg, r, name, exc)
 
-        if jobs <= 1:
-            for n in names:
-                one(n)
-                if failures:
-                    break
-        else:
-            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="upgrade") as pool:
-                list(pool.map(one, names))
+        for names in phases:
+            if failures:
+                break
+            if jobs <= 1:
+                for n in names:
+                    one(n)
+                    if failures:
+                        break
+            else:
+                with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="upgrade") as pool:
+                    list(pool.map(one, names))
         if failures:
             name, exc = failures[0]
             step = next((s.step for s in reg.get_run(run.id).steps if s.patch == name and s.state == "failed"), "?")
@@ -763,6 +936,7 @@ def summarise_run(run: RunInfo) -> dict[str, Any]:
                 "accuracy_new": flips.get("accuracy_new"),
                 "nfr": flips.get("nfr"),
                 "pfr": flips.get("pfr"),
+                "reliability": out(EDIT_STEP).get("reliability"),
                 "gate": ("pass" if gate.get("passed") else "fail") if gate else ("error" if failed else "pending"),
                 "gate_results": gate.get("results", []),
                 "alias": alias.get("alias"),

@@ -58,6 +58,63 @@ def port_task(
     return {"out": out, "reused": False, "fused": finetuned is not None}
 
 
+#: merge() keyword arguments a merged patch's recorded recipe (its manifest's provenance parameters) maps onto
+RECIPE_KEYS = {
+    "method": "method",
+    "weights": "weights",
+    "densities": "densities",
+    "gammas": "gammas",
+    "epsilons": "epsilons",
+    "lambda": "lambda_",
+    "normalize": "normalize",
+    "rescale": "rescale",
+    "sign_election": "sign_election",
+    "seed": "seed",
+}
+
+
+def merge_recipe(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``patchlab.methods.merge.merge`` keyword arguments from a merged patch's recorded parameters."""
+    kw = {arg: parameters[k] for k, arg in RECIPE_KEYS.items() if k in parameters}
+    for k in ("rescale", "sign_election"):
+        if kw.get(k) == "none":
+            kw[k] = None
+    for k in ("rank", "energy"):
+        if (parameters.get("reencode") or {}).get(k) is not None:
+            kw[k] = parameters["reencode"][k]
+    return kw
+
+
+def merge_task(
+    *,
+    patch_out: str,
+    out: str,
+    target: str,
+    parents: list[str],
+    recipe: dict[str, Any],
+    vocab_policy: str | None,
+    device: str,
+) -> dict[str, Any]:
+    """Rebuild a merged patch from its upgraded ``parents`` (patch directories on ``target``) with its recorded
+    ``recipe`` at ``patch_out`` (a patch that records the recipe again), then apply it onto ``target`` at
+    ``out`` (the model the suite evaluates). Complete outputs a killed run left are reused."""
+    import patchlab
+
+    patch_p, out_p = Path(patch_out), Path(out)
+    clean_partials(patch_p)
+    clean_partials(out_p)
+    reused = (patch_p / "patch.json").is_file()
+    if not reused:
+        if patch_p.exists():
+            shutil.rmtree(patch_p)
+        patchlab.merge(parents, patch_p, base=target, vocab_policy=vocab_policy, device=device, **recipe)
+    if not complete_model(out_p):
+        if out_p.exists():
+            shutil.rmtree(out_p)
+        patchlab.apply(patch_p, target, out_p, device=device)
+    return {"out": out, "patch": patch_out, "reused": reused, "fused": False}
+
+
 def evaluate_task(*, model: str, suite: list[str], device: str, batch_size: int = 32) -> dict[str, Any]:
     """Evaluate ``model`` on the suite's task files; the ``EvalResult`` as JSON."""
     from patchlab.measure.evaluate import evaluate

@@ -1,10 +1,12 @@
-"""``patchlab watch FAMILY --dir PATH``: notice new release directories, register each as the family's next
-base version and run the upgrade. The releases a watch has seen are stored in the registry (``watches``), and a
-release counts as seen only once its upgrade finished, so a restart never re-triggers a finished one and always
-resumes an interrupted one."""
+"""``patchlab watch FAMILY --dir PATH`` / ``--hub org/repo [--branch B | --tags PATTERN]``: notice new
+releases (a new directory; a new commit on the branch; a new tag matching the pattern), register each as the
+family's next base version and run the upgrade. The releases a watch has seen are stored in the registry
+(``watches``), and a release counts as seen only once its upgrade finished, so a restart never re-triggers a
+finished one and always resumes an interrupted one."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,3 +98,69 @@ def watch_dir_once(
 
 def _family_exists(reg: Registry, family: str) -> bool:
     return any(b.family == family for b in reg.list_bases())
+
+
+def watch_hub_once(
+    reg: Registry,
+    family: str,
+    repo: str,
+    *,
+    branch: str | None = None,
+    tags: str | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    **upgrade_kw: Any,
+) -> WatchResult:
+    """One look at Hub repo ``repo`` (through ``patchlab.io.hub``, at the registry's endpoint): with ``tags``, every
+    tag matching the glob not seen yet is a release (version = the tag), oldest name first; else the head of
+    ``branch`` (default ``main``): a commit not seen yet is a release (version = the first 12 hex of its sha).
+    Each is registered (``add_base`` with the repo and the commit sha) and upgraded to; the watch remembers it
+    once its upgrade finished. A release already registered by hand (same repo and sha) counts as seen."""
+    from patchlab.io import hub
+
+    if branch and tags:
+        raise UpgradeError("watch a branch or tags, not both")
+    source = f"hub:{repo}#tags={tags}" if tags else f"hub:{repo}#branch={branch or 'main'}"
+    if tags:
+        found = hub.list_tags(repo, endpoint=reg.hub_endpoint, token=reg.hub_token)
+        releases = [(t, found[t]) for t in sorted(found, key=_natural) if fnmatch.fnmatchcase(t, tags)]
+    else:
+        sha = hub.resolve_revision(repo, branch or "main", endpoint=reg.hub_endpoint, token=reg.hub_token)
+        releases = [(sha[:12], sha)]
+    _, seen = reg.watch_seen(family, source)
+    known = reg.list_bases(family) if _family_exists(reg, family) else []
+    result = WatchResult()
+    for version, sha in releases:
+        key = version if tags else sha
+        if key in seen:
+            continue
+        same = next((b for b in known if b.source == repo and b.revision == sha), None)
+        if same is not None and same.version != version:  # registered under another label: nothing new
+            reg.record_watch(family, source, key)
+            continue
+        have = next((b for b in known if b.version == version), None)
+        if have is not None and (have.source != repo or have.revision != sha):
+            raise UpgradeError(
+                f"{family}@{version} is already registered from {have.source}@{have.revision}, not {repo}@{sha}"
+            )
+        result.found.append(version)
+        if have is None:
+            where = f"tag {version}" if tags else f"branch {branch or 'main'}"
+            log(f"new release {repo}@{sha[:12]} ({where}): registering {family}@{version}")
+            reg.add_base(family, version, repo, revision=sha)
+        _upgrade_to(reg, family, version, result, log, upgrade_kw)
+        reg.record_watch(family, source, key)  # only once its upgrade finished
+    return result
+
+
+def _upgrade_to(
+    reg: Registry, family: str, version: str, result: WatchResult, log: Callable[[str], None], upgrade_kw: Any
+) -> None:
+    if [b for b in reg.list_bases(family) if b.version != version]:
+        try:
+            result.upgrades.append(run_upgrade(reg, family, version, log=log, **upgrade_kw))
+        except UpgradeError as exc:
+            if not any(k in str(exc) for k in ("nothing to upgrade", "has no patches", "not newer than")):
+                raise
+            result.notes.append(f"{family}@{version}: {exc}")
+    else:
+        result.notes.append(f"{family}@{version} is the family's first release: nothing to upgrade")

@@ -35,8 +35,23 @@ def world(tmp_path_factory):
     run("-R", reg, "base", "add", "tiny@v2", model_path("v2"))
     e16 = root / "e16.jsonl"
     e16.write_text("".join(EDITS.read_text().splitlines(keepends=True)[:16]))
-    r = run("-R", reg, "edit", "tiny@v1", "--edits", e16, *FIXTURE, "--name", "facts", "-o", root / "facts",
-            "--eval", "--task", EVAL / "general.jsonl", "--json")
+    r = run(
+        "-R",
+        reg,
+        "edit",
+        "tiny@v1",
+        "--edits",
+        e16,
+        *FIXTURE,
+        "--name",
+        "facts",
+        "-o",
+        root / "facts",
+        "--eval",
+        "--task",
+        EVAL / "general.jsonl",
+        "--json",
+    )
     return root, reg, e16, json.loads(r.stdout)
 
 
@@ -67,8 +82,20 @@ def test_port_then_eval_edits_on_the_derived_model_and_the_patch(world):
     got = json.loads(r.stdout)
     # locality against the derived model's own base (v2): measured 0.812 / 0.750 / 0.828
     assert got["reliability"] >= 0.75 and got["locality"] is not None and got["recorded"][0]["target"] == "derived:1"
-    r = run("-R", reg, "eval-edits", "facts@1", "--edits", e16, "--device", "cpu", "--base", "tiny@v2", "--no-record",
-            "--json")
+    r = run(
+        "-R",
+        reg,
+        "eval-edits",
+        "facts@1",
+        "--edits",
+        e16,
+        "--device",
+        "cpu",
+        "--base",
+        "tiny@v2",
+        "--no-record",
+        "--json",
+    )
     assert json.loads(r.stdout)["reliability"] == got["reliability"]  # in memory, the same port
     r = run("-R", reg, "eval-edits", model_path("v1"), "--edits", e16, "--device", "cpu")
     assert "reliability" in r.stdout and "not measured" in r.stdout  # a plain directory, no --base
@@ -80,13 +107,45 @@ def test_locate_prints_its_table_and_quiet_silences_status(world, tmp_path):
     root, reg, e16, _ = world
     four = tmp_path / "e4.jsonl"
     four.write_text("".join(e16.read_text().splitlines(keepends=True)[:4]))
-    r = run("-R", reg, "edit", model_path("v1"), "--edits", four, "--locate", "--epochs", "3", "--lr", "1e-2",
-            "--batch-size", "4", "--device", "cpu", "-o", tmp_path / "loc", "--no-register", "--rank", "2")
+    r = run(
+        "-R",
+        reg,
+        "edit",
+        model_path("v1"),
+        "--edits",
+        four,
+        "--locate",
+        "--epochs",
+        "3",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "loc",
+        "--no-register",
+        "--rank",
+        "2",
+    )
     assert "(chosen)" in r.stdout and "final loss" in r.stdout and "wrote" in r.stdout
     p = Patch.open(tmp_path / "loc")
     assert p.entries()[0].encoding == "lowrank" and "locate" in p.provenance["parameters"]
-    r = run("-q", "edit", model_path("v1"), "--edits", four, "--epochs", "1", "--device", "cpu", "-o",
-            tmp_path / "q", "--no-register")
+    r = run(
+        "-q",
+        "edit",
+        model_path("v1"),
+        "--edits",
+        four,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "q",
+        "--no-register",
+    )
     assert r.stdout == "" and (tmp_path / "q" / "patch.json").is_file()
 
 
@@ -149,8 +208,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, tmp_path, case, msg):
     elif case == "non-decoder":
         from transformers import BertConfig, BertForMaskedLM
 
-        BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=8)).save_pretrained(tmp_path / "bert")
+        BertForMaskedLM(
+            BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+        ).save_pretrained(tmp_path / "bert")
         base = str(tmp_path / "bert")
     elif case == "unregistered-base":  # trained and written, then refused by the registry: rolled back
         base = str(model_path("ft-v1"))

@@ -109,9 +109,7 @@ def test_push_show_pull_round_trip(env, run, hub):
     assert f"patchlab base add tiny@v1 {BASE_REPO}" in r.stderr
     assert json.loads(run("ls", "--json", home="other").stdout) == []
     run("base", "add", "tiny@v1", BASE_REPO, "--revision", "v1", home="other")
-    pulled = json.loads(
-        run("pull", f"acme/task@{shown['pushes'][0]['commit_sha']}", "--json", home="other").stdout
-    )
+    pulled = json.loads(run("pull", f"acme/task@{shown['pushes'][0]['commit_sha']}", "--json", home="other").stdout)
     assert pulled["patch"]["ref"] == "task@1" and pulled["patch"]["base"] == "tiny@v1"
     run("apply", "task@1", "tiny@v1", str(tmp / "applied"), home="other")
     got = load_file(str(tmp / "applied" / "model.safetensors"))

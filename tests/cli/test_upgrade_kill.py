@@ -1,5 +1,6 @@
 """``kill -9`` of ``patchlab upgrade`` at several moments, then the same command again: the final registry equals
-an uninterrupted run's, ``patchlab verify`` is clean and no partial output is left. Real processes, real signals."""
+an uninterrupted run's, ``patchlab verify`` is clean and no partial output is left. Real processes, real signals;
+on SQLite and on the suite's PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -13,27 +14,38 @@ from pathlib import Path
 
 import pytest
 
-from registry import Registry
 from registry.workflows.upgrade import run_upgrade
-from tests.upgrade_helpers import ROOT, build_family, copy_family, differences, state, strays
+from tests.pgserver import pg_server  # noqa: F401  (fixture)
+from tests.upgrade_helpers import ROOT, Fam, build_family, copy_family, differences, state, strays
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def cli(reg_dir: Path, *args: str) -> subprocess.Popen:
+def cli(fam: Fam, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.app", "-q", "-R", str(reg_dir), *args],
+        [sys.executable, "-m", "cli.app", "-q", "-R", fam.target, *args],
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, **fam.env()},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def step_state(reg_dir: Path, patch: str, step: str) -> str | None:
+def step_state(fam: Fam, patch: str, step: str) -> str | None:
+    if fam.url:
+        import psycopg
+
+        try:
+            with psycopg.connect(fam.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as con:
+                row = con.execute(
+                    "SELECT state FROM upgrade_steps WHERE patch = %s AND step = %s", (patch, step)
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        return row[0] if row else None
     try:
-        con = sqlite3.connect(f"file:{reg_dir / 'registry.db'}?mode=ro", uri=True, timeout=5)
+        con = sqlite3.connect(f"file:{Path(fam.home) / 'registry.db'}?mode=ro", uri=True, timeout=5)
         try:
             row = con.execute("SELECT state FROM upgrade_steps WHERE patch = ? AND step = ?", (patch, step)).fetchone()
         finally:
@@ -43,17 +55,23 @@ def step_state(reg_dir: Path, patch: str, step: str) -> str | None:
     return row[0] if row else None
 
 
+@pytest.fixture(scope="module", params=("sqlite", "postgresql"))
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("family"), patches=("task", "strict"))
+def family(request, backend, tmp_path_factory):
+    server = request.getfixturevalue("pg_server") if backend == "postgresql" else None
+    return build_family(tmp_path_factory.mktemp("family"), patches=("task", "strict"), backend=backend, server=server)
 
 
 @pytest.fixture(scope="module")
 def reference(family, tmp_path_factory):
-    reg_dir = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
-    with Registry(reg_dir) as reg:
+    fam = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
+    with fam.open() as reg:
         run_upgrade(reg, "tiny", "v2", device="cpu")
-    return state(reg_dir)
+    return state(fam)
 
 
 @pytest.mark.parametrize(
@@ -65,12 +83,12 @@ def reference(family, tmp_path_factory):
     ],
 )
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(family, reference, tmp_path, patch, step, when):
-    reg_dir = copy_family(family, tmp_path / "fam")
+    fam = copy_family(family, tmp_path / "fam")
     args = ("upgrade", "tiny", "--to", "v2", "--device", "cpu")
-    proc = cli(reg_dir, *args)
+    proc = cli(fam, *args)
     deadline = time.time() + 120
     try:
-        while step_state(reg_dir, patch, step) not in ((when, "done") if when == "running" else (when,)):
+        while step_state(fam, patch, step) not in ((when, "done") if when == "running" else (when,)):
             assert proc.poll() is None, f"the run ended before {patch}:{step} was {when}: {proc.stderr.read()}"
             assert time.time() < deadline, "timed out waiting for the moment to kill"
             time.sleep(0.01)
@@ -78,13 +96,13 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(family, reference, tmp
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    with Registry(reg_dir) as reg:
+    with fam.open() as reg:
         assert reg.get_run().state == "running"  # as it was left: the rerun takes its lease over at once
-    again = cli(reg_dir, *args)
+    again = cli(fam, *args)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 4, err  # one gate fails by design (strict)
-    after = state(reg_dir)
+    after = state(fam)
     assert not differences(after, reference), differences(after, reference)
-    assert strays(reg_dir) == []
-    with Registry(reg_dir) as reg:  # what `patchlab verify` checks
+    assert strays(fam) == []
+    with fam.open() as reg:  # what `patchlab verify` checks
         assert reg.verify().ok and not reg.verify().missing_bases

@@ -13,7 +13,7 @@ from tests.upgrade_helpers import MODELS, build_family
 
 
 def test_watch_dir_once_registers_upgrades_and_never_retriggers(tmp_path):
-    reg_dir = build_family(tmp_path / "fam", patches=("task", "strict"))
+    reg_dir = build_family(tmp_path / "fam", patches=("task", "strict")).home
     releases = tmp_path / "releases"
     releases.mkdir()
     with Registry(reg_dir) as reg:  # v1 is already known; v2 has not been released yet

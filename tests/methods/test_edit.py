@@ -104,8 +104,15 @@ def test_module_names_match_exactly(v1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model, tok = v1
-    cfg = LlamaConfig(vocab_size=320, hidden_size=8, intermediate_size=12, num_hidden_layers=22,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=22,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     deep = LlamaForCausalLM(cfg).eval()
     assert resolve_weight(deep, 2) == "model.layers.2.mlp.down_proj.weight"
@@ -160,8 +167,9 @@ def test_non_decoder_architectures_are_refused(v1):
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=320, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
     with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):
         locft_bf(t5, tok, [json.loads(GOOD)], layer=0, module="layer.1.DenseReluDense.wo")
-    bert = BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=8))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     with pytest.raises(UnsupportedArchitectureError, match="not a causal language model"):
         full_ft(bert, tok, [json.loads(GOOD)])
 

@@ -45,8 +45,15 @@ def edits16(tmp_path_factory):
 def made(tmp_path_factory, edits16):
     out = tmp_path_factory.mktemp("edit") / "facts"
     seen: list[tuple[int, float, int]] = []
-    m = patchlab.edit(model_path("v1"), edits16, out, evaluate=True, tasks=[EVAL / "general.jsonl"],
-                      progress=lambda *a: seen.append(a), **SETTING)
+    m = patchlab.edit(
+        model_path("v1"),
+        edits16,
+        out,
+        evaluate=True,
+        tasks=[EVAL / "general.jsonl"],
+        progress=lambda *a: seen.append(a),
+        **SETTING,
+    )
     return m, seen
 
 
@@ -97,8 +104,7 @@ def test_reliability_and_locality(made):
 
 
 def test_rank_writes_a_lowrank_entry(edits16, tmp_path):
-    m = patchlab.edit(model_path("v1"), load_edits(edits16)[:4], tmp_path / "r4", rank=4,
-                      **{**SETTING, "epochs": 5})
+    m = patchlab.edit(model_path("v1"), load_edits(edits16)[:4], tmp_path / "r4", rank=4, **{**SETTING, "epochs": 5})
     p = Patch.open(m.path)
     e = p.entry(TARGET)
     assert p.names == [TARGET] and e.encoding == "lowrank" and e.meta["rank"] == 4
@@ -178,8 +184,9 @@ def test_non_decoder_checkpoints_are_refused(tmp_path):
 
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=320, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
     t5.save_pretrained(tmp_path / "t5")
-    bert = BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=8))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=320, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     bert.save_pretrained(tmp_path / "bert")
     edits = [GOOD]
     with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):

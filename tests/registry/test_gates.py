@@ -1,4 +1,5 @@
-"""Gates and suites in the registry: per patch, family defaults, validation, and the 0006 migration."""
+"""Gates and suites in the registry: per patch, family defaults, validation (on SQLite and PostgreSQL), and the
+0006 migration."""
 
 from __future__ import annotations
 
@@ -13,26 +14,25 @@ from registry import InvalidReferenceError, Registry
 from registry.db import SCHEMA_HEAD, Database, resolve_location, upgrade_schema
 
 
-def test_gate_set_and_effective(tmp_path):
+def test_gate_set_and_effective(reg, tmp_path):
     suite = tmp_path / "t.jsonl"
     suite.write_text("")
-    with Registry.init(tmp_path / "r") as reg:
-        reg.set_gate("tiny", family=True, expressions=["nfr <= 0.1"], vocab_policy="pad-zero", suite=[str(suite)])
-        reg.set_gate("task", expressions=["nfr <= 0.05", "accuracy >= old - 0.01"], alias="prod")
-        eff = reg.effective_gate("task", "tiny")
-        assert eff.expressions == ("nfr <= 0.05", "accuracy >= old - 0.01") and eff.alias == "prod"
-        assert eff.suite == (str(suite),)
-        assert eff.sources == {"suite": "family", "expressions": "patch", "alias": "patch"}
-        other = reg.effective_gate("other", "tiny")
-        assert other.expressions == ("nfr <= 0.1",) and other.alias == "latest"
-        assert reg.family_vocab_policy("tiny") == "pad-zero"
-        reg.set_gate("task", alias="stable")  # unset settings are kept
-        assert reg.get_gate("task").expressions == ("nfr <= 0.05", "accuracy >= old - 0.01")
-        with pytest.raises(GateExpressionError, match="position 7"):
-            reg.set_gate("task", expressions=["nfr <= 0.05", "nfr <="])
-        assert reg.get_gate("task").expressions == ("nfr <= 0.05", "accuracy >= old - 0.01")  # unchanged
-        with pytest.raises(InvalidReferenceError, match="vocabulary policy"):
-            reg.set_gate("tiny", family=True, vocab_policy="guess")
+    reg.set_gate("tiny", family=True, expressions=["nfr <= 0.1"], vocab_policy="pad-zero", suite=[str(suite)])
+    reg.set_gate("task", expressions=["nfr <= 0.05", "accuracy >= old - 0.01"], alias="prod")
+    eff = reg.effective_gate("task", "tiny")
+    assert eff.expressions == ("nfr <= 0.05", "accuracy >= old - 0.01") and eff.alias == "prod"
+    assert eff.suite == (str(suite),)
+    assert eff.sources == {"suite": "family", "expressions": "patch", "alias": "patch"}
+    other = reg.effective_gate("other", "tiny")
+    assert other.expressions == ("nfr <= 0.1",) and other.alias == "latest"
+    assert reg.family_vocab_policy("tiny") == "pad-zero"
+    reg.set_gate("task", alias="stable")  # unset settings are kept
+    assert reg.get_gate("task").expressions == ("nfr <= 0.05", "accuracy >= old - 0.01")
+    with pytest.raises(GateExpressionError, match="position 7"):
+        reg.set_gate("task", expressions=["nfr <= 0.05", "nfr <="])
+    assert reg.get_gate("task").expressions == ("nfr <= 0.05", "accuracy >= old - 0.01")  # unchanged
+    with pytest.raises(InvalidReferenceError, match="vocabulary policy"):
+        reg.set_gate("tiny", family=True, vocab_policy="guess")
 
 
 def test_registry_at_0003_opens_and_gains_the_upgrade_tables(tmp_path):
@@ -48,10 +48,10 @@ def test_registry_at_0003_opens_and_gains_the_upgrade_tables(tmp_path):
     con.close()
 
 
-def test_cli_gate_set_show_and_bad_gate(tmp_path):
+def test_cli_gate_set_show_and_bad_gate(registry_target, tmp_path):
     suite = tmp_path / "t.jsonl"
     suite.write_text("")
-    R = str(tmp_path / "r")
+    R = registry_target
     run = CliRunner().invoke
     assert run(app, ["-R", R, "init"]).exit_code == 0
     r = run(

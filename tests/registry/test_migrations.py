@@ -175,9 +175,7 @@ def test_registry_of_the_previous_schema_opens_and_gains_pushes(tmp_path):
     db = Database(resolve_location(tmp_path))
     upgrade_schema(db, "0003")
     with db.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO families (id, name, created_at) VALUES (1, 'llama', '2026-01-01 00:00:00')"
-        )
+        conn.exec_driver_sql("INSERT INTO families (id, name, created_at) VALUES (1, 'llama', '2026-01-01 00:00:00')")
         conn.exec_driver_sql(
             "INSERT INTO base_versions (id, family_id, version, source_kind, source, revision, release_order, "
             "created_at) VALUES (1, 1, 'v1', 'hub', 'meta/llama', 'deadbeef', 1, '2026-01-01 00:00:00')"

@@ -106,9 +106,10 @@ def test_base_add_from_hub_downloads_checkpoint_files_and_fingerprints_like_loca
         local["num_parameters"],
     )
     path = reg.checkpoint_path("tiny@v1")
-    assert path.name == base_on_hub and (path / "model.safetensors").read_bytes() == (
-        models["v1"] / "model.safetensors"
-    ).read_bytes()
+    assert (
+        path.name == base_on_hub
+        and (path / "model.safetensors").read_bytes() == (models["v1"] / "model.safetensors").read_bytes()
+    )
 
 
 def test_base_add_no_download_fetches_on_first_use(reg, hub, models, base_on_hub):
@@ -239,7 +240,7 @@ def test_card_front_matter_as_the_hub_received_it(reg, hub, chain, tmp_path):
     assert data["patchlab"]["base_fingerprint"] == reg.get_base("tiny@v2").content
     assert data["patchlab"]["verdict"] == "port with care: [care] drift 0.1x the patch"
     assert {"patchlab", "extract", "patch"} <= set(data["tags"])
-    metrics = {(m["type"], m.get("name")) : m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    metrics = {(m["type"], m.get("name")): m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert metrics[("accuracy", "accuracy")] == 0.75
     assert metrics[("negative_flip_rate", "negative_flip_rate vs task@1")] == 0.25
     assert "- task@2 (this patch) on tiny@v2" in readme and "- <- port of task@1 on tiny@v1" in readme
@@ -283,9 +284,10 @@ def test_push_model_and_peft(reg, hub, chain, models, tmp_path):
     files = hub.files("acme/task-model")
     assert files["model.safetensors"] == (Path(d.path) / "model.safetensors").read_bytes()
     data = ModelCard(files["README.md"].decode()).data.to_dict()
-    assert data["patchlab"]["kind"] == "model" and "- derived:1: port of task@1 onto tiny@v2" in files[
-        "README.md"
-    ].decode()
+    assert (
+        data["patchlab"]["kind"] == "model"
+        and "- derived:1: port of task@1 onto tiny@v2" in files["README.md"].decode()
+    )
 
     from patchlab.methods.compress import extract_encoded
 
@@ -376,6 +378,7 @@ def test_pull_bad_input_leaves_nothing(reg, other, hub, chain, monkeypatch, tmp_
 
     publish.push(reg, "task@1", "acme/task")
     other.add_base("tiny", "v1", BASE_REPO)
+
     def n_rows() -> tuple[int, int]:
         scratch = other.cache / "tmp"
         return len(other.list_patches()), len(list(scratch.iterdir())) if scratch.exists() else 0

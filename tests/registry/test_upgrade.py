@@ -1,39 +1,49 @@
 """The upgrade workflow on the tiny family: three patches on v1 follow v2, gated; bad input and faults give one
-clear line, a run failed at the right step, and resume with the same call."""
+clear line, a run failed at the right step, and resume with the same call. Every test runs on SQLite and on
+the suite's PostgreSQL server (module-wide ``backend``: each backend builds its family once)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from registry import Registry, UnknownReferenceError
+from registry import UnknownReferenceError
 from registry.upgrades import LeaseHeldError
 from registry.workflows import upgrade_tasks
 from registry.workflows.upgrade import UpgradeError, plan_upgrade, run_upgrade
+from tests.registry.conftest import BACKENDS
 from tests.upgrade_helpers import MODELS, build_family, copy_family, differences, state, strays
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return build_family(tmp_path_factory.mktemp("family"))
+def family(request, backend, tmp_path_factory):
+    server = request.getfixturevalue("pg_server") if backend == "postgresql" else None
+    return build_family(tmp_path_factory.mktemp("family"), backend=backend, server=server)
 
 
 @pytest.fixture(scope="module")
 def reference(family, tmp_path_factory):
-    """One uninterrupted upgrade (module-wide): its registry directory and final state."""
-    reg_dir = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
-    with Registry(reg_dir) as reg:
+    """One uninterrupted upgrade (module-wide): its registry and final state."""
+    fam = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
+    with fam.open() as reg:
         result = run_upgrade(reg, "tiny", "v2", device="cpu")
-    return reg_dir, result, state(reg_dir)
+    return fam, result, state(fam)
 
 
 def test_end_to_end_pass_fail_lineage_alias_summary(reference):
-    reg_dir, result, _ = reference
+    fam, result, _ = reference
     assert not result.all_passed
-    with Registry(reg_dir) as reg:
+    with fam.open() as reg:
         for name in ("task", "stored"):
             p = reg.get_patch(f"{name}@2")
             assert p.base == "tiny@v2" and p.parents == ((f"{name}@1", "port"),)
@@ -51,7 +61,7 @@ def test_end_to_end_pass_fail_lineage_alias_summary(reference):
     assert rows["task"]["gate"] == "pass" and rows["task"]["alias_moved"]
     assert rows["strict"]["gate"] == "fail" and not rows["strict"]["alias_moved"]
     assert "gate failed: accuracy >= old + 0.5" in rows["strict"]["reason"]
-    work = reg_dir / "upgrades" / f"run-{result.run.id}"
+    work = fam.home / "upgrades" / f"run-{result.run.id}"
     md = (work / "summary.md").read_text()
     assert "strict@1 → strict@2" in md and "Why aliases did not move" in md and "accuracy >= old + 0.5" in md
     assert json.loads((work / "summary.json").read_text())["passed"] == 2
@@ -59,31 +69,31 @@ def test_end_to_end_pass_fail_lineage_alias_summary(reference):
     assert "<script" not in html and "http" not in html.replace('lang="en"', "") and "<svg" in html
     for name in ("task", "stored", "strict"):
         assert (work / "reports" / f"{name}.html").is_file() and (work / "reports" / f"{name}.md").is_file()
-    assert strays(reg_dir) == []
+    assert strays(fam) == []
 
 
 def test_same_command_again_does_nothing_twice(reference, tmp_path):
-    reg_dir, result, before = reference
-    with Registry(reg_dir) as reg:
+    fam, result, before = reference
+    with fam.open() as reg:
         again = run_upgrade(reg, "tiny", "v2", device="cpu")
     assert again.already_done and again.run.id == result.run.id
-    assert state(reg_dir) == before
+    assert state(fam) == before
 
 
 def test_dry_run_plans_with_verdicts_and_writes_nothing(family, tmp_path):
-    reg_dir = copy_family(family, tmp_path / "fam")
-    before = state(reg_dir)
-    with Registry(reg_dir) as reg:
+    fam = copy_family(family, tmp_path / "fam")
+    before = state(fam)
+    with fam.open() as reg:
         plan = plan_upgrade(reg, "tiny", "v2", verdicts=True, device="cpu")
     assert [p.source for p in plan.patches] == ["stored@1", "strict@1", "task@1"]
     assert {p.verdict for p in plan.patches} == {"safe to port"}
     assert plan.problems == [] and plan.vocab_change is None and plan.disk_needed > 0
-    assert state(reg_dir) == before and not (reg_dir / "upgrades").exists()
+    assert state(fam) == before and not (fam.home / "upgrades").exists()
 
 
 def test_vocabulary_change_needs_an_explicit_policy(family, tmp_path):
-    reg_dir = copy_family(family, tmp_path / "fam")
-    with Registry(reg_dir) as reg:
+    fam = copy_family(family, tmp_path / "fam")
+    with fam.open() as reg:
         reg.add_base("tiny", "v2-vocab", MODELS / "v2-vocab")
         plan = plan_upgrade(reg, "tiny", "v2-vocab")
         assert plan.vocab_change == (320, 328) and "--vocab-policy" in plan.problems[0]
@@ -95,8 +105,8 @@ def test_vocabulary_change_needs_an_explicit_policy(family, tmp_path):
 
 
 def test_bad_input_is_one_clear_line(family, tmp_path):
-    reg_dir = copy_family(family, tmp_path / "fam")
-    with Registry(reg_dir) as reg:
+    fam = copy_family(family, tmp_path / "fam")
+    with fam.open() as reg:
         with pytest.raises(UpgradeError, match="not newer than tiny@v2"):
             plan_upgrade(reg, "tiny", "v1", from_version="v2")
         with pytest.raises(UnknownReferenceError, match="no base family 'nope'"):
@@ -111,8 +121,8 @@ def test_bad_input_is_one_clear_line(family, tmp_path):
             plan_upgrade(reg, "tiny", "v1")
 
 
-def _fault_then_resume(reg_dir, monkeypatch, target, step, match):
-    with Registry(reg_dir) as reg:
+def _fault_then_resume(fam, monkeypatch, target, step, match):
+    with fam.open() as reg:
         with pytest.raises(UpgradeError, match=match) as e:
             run_upgrade(reg, "tiny", "v2", device="cpu")
         assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
@@ -125,7 +135,7 @@ def _fault_then_resume(reg_dir, monkeypatch, target, step, match):
 
 
 def test_disk_full_mid_run_fails_the_step_and_resumes(family, reference, tmp_path, monkeypatch):
-    reg_dir = copy_family(family, tmp_path / "fam")
+    fam = copy_family(family, tmp_path / "fam")
     real = upgrade_tasks.port_task
 
     def full(**kw):
@@ -134,15 +144,13 @@ def test_disk_full_mid_run_fails_the_step_and_resumes(family, reference, tmp_pat
         return real(**kw)
 
     monkeypatch.setattr(upgrade_tasks, "port_task", full)
-    _fault_then_resume(reg_dir, monkeypatch, "strict", "port", "failed at step port of strict@1: no space left")
-    assert not differences(state(reg_dir), reference[2]), (
-        differences(state(reg_dir), reference[2]) and strays(reg_dir) == []
-    )
+    _fault_then_resume(fam, monkeypatch, "strict", "port", "failed at step port of strict@1: no space left")
+    assert not differences(state(fam), reference[2]), differences(state(fam), reference[2]) and strays(fam) == []
 
 
 def test_missing_eval_file_fails_at_evaluate_and_resumes(family, reference, tmp_path, monkeypatch):
-    reg_dir = copy_family(family, tmp_path / "fam")
-    suite = reg_dir.parent / "suite.jsonl"
+    fam = copy_family(family, tmp_path / "fam")
+    suite = fam.home.parent / "suite.jsonl"
     text = suite.read_text()
     suite.unlink()
 
@@ -150,12 +158,12 @@ def test_missing_eval_file_fails_at_evaluate_and_resumes(family, reference, tmp_
         def undo(self):
             suite.write_text(text)
 
-    _fault_then_resume(reg_dir, Restore(), "stored", "evaluate", "suite file .*suite.jsonl of patch stored is missing")
-    assert not differences(state(reg_dir), reference[2]), differences(state(reg_dir), reference[2])
+    _fault_then_resume(fam, Restore(), "stored", "evaluate", "suite file .*suite.jsonl of patch stored is missing")
+    assert not differences(state(fam), reference[2]), differences(state(fam), reference[2])
 
 
 def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_path, monkeypatch):
-    reg_dir = copy_family(family, tmp_path / "fam")
+    fam = copy_family(family, tmp_path / "fam")
     from registry.upgrades import Upgrades
 
     real = Upgrades.step_finished
@@ -168,29 +176,28 @@ def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_
         return real(self, run_id, patch, step, state_, **kw)
 
     monkeypatch.setattr(Upgrades, "step_finished", flaky)
-    with Registry(reg_dir) as reg:
+    with fam.open() as reg:
         with pytest.raises(UpgradeError, match="registry database became unavailable") as e:
             run_upgrade(reg, "tiny", "v2", device="cpu")
         assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
         monkeypatch.undo()
         assert run_upgrade(reg, "tiny", "v2", device="cpu").run.state == "done"
-    assert not differences(state(reg_dir), reference[2]), differences(state(reg_dir), reference[2])
+    assert not differences(state(fam), reference[2]), differences(state(fam), reference[2])
 
 
 def test_second_run_refuses_while_a_live_holder_has_the_lease(family, tmp_path):
+    import datetime as dt
+    import socket
     import subprocess
     import sys
 
-    reg_dir = copy_family(family, tmp_path / "fam")
+    from registry.rows import LeaseRow, utcnow
+
+    fam = copy_family(family, tmp_path / "fam")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        with Registry(reg_dir) as reg:
-            from registry.rows import LeaseRow, utcnow
-
+        with fam.open() as reg:
             with reg.db.write() as s:
-                import datetime as dt
-                import socket
-
                 s.add(
                     LeaseRow(
                         key="tiny@v2",
@@ -214,6 +221,67 @@ def test_second_run_refuses_while_a_live_holder_has_the_lease(family, tmp_path):
         holder.wait()
 
 
+_TAKER = """
+import sys, time
+from registry import Registry
+from registry.upgrades import LeaseHeldError
+reg = Registry(sys.argv[1])
+while time.time() < float(sys.argv[2]):
+    pass
+try:
+    token = reg.acquire_lease("tiny@v2", seconds=60)
+    print("got", flush=True)
+    time.sleep(float(sys.argv[3]))
+    reg.release_lease("tiny@v2", token)
+except LeaseHeldError:
+    print("held", flush=True)
+"""
+
+
+def _takers(fam, n, start_in, hold):
+    import subprocess
+    import sys
+    import time
+
+    from tests.upgrade_helpers import ROOT
+
+    env = {**os.environ, **fam.env(), "PYTHONPATH": str(ROOT)}
+    at = str(time.time() + start_in)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", _TAKER, fam.target, at, str(hold)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def test_concurrent_lease_takers_exactly_one_wins(family, tmp_path):
+    """Processes racing for one family+version's lease at the same instant: one holds it, the rest refuse."""
+    fam = copy_family(family, tmp_path / "fam")
+    procs = _takers(fam, 4, start_in=4.0, hold=1.0)
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0] * 4
+    assert outs == ["got", "held", "held", "held"], outs
+
+
+def test_second_run_waits_for_the_first_with_wait(family, tmp_path):
+    """``--wait``: the second run of one family+version waits until the holder lets go, then runs once."""
+    fam = copy_family(family, tmp_path / "fam")
+    (holder,) = _takers(fam, 1, start_in=0.0, hold=4.0)
+    assert holder.stdout.readline().strip() == "got"
+    logs: list[str] = []
+    with fam.open() as reg:
+        res = run_upgrade(reg, "tiny", "v2", device="cpu", patches=["task"], wait=True, log=logs.append)
+        assert res.run.state == "done" and len(reg.list_runs()) == 1
+        assert reg.lease_holder("tiny@v2") is None
+    holder.communicate(timeout=60)
+    assert any(line.startswith("waiting: the upgrade of tiny@v2 is already running") for line in logs), logs
+
+
 def _chromium() -> str | None:
     import shutil
 
@@ -230,8 +298,8 @@ def test_summary_html_renders_in_headless_chromium(reference, tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is missing (.ci/run installs it)")
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    reg_dir, result, _ = reference
-    page = reg_dir / "upgrades" / f"run-{result.run.id}" / "summary.html"
+    fam, result, _ = reference
+    page = fam.home / "upgrades" / f"run-{result.run.id}" / "summary.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(
         [exe, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True
@@ -249,3 +317,22 @@ def test_summary_html_renders_in_headless_chromium(reference, tmp_path):
         check=True,
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+
+
+def test_two_jobs_give_the_same_result(family, reference, tmp_path):
+    """``--jobs 2`` (local threads): the same registry as one job, and no stray outputs."""
+    fam = copy_family(family, tmp_path / "fam")
+    with fam.open() as reg:
+        res = run_upgrade(reg, "tiny", "v2", device="cpu", jobs=2)
+        assert res.run.state == "done"
+
+    def same(st):  # threads finish in any order: ids of derived models and evaluation order may differ
+        out = dict(st, derived=sorted(st["derived"]), evaluations=sorted(st["evaluations"]))
+        out["runs"] = [
+            (*r[:4], tuple(sorted((*x[:4], re.sub(r"derived:\d+", "derived:N", x[4])) for x in r[4])))
+            for r in st["runs"]
+        ]
+        return out
+
+    assert same(state(fam)) == same(reference[2])
+    assert strays(fam) == []

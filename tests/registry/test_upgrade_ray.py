@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from registry import Registry
 from registry.workflows.upgrade import UpgradeError, run_upgrade
 from tests.upgrade_helpers import build_family, state
 
@@ -25,8 +24,8 @@ def executor():
 
 
 def test_upgrade_on_ray_matches_local(executor, tmp_path):
-    reg_dir = build_family(tmp_path / "fam", patches=("task",))
-    with Registry(reg_dir) as reg:
+    fam = build_family(tmp_path / "fam", patches=("task",))
+    with fam.open() as reg:
         res = run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor)
         assert res.all_passed and reg.get_patch("task@latest").ref == "task@2"
         assert reg.get_patch("task@2").parents == (("task@1", "port"),)
@@ -43,7 +42,7 @@ def test_worker_that_cannot_see_the_files_is_refused(executor):
 def test_worker_death_fails_the_step_and_resumes(executor, tmp_path):
     from registry.workflows import executors
 
-    reg_dir = build_family(tmp_path / "fam", patches=("task",))
+    fam = build_family(tmp_path / "fam", patches=("task",))
 
     def die(port, evaluate):
         os._exit(1)
@@ -51,13 +50,13 @@ def test_worker_death_fails_the_step_and_resumes(executor, tmp_path):
     real = executor._bundle
     executor._bundle = ray.remote(num_gpus=0, max_retries=0)(die)
     try:
-        with Registry(reg_dir) as reg:
+        with fam.open() as reg:
             with pytest.raises(UpgradeError, match="failed at step port of task@1: the Ray worker .* died"):
                 run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor)
             assert reg.get_run().failed_step == "task:port"
     finally:
         executor._bundle = real
-    with Registry(reg_dir) as reg:
+    with fam.open() as reg:
         done = run_upgrade(reg, "tiny", "v2", device="cpu", executor=executors.LocalExecutor())
         assert done.resumed and done.run.state == "done"
-    assert state(reg_dir)["aliases"] == [("task@latest", "task@2")]
+    assert state(fam)["aliases"] == [("task@latest", "task@2")]
