@@ -24,7 +24,9 @@ from cli.common import (
     is_ref,
     open_registry,
     print_json,
+    registered,
     status,
+    will_register,
 )
 
 app = typer.Typer()
@@ -198,6 +200,8 @@ def merge(
                     parents.append(info.ref)
                 bases.append(info.base if info is not None else None)
         ck = (lambda x: reg.checkpoint_path(x)) if reg is not None else (lambda x: x)  # noqa: E731
+        if register and reg is not None and not dry_run:
+            will_register(reg)  # a rerun after a kill between the output and its row finishes the job
         result = patchlab.merge(
             dirs,
             out or Path("."),
@@ -225,6 +229,7 @@ def merge(
                 info = reg.add_patch(
                     result.path, name=name, base=reg_base, parents=parents, relation="merge", require_base=False
                 )
+                registered(result.path, info.ref)
             except BaseException:
                 shutil.rmtree(result.path, ignore_errors=True)  # nothing written when it cannot be recorded
                 raise

@@ -229,3 +229,25 @@ def test_kill_report_leaves_nothing_after_gc(env):
     r = env["cli"](*args)
     assert (out / "report.md").is_file() and "verdict" in r.stdout
     assert not list(env["scratch"].glob("patchlab-compat-*")) and not no_partial_dirs(out.parent)
+
+
+def test_kill_merge_while_writing_and_before_its_row(env):
+    """A merge killed mid-write leaves only a partial directory gc removes; killed after its output appeared
+    and before its registry row, the rerun registers it."""
+    env["cli"](*_diff(env, env["out"] / "patch"))
+    env["cli"]("diff", "tiny@v1", env["v2"], env["out"] / "drift", "--name", "drift")
+    out = env["out"] / "merged"
+    args = ("merge", "task", "drift", "--method", "ties", "--density", "0.5", "-o", out, "--name", "blend")
+    p = spawn(env, *args)
+    if kill_when(p, lambda: bool(partials(out.parent))):
+        assert not out.exists()
+    assert_clean_after_gc_and_rerun(env, args, out, "patch")
+    assert "blend@1" in env["cli"]("ls").stdout
+    out2 = env["out"] / "merged2"
+    args2 = ("merge", "task", "drift", "-o", out2, "--name", "blend2")
+    p = spawn(env, *args2, hook=("registry.patches", "Patches", "add_patch"))
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert out2.is_dir() and "blend2" not in env["cli"]("ls").stdout
+    assert_clean_after_gc_and_rerun(env, args2, out2, "patch")
+    assert "blend2@1" in env["cli"]("ls").stdout
