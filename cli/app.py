@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from cli import bases, catalog, compat, demo, evals, labels, lowrank, maintenance, transfer
-from cli.common import STATE, RegistryOpt
+from cli.common import STATE, RegistryOpt, WorkersOpt, workers_env
 
 app = typer.Typer(
     name="patchlab",
@@ -30,13 +30,19 @@ app = typer.Typer(
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     registry: RegistryOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or status lines (errors and requested output only).")
     ] = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """patchlab: base versions, fine-tuning patches and their lineage, in one registry."""
+    if workers is not None:  # for every command below; restored when the command's context closes
+        cm = workers_env(workers)
+        cm.__enter__()
+        ctx.call_on_close(lambda: cm.__exit__(None, None, None))
     STATE.registry = registry
     STATE.verbose = verbose or bool(os.environ.get("PATCHLAB_DEBUG"))
     STATE.quiet = quiet

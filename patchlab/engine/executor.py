@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from patchlab.errors import DeviceError, NoSpaceError, OutputExistsError
+from patchlab.cores import worker_count
+from patchlab.errors import NoSpaceError, OutputExistsError
 from patchlab.io.safetensors import ShardWriter, TensorSpec
 
 CHUNK_ELEMS = 1 << 19  # 512K elements: 2 MiB per fp32 operand, so intermediates stay in cache
@@ -56,23 +57,6 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
 def release_scratch() -> None:
     """Free the calling thread's scratch buffers (workers do so when a run ends; so should other callers)."""
     _SCRATCH.pool = None
-
-
-def worker_count() -> int:
-    """Worker threads, the calling one included: ``PATCHLAB_WORKERS``, else one per core this process may use."""
-    env = os.environ.get("PATCHLAB_WORKERS", "").strip()
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise DeviceError(f"PATCHLAB_WORKERS must be a positive integer, got {env!r}")
-        return n
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 Sink = Callable[["Job", int, int, torch.Tensor], None]  # (job, first row, end row, output chunk)
