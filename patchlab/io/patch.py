@@ -13,9 +13,13 @@ has). Encodings of an ``add``: ``dense`` (ΔW), ``lowrank`` (ΔW = scale·B·A) 
 values). Any encoding yields dense rows of ΔW on demand (``PatchTensor.rows``), so no consumer ever
 densifies a whole patch.
 
-Exactness: ``cast(base + Δ)`` reproduces the fine-tune for all but a handful of elements (signed zeros,
-wide exponent gaps). Extract records those elements as ``fix`` residuals together with a digest of the base
-tensor; ``apply`` with α = 1 onto that same base tensor writes them back, which makes the round trip exact.
+Exactness: ``cast(base + Δ)`` reproduces the fine-tune for all but a few elements (Δ rounded to its storage
+dtype, signed zeros, wide exponent gaps). Extract records those elements as ``fix`` residuals: their flat
+positions, the fine-tune's values and the base's values there. ``apply``/``port`` with α = 1 write a
+residual back wherever the target holds exactly the base's value at that position (so onto the patch's own
+base the round trip is exact, and onto another base the elements it shares with the patch's base come out
+as the fused port gives them). Residuals written before the base values were recorded carry a digest of the
+whole base tensor instead, and are applied only onto a tensor with that digest.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ class PatchTensor:
         """The stored tensor playing ``role`` (``delta``, ``A``, ``B``, ``indices``, ``value``...), zero-copy."""
         return self._patch._tensor(self.meta["file"], self.meta["keys"][role])
 
+    def stored_dtype(self, role: str) -> torch.dtype:
+        """The dtype ``role`` is stored in (a Δ may be stored narrower or wider than its checkpoint dtype)."""
+        return self._patch._file(self.meta["file"]).entries[self.meta["keys"][role]].dtype
+
     def stored_rows(self, role: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` of a stored tensor, read into ``out`` when it has the right shape and dtype."""
         f, key = self._patch._file(self.meta["file"]), self.meta["keys"][role]
@@ -143,6 +151,11 @@ class PatchTensor:
         """(flat indices, exact values in the checkpoint dtype) of the residuals, if any."""
         f = self.meta["fix"]
         return self._patch._tensor(FIXUPS_FILE, f["indices"]), self._patch._tensor(FIXUPS_FILE, f["values"])
+
+    def fixup_base(self) -> torch.Tensor | None:
+        """The base's values at the residuals' positions (None for patches that recorded a digest instead)."""
+        key = (self.meta.get("fix") or {}).get("base")
+        return self._patch._tensor(FIXUPS_FILE, key) if key else None
 
 
 class Patch:
@@ -353,16 +366,26 @@ class PatchWriter:
             self._written.append(self._current)
             self._buf, self._size = {}, 0
 
-    def add_fixups(self, name: str, indices: torch.Tensor, values: torch.Tensor, base_digest: str) -> dict:
-        """Store exact-reconstruction residuals of ``name``; returns the entry's ``fix`` field."""
+    def add_fixups(
+        self,
+        name: str,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        base_digest: str | None = None,
+        base_values: torch.Tensor | None = None,
+    ) -> dict:
+        """Store exact-reconstruction residuals of ``name`` (sorted flat indices, the fine-tune's values, and
+        the base's values there or a digest of the whole base tensor); returns the entry's ``fix`` field."""
+        if indices.numel() and int(indices.max()) < 2**31:
+            indices = indices.to(torch.int32)  # 4 bytes an index instead of 8: fixups are ~3% of a native Δ
         self._fixups[f"{name}::indices"] = indices.cpu().contiguous()
         self._fixups[f"{name}::values"] = values.cpu().contiguous()
-        return {
-            "indices": f"{name}::indices",
-            "values": f"{name}::values",
-            "count": int(indices.numel()),
-            "base_digest": base_digest,
-        }
+        fix = {"indices": f"{name}::indices", "values": f"{name}::values", "count": int(indices.numel())}
+        if base_values is not None:
+            self._fixups[f"{name}::base"] = base_values.cpu().contiguous()
+            fix["base"] = f"{name}::base"
+        fix["base_digest"] = base_digest
+        return fix
 
     def copy_files(self, src: Path, names: Iterable[str], into: str = FINETUNE_DIR) -> None:
         """Copy those of ``names`` that exist in ``src`` into ``into/`` (the fine-tune's config and tokenizer)."""
