@@ -4,7 +4,8 @@ A patch directory::
 
     patch.json                      manifest: format version, provenance, one entry per tensor
     delta-00001-of-00002.safetensors
-    fixups.safetensors              (optional) exact-reconstruction residuals, see below
+    fixups.safetensors              (optional) exact-reconstruction residuals, see below; past FIXUP_BUFFER_BYTES
+                                    of them, fixups-00001-of-0000N.safetensors (each entry's ``fix.file``)
     finetune/                       config, generation config and tokenizer files of the fine-tune
 
 Each tensor entry has an ``op``: ``add`` (a delta, in one of several *encodings*), ``set`` (a value that
@@ -29,6 +30,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -45,6 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 FINETUNE_DIR = "finetune"
 FIXUPS_FILE = "fixups.safetensors"
+FIXUP_BUFFER_BYTES = 64 << 20  # residuals held in memory before they are written out as a fixup shard
 OPS = ("add", "set", "delete")
 SHARD_PREFIX = "delta"
 MAX_SHARD_BYTES = 4 << 30  # a shard file is at most this large (as the Hugging Face hub's own default)
@@ -150,12 +153,13 @@ class PatchTensor:
     def fixups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices, exact values in the checkpoint dtype) of the residuals, if any."""
         f = self.meta["fix"]
-        return self._patch._tensor(FIXUPS_FILE, f["indices"]), self._patch._tensor(FIXUPS_FILE, f["values"])
+        file = f.get("file", FIXUPS_FILE)
+        return self._patch._tensor(file, f["indices"]), self._patch._tensor(file, f["values"])
 
     def fixup_base(self) -> torch.Tensor | None:
         """The base's values at the residuals' positions (None for patches that recorded a digest instead)."""
-        key = (self.meta.get("fix") or {}).get("base")
-        return self._patch._tensor(FIXUPS_FILE, key) if key else None
+        f = self.meta.get("fix") or {}
+        return self._patch._tensor(f.get("file", FIXUPS_FILE), f["base"]) if f.get("base") else None
 
 
 class Patch:
@@ -337,7 +341,12 @@ class PatchWriter:
         self._size = 0
         self._written: list[str] = []  # provisional names of buffered shards, renamed by finish
         self._planned: list[str] = []
-        self._fixups: dict[str, torch.Tensor] = {}
+        self._fixups: dict[str, torch.Tensor] = {}  # residuals not yet written
+        self._fix_bytes = 0
+        self._fix_files: list[str] = []  # provisional names of written fixup shards
+        self._fix_entries: list[dict] = []  # every "fix" field handed out (finish sets their file)
+        self._fix_count = 0
+        self._fix_lock = threading.Lock()  # engine workers finish tensors concurrently
         self._plan_bytes = max_shard_bytes
 
     def plan_shards(self, sizes: Sequence[tuple[str, int]]) -> list[tuple[str, list[str]]]:
@@ -378,14 +387,29 @@ class PatchWriter:
         the base's values there or a digest of the whole base tensor); returns the entry's ``fix`` field."""
         if indices.numel() and int(indices.max()) < 2**31:
             indices = indices.to(torch.int32)  # 4 bytes an index instead of 8: fixups are ~3% of a native Δ
-        self._fixups[f"{name}::indices"] = indices.cpu().contiguous()
-        self._fixups[f"{name}::values"] = values.cpu().contiguous()
+        tensors = {f"{name}::indices": indices, f"{name}::values": values}
         fix = {"indices": f"{name}::indices", "values": f"{name}::values", "count": int(indices.numel())}
         if base_values is not None:
-            self._fixups[f"{name}::base"] = base_values.cpu().contiguous()
+            tensors[f"{name}::base"] = base_values
             fix["base"] = f"{name}::base"
         fix["base_digest"] = base_digest
+        with self._fix_lock:
+            for k, t in tensors.items():
+                self._fixups[k] = t.cpu().contiguous()
+                self._fix_bytes += t.numel() * t.element_size()
+            self._fix_count += int(indices.numel())
+            fix["file"] = f".fixups-{len(self._fix_files) + 1:05d}.safetensors"  # provisional: see finish
+            self._fix_entries.append(fix)
+            if self._fix_bytes >= FIXUP_BUFFER_BYTES:  # bounded memory: a 1B bf16 patch has ~0.3 GB of them
+                self._flush_fixups()
         return fix
+
+    def _flush_fixups(self) -> None:
+        if self._fixups:
+            name = f".fixups-{len(self._fix_files) + 1:05d}.safetensors"
+            save_file(self._fixups, str(self.root / name))
+            self._fix_files.append(name)
+            self._fixups, self._fix_bytes = {}, 0
 
     def copy_files(self, src: Path, names: Iterable[str], into: str = FINETUNE_DIR) -> None:
         """Copy those of ``names`` that exist in ``src`` into ``into/`` (the fine-tune's config and tokenizer)."""
@@ -411,10 +435,22 @@ class PatchWriter:
             for e in entries.values():
                 if e.get("file") in final:
                     e["file"] = final[e["file"]]
-        if self._fixups:
-            save_file(self._fixups, str(self.root / FIXUPS_FILE))
+        self._flush_fixups()
+        # one fixup file keeps the historical name (and entries without a "file"); more are numbered
+        n = len(self._fix_files)
+        final_fix = {
+            old: FIXUPS_FILE if n == 1 else f"fixups-{i + 1:05d}-of-{n:05d}.safetensors"
+            for i, old in enumerate(self._fix_files)
+        }
+        for old, new in final_fix.items():
+            (self.root / old).rename(self.root / new)
+        for fix in self._fix_entries:
+            if n == 1:
+                fix.pop("file", None)
+            else:
+                fix["file"] = final_fix[fix["file"]]
         nbytes = sum(p.stat().st_size for p in self.root.glob(f"{SHARD_PREFIX}-*.safetensors"))
-        fix_count = sum(int(t.numel()) for k, t in self._fixups.items() if k.endswith("::indices"))
+        fix_count = self._fix_count
         manifest = {
             **manifest_header(provenance),
             "totals": totals(entries, fix_count, nbytes),

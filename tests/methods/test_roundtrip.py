@@ -238,3 +238,19 @@ def test_fingerprints(tmp_path):
     assert fa.architecture == fb.architecture == fc.architecture
     assert fa.content != fb.content
     assert fa.content == fc.content
+
+
+def test_fixups_are_written_in_bounded_shards(tmp_path, monkeypatch):
+    """Residuals go to disk every FIXUP_BUFFER_BYTES (memory stays bounded); the round trip stays exact."""
+    import patchlab.io.patch as patch_io
+
+    monkeypatch.setattr(patch_io, "FIXUP_BUFFER_BYTES", 256)
+    base = make_model(tmp_path / "base", dtype=torch.bfloat16)
+    ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, dtype=torch.bfloat16, seed=1)
+    patch = patchlab.extract(base, ft, tmp_path / "patch")
+    files = sorted(p.name for p in patch.path.glob("fixups*.safetensors"))
+    assert len(files) > 1 and files[0] == f"fixups-00001-of-{len(files):05d}.safetensors"
+    fixed = [e for e in patch.entries() if e.fix]
+    assert {e.fix["file"] for e in fixed} == set(files)
+    assert patch.manifest["totals"]["fixups"] == sum(e.fix["count"] for e in fixed)
+    assert_bitwise_equal(state(ft), state(patchlab.apply(patch, base, tmp_path / "out").path))
