@@ -39,10 +39,11 @@ from baseline_torch import weight_map  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
-FLOORS = ("cat", "cat-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
+FLOORS = ("cat", "cat-extract", "cp-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
 CONTENDERS = (
     "cat",
     "cat-extract",
+    "cp-extract",
     "import-torch",
     "torch",
     "mergekit",
@@ -405,6 +406,7 @@ def ratios(by: dict[str, Result]) -> dict[str, float | None]:
         ("cli-port", "cli-fused"),
         ("cli-fused", "patchlab-port"),
         ("cli-diff", "cat-extract"),
+        ("cli-diff", "cp-extract"),
         ("cli-port", "cat"),
     ]
     out: dict[str, float | None] = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
@@ -619,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     reads = {  # the files each contender reads (evicted before every run with --cold)
         "cat": ("src", "ft", "target"),
         "cat-extract": ("src", "ft"),
+        "cp-extract": ("ft",),
         "import-torch": (),
         "cli-port": ("patch", "target"),
     }
@@ -631,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
             files = [str(f) for k in kinds for f in inputs[k]]
             cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
             return cmd, f"floor: read {'+'.join(kinds)} once", None, False
+        if name == "cp-extract":  # the write floor: an extract writes about one checkpoint's bytes
+            files = [str(f) for f in inputs["ft"]]
+            cmd = ["sh", "-c", 'mkdir -p "$0" && exec cp "$@" "$0"', out, *files]
+            return cmd, "floor: cp of ft's shards (reads + writes one checkpoint)", None, True
         if name == "import-torch":
             return (
                 [py, "-c", "import torch, safetensors.torch"],

@@ -54,6 +54,39 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buf[:n].view(shape)
 
 
+_LIBC = None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``; elsewhere nothing).
+
+    Jobs that keep small per-chunk results until their tensor is done (extract's residuals) interleave
+    them with freed per-chunk temporaries, and glibc keeps such a fragmented heap's free pages: +250 MiB
+    of anonymous memory on a 2-layer bf16 extract. Trimming once per finished tensor, and every few chunks
+    that keep results (``trim_heap_every``), brings it back to the live set; no process-wide allocator
+    setting is changed.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None)
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def trim_heap_every(n: int) -> None:
+    """:func:`trim_heap` on every ``n``-th call from this thread (a trim costs ~1 ms: not once a chunk)."""
+    k = getattr(_SCRATCH, "trim_calls", 0) + 1
+    _SCRATCH.trim_calls = k
+    if k % n == 0:
+        trim_heap()
+
+
 def release_scratch() -> None:
     """Free the calling thread's scratch buffers (workers do so when a run ends; so should other callers)."""
     _SCRATCH.pool = None
@@ -286,6 +319,7 @@ def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
             del out
             if sched.done(job, nbytes) and job.finish:
                 job.finish()
+                trim_heap()
     except BaseException as e:
         sched.fail(e)
         if threading.current_thread() is threading.main_thread():

@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 FINETUNE_DIR = "finetune"
 FIXUPS_FILE = "fixups.safetensors"
-FIXUP_BUFFER_BYTES = 64 << 20  # residuals held in memory before they are written out as a fixup shard
+FIXUP_BUFFER_BYTES = 16 << 20  # residuals held in memory before they are written out as a fixup shard
 OPS = ("add", "set", "delete")
 SHARD_PREFIX = "delta"
 MAX_SHARD_BYTES = 4 << 30  # a shard file is at most this large (as the Hugging Face hub's own default)
@@ -385,7 +385,7 @@ class PatchWriter:
     ) -> dict:
         """Store exact-reconstruction residuals of ``name`` (sorted flat indices, the fine-tune's values, and
         the base's values there or a digest of the whole base tensor); returns the entry's ``fix`` field."""
-        if indices.numel() and int(indices.max()) < 2**31:
+        if indices.dtype != torch.int32 and indices.numel() and int(indices.max()) < 2**31:
             indices = indices.to(torch.int32)  # 4 bytes an index instead of 8: fixups are ~3% of a native Δ
         tensors = {f"{name}::indices": indices, f"{name}::values": values}
         fix = {"indices": f"{name}::indices", "values": f"{name}::values", "count": int(indices.numel())}

@@ -56,6 +56,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(bits(a), bits(b))
 
 
+def mismatches(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat positions (int64, ascending) where two tensors of one dtype and shape differ in their bits.
+
+    On CPU through numpy: its ``flatnonzero`` of a 16-bit comparison is 2x torch's ``(a != b).nonzero()``.
+    ``mask`` (bool, ``a.numel()`` elements) is scratch for the comparison.
+    """
+    if a.device.type == "cpu" and b.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+        an, bn = bits(a).reshape(-1).numpy(), bits(b).reshape(-1).numpy()
+        m = np.not_equal(an, bn, out=mask.reshape(-1).numpy()) if mask is not None else an != bn
+        return torch.from_numpy(np.flatnonzero(m))
+    return (bits(a) != bits(b)).reshape(-1).nonzero().squeeze(1)
+
+
 def count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements of a finite float tensor.
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from patchlab.engine.devices import resolve_device
-from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch
+from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch, trim_heap_every
 from patchlab.errors import NonFiniteDeltaError, PlanError
 from patchlab.io.checkpoint import META_FILES, Checkpoint, parse_dtype
 from patchlab.io.patch import MAX_SHARD_BYTES, Patch, PatchWriter
-from patchlab.kernels.delta import DeltaStats, as_float, bits, diff_into, gather_rows, same_bits
+from patchlab.kernels.delta import DeltaStats, as_float, diff_into, gather_rows, mismatches, same_bits
 from patchlab.kernels.vocab import identity
 from patchlab.plan import Plan, Step, plan_extract
 
@@ -188,6 +188,7 @@ def extract_job(
         return f, b
 
     store = parse_dtype(s.dtype)
+    numel = math.prod(s.shape) if s.shape else 1
     store_max = torch.finfo(store).max if store != torch.float32 else None
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -196,7 +197,7 @@ def extract_job(
         b32 = as_float(b, scratch("extract.b32", shape, torch.float32, d_dev))
         d = diff_into(scratch("extract.delta", shape, torch.float32, d_dev), f, b32, b32)
         stats = DeltaStats()
-        stats.update(d, b, offset=r0 * row)  # statistics of the exact Δ, whatever it is stored in
+        stats.update(d, b32, offset=r0 * row)  # statistics of the exact Δ, whatever it is stored in
         if stats.nonfinite:
             raise NonFiniteDeltaError(
                 f"Δ of {s.name} has NaN/Inf (at flat element {stats.first_nonfinite}); "
@@ -214,10 +215,16 @@ def extract_job(
             # (b32 may be the base rows themselves: add out of place, the residuals record the base's values)
             total = torch.add(b32, d, out=scratch("extract.sum", shape, torch.float32, d_dev))
             back = scratch("extract.back", shape, f.dtype, d_dev).copy_(total)
-            if not same_bits(back, f):
-                bad = (bits(back) != bits(f)).reshape(-1).nonzero().squeeze(1)
-                fix_at, fix_to = (bad + r0 * row).cpu(), f.reshape(-1)[bad].cpu()
-                fix_base = b.reshape(-1)[bad].cpu()
+            # an fp32 Δ is almost always exact (one cheap comparison); a rounded one rarely is in a whole chunk
+            if store_max is not None or not same_bits(back, f):
+                bad = mismatches(back, f, scratch("extract.mask", shape, torch.bool, d_dev))
+                if bad.numel():
+                    # int32 positions where they fit: residuals wait in memory until the tensor is done
+                    fix_at = (bad + r0 * row).to(torch.int32 if numel < 2**31 else torch.int64).cpu()
+                    fix_to = f.reshape(-1)[bad.to(d_dev)].cpu()
+                    fix_base = b.reshape(-1)[bad.to(d_dev)].cpu()
+                    del bad
+                    trim_heap_every(16)  # small results kept across chunks fragment the heap: give it back
         parts[r0] = (stats, fix_at, fix_to, fix_base)
         return out
 
