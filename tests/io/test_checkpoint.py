@@ -1,3 +1,4 @@
+"""Checkpoint fingerprints."""
 
 
 def test_content_digest_is_the_historical_sha256_whatever_the_workers(tmp_path, monkeypatch):
