@@ -197,7 +197,8 @@ def extract_job(
         b32 = as_float(b, scratch("extract.b32", shape, torch.float32, d_dev))
         d = diff_into(scratch("extract.delta", shape, torch.float32, d_dev), f, b32, b32)
         stats = DeltaStats()
-        stats.update(d, b32, offset=r0 * row)  # statistics of the exact Δ, whatever it is stored in
+        # statistics of the exact Δ, whatever it is stored in
+        stats.update(d, b32, offset=r0 * row, work=scratch("extract.sum", shape, torch.float32, d_dev))
         if stats.nonfinite:
             raise NonFiniteDeltaError(
                 f"Δ of {s.name} has NaN/Inf (at flat element {stats.first_nonfinite}); "
