@@ -53,6 +53,9 @@ CONTENDERS = (
     "cli-diff",
     "cli-port",
     "cli-fused",
+    "cli-diff-w1",
+    "cli-port-w1",
+    "cli-fused-w1",
 )
 # Targets from issue 2, item 7 (2-core CPU machine).
 TARGET_VS_MERGEKIT = 5.0  # port at least this many times faster than mergekit
@@ -408,6 +411,9 @@ def ratios(by: dict[str, Result]) -> dict[str, float | None]:
         ("cli-diff", "cat-extract"),
         ("cli-diff", "cp-extract"),
         ("cli-port", "cat"),
+        ("cli-diff-w1", "cli-diff"),
+        ("cli-port-w1", "cli-port"),
+        ("cli-fused-w1", "cli-fused"),
     ]
     out: dict[str, float | None] = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
     out.update({f"{a}/{b} (cpu s)": ratio(a, b, "cpu_s") for a, b in pairs})
@@ -604,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     patch_dir = work / "_patch"  # the stored patch `cli-port` ports (made by the CLI's own diff, untimed)
     py = sys.executable
     cli = [py, "-m", "cli.app", "-q"]
-    if "cli-port" in only:
+    if "cli-port" in only or "cli-port-w1" in only:
         if patch_dir.exists():
             shutil.rmtree(patch_dir)
         t0 = time.perf_counter()
@@ -624,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "cp-extract": ("ft",),
         "import-torch": (),
         "cli-port": ("patch", "target"),
+        "cli-port-w1": ("patch", "target"),
     }
 
     def contender(name: str) -> tuple[list[str] | None, str, Callable[[Path], float] | None, bool]:
@@ -742,7 +749,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in (c for c in CONTENDERS if c in only):
         print(f"running {name} ...", flush=True)
-        cmd, note, check, writes = contender(name)
+        if name.endswith("-w1"):  # the same CLI command on one worker thread: the scaling table
+            cmd, note, check, writes = contender(name.removesuffix("-w1"))
+            cmd, note = [*cmd, "--workers", "1"], note + " --workers 1"
+        else:
+            cmd, note, check, writes = contender(name)
         if cmd is None:
             res = Result(name, "unavailable", note=note)
             print(f"  {name}: unavailable: {note}", flush=True)
@@ -754,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             out = work / name
             clear_output(out)
             if args.cold:
-                extract_like = "extract" in name or name == "cli-diff"
+                extract_like = "extract" in name or name.startswith("cli-diff")
                 kinds = reads.get(name, ("src", "ft") if extract_like else ("src", "ft", "target"))
                 files = [f for k in kinds for f in inputs[k]]
                 drop_from_cache(files)
