@@ -750,8 +750,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in (c for c in CONTENDERS if c in only):
         print(f"running {name} ...", flush=True)
         if name.endswith("-w1"):  # the same CLI command on one worker thread: the scaling table
-            cmd, note, check, writes = contender(name.removesuffix("-w1"))
-            cmd, note = [*cmd, "--workers", "1"], note + " --workers 1"
+            base = name.removesuffix("-w1")
+            cmd, note, check, writes = contender(base)
+            own = [str(work / name) if c == str(work / base) else c for c in cmd]  # its own output directory
+            cmd, note = [*own, "--workers", "1"], note + " --workers 1"
         else:
             cmd, note, check, writes = contender(name)
         if cmd is None:
