@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     e_exact = None if args.no_exact else exact_errors(src, ft, names, args.rank)
 
     n_params = sum(math.prod(e.shape) for e in ours.entries() if e.op == "add")
-    print(f"\nfamily {args.family} ({n_params / 1e9:.2f}B parameters), rank {args.rank}, {len(names)} matrices "
+    print(f"\nfamily {src.parent} ({n_params / 1e9:.2f}B parameters), rank {args.rank}, {len(names)} matrices "
           f"compared, device {args.device}, torch threads {torch.get_num_threads()}")
     hdr = (f"{'tool':<34} {'wall s':>8} {'CPU s':>8} {'peak RssAnon GiB':>17} {'pooled rel err':>15} "
            f"{'max rel err':>12} {'out GB':>7}")
