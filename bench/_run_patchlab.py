@@ -1,7 +1,7 @@
 """Run one patchlab operation as its own process, so ``bench/run_port.py`` can time and sample it.
 
 python bench/_run_patchlab.py port-fused --ft F --src S --target T --out O
-python bench/_run_patchlab.py extract --src S --ft F --out O
+python bench/_run_patchlab.py extract --src S --ft F --out O [--storage-dtype float32]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--storage-dtype", default=None, help="extract: float32, or the fine-tune's dtype (default)")
     a = ap.parse_args(argv)
 
     import patchlab
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.op == "port-fused":
         patchlab.port_fused(a.ft, a.src, a.target, a.out, device=a.device)
     else:
-        patchlab.extract(a.src, a.ft, a.out, device=a.device)
+        patchlab.extract(a.src, a.ft, a.out, device=a.device, storage_dtype=a.storage_dtype)
     return 0
 
 

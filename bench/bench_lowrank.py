@@ -99,19 +99,21 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, i
 
 
 # ------------------------------------------------------------------------------------------------ family
-def ensure_family(family: Path, layers: int | None, work: Path) -> tuple[Path, Path]:
+def ensure_family(family: Path, layers: int | None, work: Path, ft_noise: float | None = None) -> tuple[Path, Path]:
     """An existing family is used as it is; ``--layers N`` (or a missing family) generates one under ``work``
-    (never inside someone else's family directory)."""
+    (never inside someone else's family directory). ``ft_noise`` sets the fine-tune's dense noise (2e-3: as
+    much energy as its rank-16 update, a flat tail)."""
     src, ft = family / "src", family / "ft"
-    if layers is None and (src / "config.json").exists() and (ft / "config.json").exists():
+    if layers is None and ft_noise is None and (src / "config.json").exists() and (ft / "config.json").exists():
         return src, ft
     n = layers or 2
-    target = work / f"family-{n}l"
+    target = work / (f"family-{n}l" + (f"-noise{ft_noise:g}" if ft_noise is not None else ""))
     try:  # the shared generator, when this checkout has it
         sys.path.insert(0, str(ROOT / "bench"))
         import make_family  # type: ignore[import-not-found]
 
-        paths = make_family.generate(target, layers=n)
+        kw = {"ft_noise": ft_noise} if ft_noise is not None else {}
+        paths = make_family.generate(target, layers=n, **kw)
         return paths["src"], paths["ft"]
     except ImportError:
         return _own_family(target, n)
@@ -177,6 +179,25 @@ def reconstruction_errors(src: Path, ft: Path, approx: dict[str, callable]) -> d
     return errs
 
 
+def exact_errors(src: Path, ft: Path, names: list[str], rank: int) -> dict[str, float]:
+    """Relative error of the exact rank-``rank`` truncated SVD of every matrix, √(Σ_{i>r} σ_i² / Σ σ_i²), and
+    pooled (key '*')."""
+    from patchlab.io.checkpoint import Checkpoint
+
+    s_ck, f_ck = Checkpoint.open(src), Checkpoint.open(ft)
+    out: dict[str, float] = {}
+    num = den = 0.0
+    for name in names:
+        d = f_ck.tensor(name).float() - s_ck.tensor(name).float()
+        sv = torch.linalg.svdvals(d).double()
+        tail, tot = float((sv[rank:] ** 2).sum()), float((sv**2).sum())
+        out[name] = math.sqrt(tail / tot) if tot else 0.0
+        num += tail
+        den += tot
+    out["*"] = math.sqrt(num / den) if den else 0.0
+    return out
+
+
 def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
 
@@ -189,12 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-lowrank"))
     ap.add_argument("--mergekit-venv", type=Path, default=ROOT / "bench" / ".venv-mergekit")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--n-iter", type=int, default=2, help="power iterations of the randomized SVD")
+    ap.add_argument("--n-iter", type=int, default=2, help="power iterations of the randomized SVD (a minimum)")
+    ap.add_argument(
+        "--ft-noise",
+        type=float,
+        default=None,
+        help="generate the family with this fine-tune noise std (2e-3: flat tail, as much energy as the update)",
+    )
+    ap.add_argument("--no-exact", action="store_true", help="skip the exact-SVD error of every matrix")
     ap.add_argument("--oversample", type=int, default=10)
     args = ap.parse_args(argv)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    src, ft = ensure_family(args.family, args.layers, args.work)
+    src, ft = ensure_family(args.family, args.layers, args.work, args.ft_noise)
     ours_out, mk_out = args.work / f"patchlab-r{args.rank}", args.work / f"mergekit-r{args.rank}"
     for d in (ours_out, mk_out):
         if d.exists():
@@ -243,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         mk_fns = {n: (lambda e=low[n]: e.scale * (e.B @ e.A)) for n in names}
     e_ours = reconstruction_errors(src, ft, {n: (lambda e=ours_low[n]: e.dense()) for n in names})
     e_mk = reconstruction_errors(src, ft, mk_fns) if mk else None
+    e_exact = None if args.no_exact else exact_errors(src, ft, names, args.rank)
 
     n_params = sum(math.prod(e.shape) for e in ours.entries() if e.op == "add")
-    print(f"\nfamily {args.family} ({n_params / 1e9:.2f}B parameters), rank {args.rank}, {len(names)} matrices "
+    print(f"\nfamily {src.parent} ({n_params / 1e9:.2f}B parameters), rank {args.rank}, {len(names)} matrices "
           f"compared, device {args.device}, torch threads {torch.get_num_threads()}")
     hdr = (f"{'tool':<34} {'wall s':>8} {'CPU s':>8} {'peak RssAnon GiB':>17} {'pooled rel err':>15} "
            f"{'max rel err':>12} {'out GB':>7}")
@@ -262,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         row(f"mergekit-extract-lora --max-rank {args.rank}", mk[0], mk[2], mk[1], e_mk, mk_out)
         print(f"\nspeed-up {mk[0] / t_ours:.1f}× wall, {mk[2] / c_ours:.1f}× CPU; error ratio patchlab/mergekit "
               f"{e_ours['*'] / e_mk['*']:.4f}; memory ratio {m_ours / max(mk[1], 1):.2f}")
+    if e_exact is not None:
+        ratio_ours = max(e_ours[n] / e_exact[n] for n in names if e_exact[n] > 0)
+        worst = max((n for n in names if e_exact[n] > 0), key=lambda n: e_ours[n] / e_exact[n])
+        print(
+            f"\nexact truncated SVD (torch.linalg.svdvals, fp32 Δ): pooled rel err {e_exact['*']:.6f}; "
+            f"patchlab/exact pooled {e_ours['*'] / e_exact['*']:.5f}, worst tensor {ratio_ours:.5f} ({worst}); "
+            f"target <= 1.001 on every tensor: {'PASS' if ratio_ours <= 1.001 else 'FAIL'}"
+        )
+        if e_mk:
+            r_mk = max(e_mk[n] / e_exact[n] for n in names if e_exact[n] > 0)
+            print(f"mergekit/exact pooled {e_mk['*'] / e_exact['*']:.5f}, worst tensor {r_mk:.5f}")
     print(f"load average at the end: {os.getloadavg()}")
     return 0
 

@@ -106,7 +106,9 @@ def _gen(seed: int, name: str, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{salt}:{name}".encode()))
 
 
-def make_tensors(name: str, shp: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:
+def make_tensors(
+    name: str, shp: tuple[int, ...], seed: int, ft_noise: float = FT_NOISE_STD
+) -> dict[str, torch.Tensor]:
     """The bf16 tensor ``name`` of src, ft and target (deterministic in ``seed`` and ``name``)."""
     if len(shp) == 1:
         src32 = 1.0 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, "src"))
@@ -119,7 +121,7 @@ def make_tensors(name: str, shp: tuple[int, ...], seed: int) -> dict[str, torch.
         a = torch.randn((LOWRANK_RANK, shp[1]), generator=g)
         # Entries of b @ a have variance LOWRANK_RANK; scale them to an RMS of LOWRANK_RMS.
         ft32 = (b @ a).mul_(LOWRANK_RMS / LOWRANK_RANK**0.5)
-        ft32.add_(torch.randn(shp, generator=g), alpha=FT_NOISE_STD).add_(src32)
+        ft32.add_(torch.randn(shp, generator=g), alpha=ft_noise).add_(src32)
         tgt32 = torch.randn(shp, generator=_gen(seed, name, "target")).mul_(DRIFT_STD).add_(src32)
     out = {"src": src32.to(torch.bfloat16)}
     del src32
@@ -160,12 +162,20 @@ def llama_config(shape: Shape) -> dict:
 
 
 def expected_index(
-    specs: list[tuple[str, tuple[int, ...]]], shards: list[list[str]], kind: str, seed: int, shape: Shape
+    specs: list[tuple[str, tuple[int, ...]]],
+    shards: list[list[str]],
+    kind: str,
+    seed: int,
+    shape: Shape,
+    ft_noise: float = FT_NOISE_STD,
 ) -> dict:
     n = len(shards)
     total = sum(2 * _numel(s) for _, s in specs)
     weight_map = {name: shard_file(i, n) for i, names in enumerate(shards) for name in names}
-    meta = {"total_size": total, "bench_family": {"kind": kind, "seed": seed, **shape.__dict__}}
+    fam = {"kind": kind, "seed": seed, **shape.__dict__}
+    if ft_noise != FT_NOISE_STD:  # recorded only when not the default, so existing families stay complete
+        fam["ft_noise"] = ft_noise
+    meta = {"total_size": total, "bench_family": fam}
     return {"metadata": meta, "weight_map": weight_map}
 
 
@@ -191,14 +201,24 @@ def is_complete(ckpt: Path, index: dict) -> bool:
 
 
 def generate(
-    out: Path, *, layers: int = 22, seed: int = 0, shard_mb: int = 1000, force: bool = False, quiet: bool = False
+    out: Path,
+    *,
+    layers: int = 22,
+    seed: int = 0,
+    shard_mb: int = 1000,
+    force: bool = False,
+    quiet: bool = False,
+    ft_noise: float = FT_NOISE_STD,
 ) -> dict[str, Path]:
-    """Write (or keep, when already complete) ``out/{src,ft,target}``; return their paths."""
+    """Write (or keep, when already complete) ``out/{src,ft,target}``; return their paths.
+
+    ``ft_noise``: std of the dense noise on the fine-tune's update (default 2e-4; 2e-3 gives noise of the
+    update's own energy: a spectrum flat past rank 16, the hard case for a randomized SVD)."""
     shape = Shape(layers=layers)
     specs = tensor_specs(shape)
     shards = plan_shards(specs, shard_mb * 1_000_000)
     paths = {k: out / k for k in KINDS}
-    indexes = {k: expected_index(specs, shards, k, seed, shape) for k in KINDS}
+    indexes = {k: expected_index(specs, shards, k, seed, shape, ft_noise) for k in KINDS}
     todo = [k for k in KINDS if force or not is_complete(paths[k], indexes[k])]
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     config = json.dumps(llama_config(shape), indent=2) + "\n"
@@ -218,7 +238,7 @@ def generate(
     for i, names in enumerate(shards):
         parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in todo}
         for name in names:
-            for k, t in make_tensors(name, shapes[name], seed).items():
+            for k, t in make_tensors(name, shapes[name], seed, ft_noise).items():
                 if k in parts:
                     parts[k][name] = t
         for k in todo:
@@ -248,10 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-mb", type=int, default=1000, help="maximum shard size in MB (default 1000)")
     ap.add_argument("--force", action="store_true", help="regenerate even if the family is complete")
+    ap.add_argument(
+        "--ft-noise",
+        type=float,
+        default=FT_NOISE_STD,
+        help=f"std of the fine-tune's dense noise (default {FT_NOISE_STD:g}; 2e-3 = the update's energy: flat tail)",
+    )
     args = ap.parse_args(argv)
     if args.layers < 1:
         ap.error("--layers must be at least 1")
-    generate(args.out, layers=args.layers, seed=args.seed, shard_mb=args.shard_mb, force=args.force)
+    generate(
+        args.out, layers=args.layers, seed=args.seed, shard_mb=args.shard_mb, force=args.force, ft_noise=args.ft_noise
+    )
     return 0
 
 

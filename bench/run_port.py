@@ -39,12 +39,34 @@ from baseline_torch import weight_map  # noqa: E402
 
 MIB = 1024 * 1024
 DEFAULT_MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
-FLOORS = ("cat", "cat-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
-CONTENDERS = ("cat", "cat-extract", "import-torch", "torch", "mergekit", "patchlab-port", "patchlab-extract")
+FLOORS = ("cat", "cat-extract", "cp-extract", "import-torch")  # cheap; repeated more so the floor is not one noisy run
+CONTENDERS = (
+    "cat",
+    "cat-extract",
+    "cp-extract",
+    "import-torch",
+    "torch",
+    "mergekit",
+    "patchlab-port",
+    "patchlab-extract",
+    "patchlab-extract-fp32",
+    "cli-diff",
+    "cli-port",
+    "cli-fused",
+    "cli-diff-w1",
+    "cli-port-w1",
+    "cli-fused-w1",
+)
 # Targets from issue 2, item 7 (2-core CPU machine).
 TARGET_VS_MERGEKIT = 5.0  # port at least this many times faster than mergekit
 TARGET_ANON_MIB = 512.0  # peak anonymous memory of a port
 TARGET_VS_CAT = 5.0  # port within this many times the cat floor
+# Targets from issue 15: the user's CLI paths
+TARGET_CLI_PORT_VS_MERGEKIT = 5.0  # `patchlab port PATCH TARGET OUT` (stored patch) against mergekit
+TARGET_CLI_PORT_VS_FUSED = 1.2  # ... within this many times the fused CLI port
+TARGET_CLI_FUSED_VS_MERGEKIT = 8.0  # `patchlab port --from-finetune FT --source SRC TARGET OUT`
+TARGET_CLI_ANON_MIB = 256.0  # peak anonymous memory of both CLI ports
+TARGET_EXTRACT_VS_CAT = 10.0  # `patchlab diff` within this many times `cat` of its inputs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,6 +210,39 @@ def warm_cache(paths: list[Path]) -> float:
     t0 = time.perf_counter()
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - t0
+
+
+def drop_from_cache(paths: list[Path]) -> None:
+    """Evict these files from the page cache (``posix_fadvise(DONTNEED)``; only their clean pages, and only
+    theirs: other users of the machine keep their cache)."""
+    subprocess.run(["sync"], check=False)
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_fraction(paths: list[Path]) -> float | None:
+    """Share of these files' bytes in the page cache (util-linux ``fincore``), None when it is missing."""
+    if not paths or shutil.which("fincore") is None:
+        return None
+    r = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, paths)],
+        capture_output=True,
+        text=True,
+    )
+    res = size = 0
+    for line in r.stdout.split("\n"):
+        parts = line.split()
+        if len(parts) == 2:
+            res += int(parts[0])
+            size += int(parts[1])
+    return res / size if size else None
 
 
 def clear_output(path: Path) -> None:
@@ -348,6 +403,17 @@ def ratios(by: dict[str, Result]) -> dict[str, float | None]:
         ("torch", "patchlab-port"),
         ("patchlab-port", "cat"),
         ("patchlab-extract", "cat-extract"),
+        ("patchlab-extract-fp32", "cat-extract"),
+        ("mergekit", "cli-port"),
+        ("mergekit", "cli-fused"),
+        ("cli-port", "cli-fused"),
+        ("cli-fused", "patchlab-port"),
+        ("cli-diff", "cat-extract"),
+        ("cli-diff", "cp-extract"),
+        ("cli-port", "cat"),
+        ("cli-diff-w1", "cli-diff"),
+        ("cli-port-w1", "cli-port"),
+        ("cli-fused-w1", "cli-fused"),
     ]
     out: dict[str, float | None] = {f"{a}/{b}": ratio(a, b) for a, b in pairs}
     out.update({f"{a}/{b} (cpu s)": ratio(a, b, "cpu_s") for a, b in pairs})
@@ -382,6 +448,41 @@ def targets(by: dict[str, Result], rat: dict[str, float | None]) -> list[tuple[s
             "n/a" if r is None else ("PASS" if r <= TARGET_VS_CAT else "FAIL"),
         )
     )
+
+    def check(label: str, key: str, limit: float, at_least: bool) -> None:
+        v = rat.get(key)
+        ok = None if v is None else (v >= limit if at_least else v <= limit)
+        out.append((label, _fmt(v, ".2f") + "x", "n/a" if ok is None else ("PASS" if ok else "FAIL")))
+
+    check(
+        f"cli-port >= {TARGET_CLI_PORT_VS_MERGEKIT:g}x faster than mergekit",
+        "mergekit/cli-port",
+        TARGET_CLI_PORT_VS_MERGEKIT,
+        True,
+    )
+    check(
+        f"cli-port within {TARGET_CLI_PORT_VS_FUSED:g}x of cli-fused",
+        "cli-port/cli-fused",
+        TARGET_CLI_PORT_VS_FUSED,
+        False,
+    )
+    check(
+        f"cli-fused >= {TARGET_CLI_FUSED_VS_MERGEKIT:g}x faster than mergekit",
+        "mergekit/cli-fused",
+        TARGET_CLI_FUSED_VS_MERGEKIT,
+        True,
+    )
+    check(f"cli-diff within {TARGET_EXTRACT_VS_CAT:g}x of cat", "cli-diff/cat-extract", TARGET_EXTRACT_VS_CAT, False)
+    for n in ("cli-port", "cli-fused"):
+        r = by.get(n)
+        anon = r.peak_anon_mib if r is not None and r.status == "ok" else None
+        out.append(
+            (
+                f"{n} peak anon <= {TARGET_CLI_ANON_MIB:g} MiB",
+                _fmt(anon, ".1f") + " MiB",
+                "n/a" if anon is None else ("PASS" if anon <= TARGET_CLI_ANON_MIB else "FAIL"),
+            )
+        )
     return out
 
 
@@ -440,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="set an environment variable for every contender (repeatable), e.g. OMP_NUM_THREADS=1",
     )
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict each contender's input files from the page cache before every run (posix_fadvise "
+        "DONTNEED on those files only) instead of warming the cache first",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -493,15 +600,38 @@ def main(argv: list[str] | None = None) -> int:
     warm = warm_cache([f for fs in inputs.values() for f in fs])
     print(
         f"page cache warmed: cat of every input shard once took {warm:.2f} s "
-        f"({in_bytes / MIB / warm:.0f} MiB/s); all contenders below read from a warm cache"
+        f"({in_bytes / MIB / warm:.0f} MiB/s); "
+        + (
+            "COLD: each contender's inputs are evicted from the page cache before every run"
+            if args.cold
+            else "all contenders below read from a warm cache"
+        )
     )
+    patch_dir = work / "_patch"  # the stored patch `cli-port` ports (made by the CLI's own diff, untimed)
+    py = sys.executable
+    cli = [py, "-m", "cli.app", "-q"]
+    if "cli-port" in only or "cli-port-w1" in only:
+        if patch_dir.exists():
+            shutil.rmtree(patch_dir)
+        t0 = time.perf_counter()
+        subprocess.run([*cli, "diff", str(src), str(ft), str(patch_dir), "--no-register"], cwd=REPO, check=True)
+        print(f"stored patch for cli-port made with `patchlab diff` in {time.perf_counter() - t0:.2f} s (untimed)")
+        inputs["patch"] = sorted(patch_dir.glob("*.safetensors"))
+        warm_cache(inputs["patch"])
 
     names = check_names(src)
     ref = port_reference(src, ft, target, names)
     print(f"reference for output checks: {len(names)} tensors ({', '.join(names)})")
 
-    py = sys.executable
     results: list[Result] = []
+    reads = {  # the files each contender reads (evicted before every run with --cold)
+        "cat": ("src", "ft", "target"),
+        "cat-extract": ("src", "ft"),
+        "cp-extract": ("ft",),
+        "import-torch": (),
+        "cli-port": ("patch", "target"),
+        "cli-port-w1": ("patch", "target"),
+    }
 
     def contender(name: str) -> tuple[list[str] | None, str, Callable[[Path], float] | None, bool]:
         """(command, note or reason it is unavailable, output check, uses the output dir)."""
@@ -511,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
             files = [str(f) for k in kinds for f in inputs[k]]
             cmd = ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
             return cmd, f"floor: read {'+'.join(kinds)} once", None, False
+        if name == "cp-extract":  # the write floor: an extract writes about one checkpoint's bytes
+            files = [str(f) for f in inputs["ft"]]
+            cmd = ["sh", "-c", 'mkdir -p "$0" && exec cp "$@" "$0"', out, *files]
+            return cmd, "floor: cp of ft's shards (reads + writes one checkpoint)", None, True
         if name == "import-torch":
             return (
                 [py, "-c", "import torch, safetensors.torch"],
@@ -581,17 +715,47 @@ def main(argv: list[str] | None = None) -> int:
                 lambda o: port_diff(o, ref),
                 True,
             )
-        assert name == "patchlab-extract", name
+        if name == "cli-diff":
+            return (
+                [*cli, "diff", str(src), str(ft), out, "--no-register"],
+                "`patchlab diff SRC FT OUT` (Δ in the fine-tune's dtype + residuals); max|diff| dense ΔW vs ft - src",
+                lambda o: extract_diff(o, src, ft, names),
+                True,
+            )
+        if name == "cli-port":
+            return (
+                [*cli, "port", str(patch_dir), str(target), out, "--no-register"],
+                "`patchlab port PATCH TARGET OUT`, PATCH from `patchlab diff` (bf16 Δ + residuals)",
+                lambda o: port_diff(o, ref),
+                True,
+            )
+        if name == "cli-fused":
+            return (
+                [*cli, "port", "--from-finetune", str(ft), "--source", str(src), str(target), out, "--no-register"],
+                "`patchlab port --from-finetune FT --source SRC TARGET OUT`",
+                lambda o: port_diff(o, ref),
+                True,
+            )
+        assert name in ("patchlab-extract", "patchlab-extract-fp32"), name
+        fp32 = name.endswith("fp32")
         return (
-            [py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft", str(ft), "--out", out],
-            "extract(src, ft, out), device=cpu; max|diff| is dense ΔW vs ft - src",
+            [py, str(HERE / "_run_patchlab.py"), "extract", "--src", str(src), "--ft", str(ft), "--out", out]
+            + (["--storage-dtype", "float32"] if fp32 else []),
+            f"extract(src, ft, out{', storage_dtype=float32' if fp32 else ''}), device=cpu; "
+            "max|diff| is dense ΔW vs ft - src",
             lambda o: extract_diff(o, src, ft, names),
             True,
         )
 
     for name in (c for c in CONTENDERS if c in only):
         print(f"running {name} ...", flush=True)
-        cmd, note, check, writes = contender(name)
+        if name.endswith("-w1"):  # the same CLI command on one worker thread: the scaling table
+            base = name.removesuffix("-w1")
+            cmd, note, check, writes = contender(base)
+            own = [str(work / name) if c == str(work / base) else c for c in cmd]  # its own output directory
+            cmd, note = [*own, "--workers", "1"], note + " --workers 1"
+        else:
+            cmd, note, check, writes = contender(name)
         if cmd is None:
             res = Result(name, "unavailable", note=note)
             print(f"  {name}: unavailable: {note}", flush=True)
@@ -602,6 +766,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n_runs):
             out = work / name
             clear_output(out)
+            if args.cold:
+                extract_like = "extract" in name or name.startswith("cli-diff")
+                kinds = reads.get(name, ("src", "ft") if extract_like else ("src", "ft", "target"))
+                files = [f for k in kinds for f in inputs[k]]
+                drop_from_cache(files)
+                frac = cached_fraction(files)
+                if frac is not None and frac > 0.05:
+                    print(f"  WARNING: {frac:.0%} of {name}'s inputs still cached after eviction", flush=True)
             r = measure(name, cmd, timeout=args.timeout, log=logs / f"{name}.{i + 1}.log", env=env)
             r.note = note
             if r.status == "ok" and check is not None:
@@ -640,7 +812,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for t, m, v in verdicts:
         print(f"target: {t:<40} measured {m:<12} {v}")
-    ports = [r for r in results if r.max_abs_diff is not None and r.name != "patchlab-extract"]
+    # cli-port reads a Δ stored in bf16 (rounded once): it differs from the fp32 reference by that rounding
+    # (bench/native_delta.py measures how much); every other port must equal the reference bit for bit
+    ports = [
+        r
+        for r in results
+        if r.max_abs_diff is not None and "extract" not in r.name and r.name not in ("cli-port", "cli-diff")
+    ]
     bad = [r.name for r in ports if r.max_abs_diff > 0]
     if bad:
         print(f"\nWARNING: port outputs differ from the fp32 reference: {', '.join(bad)}")
@@ -660,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                     "input_bytes": in_bytes,
                     "cpus": os.cpu_count(),
                     "warm_cache_s": warm,
+                    "cold": args.cold,
                     "loadavg_start": load,
                     "env": extra_env,
                     "repeat": args.repeat,

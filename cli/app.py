@@ -34,7 +34,7 @@ from cli import (
     transfer,
     upgrade,
 )
-from cli.common import STATE, RegistryOpt, err_console, escape
+from cli.common import STATE, RegistryOpt, WorkersOpt, err_console, escape, workers_env
 
 #: patchlab's own flags, accepted after the command as well as before it (``patchlab ls -q``)
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
@@ -104,14 +104,20 @@ app = typer.Typer(
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     registry: RegistryOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bars or status lines (errors and requested output only).")
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON (passed on to the command).")] = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """patchlab: base versions, fine-tuning patches and their lineage, in one registry."""
+    if workers is not None:  # for every command below; restored when the command's context closes
+        cm = workers_env(workers)
+        cm.__enter__()
+        ctx.call_on_close(lambda: cm.__exit__(None, None, None))
     STATE.registry = registry
     STATE.verbose = verbose or bool(os.environ.get("PATCHLAB_DEBUG"))
     STATE.quiet = quiet

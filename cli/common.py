@@ -4,11 +4,13 @@ formatting. Imports nothing from the command modules or ``cli.app``."""
 
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
+import contextlib
 import functools
 import json
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -55,8 +57,33 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 NoRegisterOpt = Annotated[bool, typer.Option("--no-register", help="Do not record the result in the registry.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace OUT if it exists.")]
 VocabPolicyOpt = Annotated[str | None, typer.Option(help="pad-zero, truncate, by-token, skip-embeddings.")]
-StorageDtypeOpt = Annotated[str | None, typer.Option(help="float32 (exact, default), bfloat16 or float16.")]
+StorageDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Dtype of the stored Δ: default the fine-tune's own, exact through residuals; float32 (exact), "
+        "bfloat16 or float16 (smaller; exact only when it is the fine-tune's dtype).",
+        show_default=False,
+    ),
+]
 RelationOpt = Annotated[str, typer.Option(help="How it came from its parents: port, merge or derived.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Worker threads (default: $PATCHLAB_WORKERS, else one per core this process may use).",
+        show_default=False,
+    ),
+]
+AlphaByPatternOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--alpha-by-pattern",
+        metavar="GLOB=ALPHA",
+        help="Scale tensors whose name matches GLOB by ALPHA instead of --alpha (repeatable; the first match wins).",
+        show_default=False,
+    ),
+]
 
 # how each Δ is encoded (patchlab diff, patchlab compress): see encoding_kwargs
 RankOpt = Annotated[int | None, typer.Option(help="Store each matrix as rank-R factors (truncated SVD).")]
@@ -80,6 +107,42 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise LowRankError(f"cannot read size budget {text!r}; write e.g. 200MB, 1.5GB or 750000000")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@contextlib.contextmanager
+def workers_env(n: int | None) -> Iterator[None]:
+    """``--workers N`` for the duration of a command: the engine and the fingerprint hasher read
+    ``PATCHLAB_WORKERS``; a command's own option overrides ``patchlab --workers``, which overrides the
+    environment. The previous value comes back afterwards (the CLI also runs in-process, in tests)."""
+    if n is None:
+        yield
+        return
+    old = os.environ.get("PATCHLAB_WORKERS")
+    os.environ["PATCHLAB_WORKERS"] = str(n)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATCHLAB_WORKERS", None)
+        else:
+            os.environ["PATCHLAB_WORKERS"] = old
+
+
+def parse_alpha_by_pattern(items: list[str] | None) -> list[tuple[str, float]] | None:
+    """``["*.mlp.*=0.5", "lm_head*=0"]`` → ``[("*.mlp.*", 0.5), ("lm_head*", 0.0)]``, in the order given."""
+    if not items:
+        return None
+    out = []
+    for item in items:
+        pat, eq, val = item.rpartition("=")
+        try:
+            a = float(val)
+        except ValueError:
+            a = None
+        if not eq or not pat or a is None:
+            raise CliInputError(f"--alpha-by-pattern takes GLOB=ALPHA, e.g. '*.mlp.*=0.5'; got {item!r}")
+        out.append((pat, a))
+    return out
 
 
 def encoding_kwargs(

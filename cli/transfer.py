@@ -10,8 +10,10 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    AlphaByPatternOpt,
     BudgetOpt,
     ByteProgress,
+    CliInputError,
     DensityOpt,
     DeviceOpt,
     EmbeddingsOpt,
@@ -26,15 +28,18 @@ from cli.common import (
     SparseMethodOpt,
     StorageDtypeOpt,
     VocabPolicyOpt,
+    WorkersOpt,
     encoding_kwargs,
     escape,
     handled,
     is_ref,
     open_registry,
+    parse_alpha_by_pattern,
     print_json,
     registered,
     status,
     will_register,
+    workers_env,
 )
 
 app = typer.Typer()
@@ -65,6 +70,7 @@ def diff(
     no_register: NoRegisterOpt = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
+    workers: WorkersOpt = None,
 ) -> None:
     """Extract the patch (diff vector) between a base and its fine-tune, and register it.
 
@@ -88,18 +94,19 @@ def diff(
         if encoded:
             from patchlab.methods.compress import extract_encoded
 
-            patch = extract_encoded(
-                base_path,
-                finetuned,
-                out,
-                storage_dtype=storage_dtype,
-                vocab_policy=vocab_policy,
-                device=device,
-                overwrite=overwrite,
-                **enc_kw,
-            )
+            with workers_env(workers):
+                patch = extract_encoded(
+                    base_path,
+                    finetuned,
+                    out,
+                    storage_dtype=storage_dtype,
+                    vocab_policy=vocab_policy,
+                    device=device,
+                    overwrite=overwrite,
+                    **enc_kw,
+                )
         else:
-            with ByteProgress("extracting", not json_out) as progress:
+            with workers_env(workers), ByteProgress("extracting", not json_out) as progress:
                 patch = patchlab.extract(
                     base_path,
                     finetuned,
@@ -130,13 +137,36 @@ def diff(
 
 def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Callable[..., None]:
     """The ``apply`` or ``port`` command: they take the same arguments and differ only in the library verb
-    they call and the operation they record."""
+    they call and the operation they record. With ``--from-finetune FT --source BASE`` the delta is
+    ``FT − BASE``, computed on the fly (the fused path: no patch is written or read) and the positional
+    arguments are ``TARGET OUT``."""
 
     def command(
-        patch: Annotated[str, typer.Argument(help="A patch directory or registered patch reference.")],
-        target: Annotated[str, typer.Argument(help=target_help)],
-        out: Annotated[Path, typer.Argument(help="Model directory to write.")],
+        patch: Annotated[
+            str, typer.Argument(help="A patch directory or registered patch reference (TARGET with --from-finetune).")
+        ],
+        target: Annotated[str, typer.Argument(help=target_help + " (OUT with --from-finetune).")],
+        out: Annotated[Path | None, typer.Argument(help="Model directory to write.", show_default=False)] = None,
+        from_finetune: Annotated[
+            Path | None,
+            typer.Option(
+                "--from-finetune",
+                metavar="FT",
+                help="Take the delta as FT − SOURCE on the fly (fused: no patch written); needs --source.",
+                show_default=False,
+            ),
+        ] = None,
+        source: Annotated[
+            str | None,
+            typer.Option(
+                "--source",
+                metavar="BASE",
+                help="The base FT was fine-tuned from (a directory or family@version); with --from-finetune.",
+                show_default=False,
+            ),
+        ] = None,
         alpha: Annotated[float, typer.Option(help="Scale of the patch.")] = 1.0,
+        alpha_by_pattern: AlphaByPatternOpt = None,
         vocab_policy: VocabPolicyOpt = None,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
@@ -148,39 +178,65 @@ def transfer_command(op: str, target_help: str, force_help: str, doc: str) -> Ca
         no_register: NoRegisterOpt = False,
         registry: RegistryOpt = None,
         json_out: JsonOpt = False,
+        workers: WorkersOpt = None,
     ) -> None:
         import patchlab
 
-        fn = patchlab.apply if op == "apply" else patchlab.port
-        need_reg = is_ref(patch) or is_ref(target) or not no_register
+        fused = from_finetune is not None
+        if fused:
+            if source is None:
+                raise CliInputError("--from-finetune needs --source BASE (the base the fine-tune was made from)")
+            if out is not None:
+                raise CliInputError(
+                    f"with --from-finetune the arguments are TARGET OUT; got a third one ({escape(str(out))})"
+                )
+            patch, target, out = "", patch, Path(target)
+        elif source is not None:
+            raise CliInputError("--source goes with --from-finetune FT; to use a stored patch, pass only PATCH")
+        elif out is None:
+            raise CliInputError(f"missing OUT: patchlab {op} PATCH TARGET OUT")
+        by_pattern = parse_alpha_by_pattern(alpha_by_pattern)
+        # the registry is needed to resolve references, and to record a result made from a registered patch;
+        # a port between plain directories never opens it (no database start-up on the fast path)
+        need_reg = (not fused and is_ref(patch)) or is_ref(target) or (fused and is_ref(source))
         reg = open_registry(registry) if need_reg else None
         try:
-            patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
             target_path = reg.checkpoint_path(target) if reg is not None else target
-            if reg is not None and not no_register and is_ref(patch):
+            if reg is not None and not no_register and not fused and is_ref(patch):
                 if target is not None and is_ref(target):
                     reg.get_base(target)  # recorded below: it must resolve before anything is written
                 will_register(reg)
-            with ByteProgress(f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)) as progress:
-                result = fn(
-                    patch_dir,
-                    target_path,
-                    out,
-                    alpha=alpha,
-                    vocab_policy=vocab_policy,
-                    device=device,
-                    overwrite=overwrite,
-                    force=force,
-                    dry_run=dry_run,
-                    progress=progress,
-                    allow_nonfinite=allow_nonfinite,
-                )
+            options = dict(
+                alpha=alpha,
+                alpha_by_pattern=by_pattern,
+                vocab_policy=vocab_policy,
+                device=device,
+                overwrite=overwrite,
+                force=force,
+                dry_run=dry_run,
+                allow_nonfinite=allow_nonfinite,
+            )
+            with workers_env(workers), ByteProgress(
+                f"{op}ing" if op == "port" else "applying", not (json_out or dry_run)
+            ) as progress:
+                if fused:
+                    src_path = reg.checkpoint_path(source) if reg is not None else source
+                    result = patchlab.port_fused(
+                        from_finetune, src_path, target_path, out, progress=progress, **options
+                    )
+                else:
+                    fn = patchlab.apply if op == "apply" else patchlab.port
+                    patch_dir = reg.resolve_patch_path(patch) if reg is not None else Path(patch)
+                    result = fn(patch_dir, target_path, out, progress=progress, **options)
             if dry_run:
                 return print_json(result.to_json()) if json_out else typer.echo(result.render())
             derived = None
-            if reg is not None and not no_register and is_ref(patch):
+            if reg is not None and not no_register and not fused and is_ref(patch):
+                params: dict = {"alpha": alpha}
+                if by_pattern:
+                    params["alpha_by_pattern"] = dict(by_pattern)
                 derived = reg.add_derived(
-                    patch, result.path, base=target if is_ref(target) else None, kind=op, parameters={"alpha": alpha}
+                    patch, result.path, base=target if is_ref(target) else None, kind=op, parameters=params
                 )
                 registered(result.path, derived.ref)
         finally:
@@ -212,6 +268,7 @@ port = app.command("port")(
         "port",
         "The newer base: a directory or family@version.",
         "Port even when the plan would skip part of the patch.",
-        "Port a patch onto a newer base version (fine-tuning transfer) and record the derived model.",
+        "Port a patch onto a newer base version (fine-tuning transfer) and record the derived model.\n\n"
+        "With --from-finetune FT --source BASE: TARGET + alpha * (FT − BASE) in one pass, no patch written.",
     )
 )

@@ -185,6 +185,14 @@ def _check_policy(vocab_policy: str | None) -> None:
 # ---------------------------------------------------------------------------------------------------
 # extract
 # ---------------------------------------------------------------------------------------------------
+NATIVE_STORE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def native_store(dtype: torch.dtype) -> str:
+    """The default storage dtype of a Δ: its fine-tune's own when a delta fits it, else fp32."""
+    return _dt(dtype if dtype in NATIVE_STORE else torch.float32)
+
+
 def plan_extract(
     base: Checkpoint,
     finetuned: Checkpoint,
@@ -192,14 +200,17 @@ def plan_extract(
     vocab_policy: str | None = None,
     storage_dtype: torch.dtype | None = None,
 ) -> Plan:
-    """Plan ``Δ = ft − base`` for every tensor of the fine-tune."""
+    """Plan ``Δ = ft − base`` for every tensor of the fine-tune.
+
+    ``storage_dtype`` None stores each Δ in its fine-tune tensor's own dtype (fp32 for dtypes that cannot
+    hold a difference); extract keeps it exact with residuals."""
     _check_policy(vocab_policy)
     probs = _Problems()
     steps: list[Step] = []
     unused: list[tuple[str, str, int]] = []
     warnings: list[str] = []
     maps: dict[tuple[str, str], torch.Tensor] = {}
-    store = _dt(storage_dtype or torch.float32)
+    store = _dt(storage_dtype) if storage_dtype is not None else None
     ids_moved = not same_ids(finetuned.vocab, base.vocab)
 
     for name in finetuned.names:
@@ -232,7 +243,8 @@ def plan_extract(
             "is this fine-tune really made from this base?",
         )
         if how == "plain":
-            steps.append(Step(name, "diff", fi.shape, store, {"finetuned": name, "base": name}))
+            dt = store or native_store(fi.dtype)
+            steps.append(Step(name, "diff", fi.shape, dt, {"finetuned": name, "base": name}))
         if how != "rows":
             continue
         rows = fi.shape[0]
@@ -248,7 +260,14 @@ def plan_extract(
             maps[(name, "base")] = m
             warnings.append(f"{name}: {matched}/{rows} rows matched by token string")
         steps.append(
-            Step(name, "diff", (rows, *fi.shape[1:]), store, {"finetuned": name, "base": name}, rows=vocab_policy)
+            Step(
+                name,
+                "diff",
+                (rows, *fi.shape[1:]),
+                store or native_store(fi.dtype),
+                {"finetuned": name, "base": name},
+                rows=vocab_policy,
+            )
         )
     for name in base.names:
         if name not in finetuned and not (base.tied and name == base.head_name):
@@ -261,7 +280,7 @@ def plan_extract(
         tuple(steps),
         tuple(unused),
         tuple(warnings),
-        {"vocab_policy": vocab_policy, "storage_dtype": store},
+        {"vocab_policy": vocab_policy, "storage_dtype": store or "finetune"},
         row_maps=maps,
     )
 

@@ -11,7 +11,6 @@ temporary directory is removed.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from patchlab.errors import DeviceError, NoSpaceError
+from patchlab.cores import worker_count
+from patchlab.errors import NoSpaceError
 from patchlab.io.outputs import atomic_output, check_output  # the output rules live in io.outputs
 from patchlab.io.safetensors import ShardWriter, TensorSpec
 
@@ -52,26 +52,42 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buf[:n].view(shape)
 
 
+_LIBC = None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``; elsewhere nothing).
+
+    Jobs that keep small per-chunk results until their tensor is done (extract's residuals) interleave
+    them with freed per-chunk temporaries, and glibc keeps such a fragmented heap's free pages: +250 MiB
+    of anonymous memory on a 2-layer bf16 extract. Trimming once per finished tensor, and every few chunks
+    that keep results (``trim_heap_every``), brings it back to the live set; no process-wide allocator
+    setting is changed.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None)
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def trim_heap_every(n: int) -> None:
+    """:func:`trim_heap` on every ``n``-th call from this thread (a trim costs ~1 ms: not once a chunk)."""
+    k = getattr(_SCRATCH, "trim_calls", 0) + 1
+    _SCRATCH.trim_calls = k
+    if k % n == 0:
+        trim_heap()
+
+
 def release_scratch() -> None:
     """Free the calling thread's scratch buffers (workers do so when a run ends; so should other callers)."""
     _SCRATCH.pool = None
-
-
-def worker_count() -> int:
-    """Worker threads, the calling one included: ``PATCHLAB_WORKERS``, else one per core this process may use."""
-    env = os.environ.get("PATCHLAB_WORKERS", "").strip()
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise DeviceError(f"PATCHLAB_WORKERS must be a positive integer, got {env!r}")
-        return n
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 Sink = Callable[["Job", int, int, torch.Tensor], None]  # (job, first row, end row, output chunk)
@@ -301,6 +317,7 @@ def _worker(sched: _Schedule, files: list[ShardWriter]) -> None:
             del out
             if sched.done(job, nbytes) and job.finish:
                 job.finish()
+                trim_heap()
     except BaseException as e:
         sched.fail(e)
         if threading.current_thread() is threading.main_thread():

@@ -54,10 +54,15 @@ class PatchDelta:
         e = self.patch.entry(name)
         if index is not None:
             return _gather_entry(e, index[r0:r1], device)
-        if e.op == "add" and e.encoding == "dense" and e.shape:  # fp32 Δ (the default) is read into scratch
-            return e.rows(
-                r0, r1, device, scratch("patch.delta", (min(r1, e.shape[0]) - r0, *e.shape[1:]), torch.float32)
-            )
+        if e.op == "add" and e.encoding == "dense" and e.shape:  # a dense Δ is read into scratch, then widened
+            shape = (min(r1, e.shape[0]) - r0, *e.shape[1:])
+            sd = e.stored_dtype("delta")
+            raw = e.stored_rows("delta", r0, r1, scratch("patch.raw", shape, sd))
+            if sd == torch.float32:
+                return raw.to(device)
+            if device.type == "cpu":
+                return scratch("patch.delta", shape, torch.float32).copy_(raw)
+            return raw.to(device, non_blocking=True).float()
         return e.rows(r0, r1, device)
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
@@ -66,12 +71,13 @@ class PatchDelta:
         t = e.stored("value")
         return t[r0:r1] if e.shape else t
 
-    def fixups(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    def fixups(self, name: str) -> tuple[str | None, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(base digest, flat indices, values, base values there) of an entry's residuals, or None."""
         e = self.patch.entry(name)
         if not e.fix:
             return None
         idx, vals = e.fixups()
-        return e.fix["base_digest"], idx, vals
+        return e.fix.get("base_digest"), idx, vals, e.fixup_base()
 
     @property
     def meta_dir(self) -> Path | None:

@@ -4,7 +4,8 @@ A patch directory::
 
     patch.json                      manifest: format version, provenance, one entry per tensor
     delta-00001-of-00002.safetensors
-    fixups.safetensors              (optional) exact-reconstruction residuals, see below
+    fixups.safetensors              (optional) exact-reconstruction residuals, see below; past FIXUP_BUFFER_BYTES
+                                    of them, fixups-00001-of-0000N.safetensors (each entry's ``fix.file``)
     finetune/                       config, generation config and tokenizer files of the fine-tune
 
 Each tensor entry has an ``op``: ``add`` (a delta, in one of several *encodings*), ``set`` (a value that
@@ -13,9 +14,13 @@ has). Encodings of an ``add``: ``dense`` (ΔW), ``lowrank`` (ΔW = scale·B·A) 
 values). Any encoding yields dense rows of ΔW on demand (``PatchTensor.rows``), so no consumer ever
 densifies a whole patch.
 
-Exactness: ``cast(base + Δ)`` reproduces the fine-tune for all but a handful of elements (signed zeros,
-wide exponent gaps). Extract records those elements as ``fix`` residuals together with a digest of the base
-tensor; ``apply`` with α = 1 onto that same base tensor writes them back, which makes the round trip exact.
+Exactness: ``cast(base + Δ)`` reproduces the fine-tune for all but a few elements (Δ rounded to its storage
+dtype, signed zeros, wide exponent gaps). Extract records those elements as ``fix`` residuals: their flat
+positions, the fine-tune's values and the base's values there. ``apply``/``port`` with α = 1 write a
+residual back wherever the target holds exactly the base's value at that position (so onto the patch's own
+base the round trip is exact, and onto another base the elements it shares with the patch's base come out
+as the fused port gives them). Residuals written before the base values were recorded carry a digest of the
+whole base tensor instead, and are applied only onto a tensor with that digest.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -41,6 +47,7 @@ FORMAT_VERSION = 1
 MANIFEST = "patch.json"
 FINETUNE_DIR = "finetune"
 FIXUPS_FILE = "fixups.safetensors"
+FIXUP_BUFFER_BYTES = 16 << 20  # residuals held in memory before they are written out as a fixup shard
 OPS = ("add", "set", "delete")
 SHARD_PREFIX = "delta"
 MAX_SHARD_BYTES = 4 << 30  # a shard file is at most this large (as the Hugging Face hub's own default)
@@ -108,6 +115,10 @@ class PatchTensor:
         """The stored tensor playing ``role`` (``delta``, ``A``, ``B``, ``indices``, ``value``...), zero-copy."""
         return self._patch._tensor(self.meta["file"], self.meta["keys"][role])
 
+    def stored_dtype(self, role: str) -> torch.dtype:
+        """The dtype ``role`` is stored in (a Δ may be stored narrower or wider than its checkpoint dtype)."""
+        return self._patch._file(self.meta["file"]).entries[self.meta["keys"][role]].dtype
+
     def stored_rows(self, role: str, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[r0, r1)`` of a stored tensor, read into ``out`` when it has the right shape and dtype."""
         f, key = self._patch._file(self.meta["file"]), self.meta["keys"][role]
@@ -142,7 +153,13 @@ class PatchTensor:
     def fixups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices, exact values in the checkpoint dtype) of the residuals, if any."""
         f = self.meta["fix"]
-        return self._patch._tensor(FIXUPS_FILE, f["indices"]), self._patch._tensor(FIXUPS_FILE, f["values"])
+        file = f.get("file", FIXUPS_FILE)
+        return self._patch._tensor(file, f["indices"]), self._patch._tensor(file, f["values"])
+
+    def fixup_base(self) -> torch.Tensor | None:
+        """The base's values at the residuals' positions (None for patches that recorded a digest instead)."""
+        f = self.meta.get("fix") or {}
+        return self._patch._tensor(f.get("file", FIXUPS_FILE), f["base"]) if f.get("base") else None
 
 
 class Patch:
@@ -325,7 +342,12 @@ class PatchWriter:
         self._size = 0
         self._written: list[str] = []  # provisional names of buffered shards, renamed by finish
         self._planned: list[str] = []
-        self._fixups: dict[str, torch.Tensor] = {}
+        self._fixups: dict[str, torch.Tensor] = {}  # residuals not yet written
+        self._fix_bytes = 0
+        self._fix_files: list[str] = []  # provisional names of written fixup shards
+        self._fix_entries: list[dict] = []  # every "fix" field handed out (finish sets their file)
+        self._fix_count = 0
+        self._fix_lock = threading.Lock()  # engine workers finish tensors concurrently
         self._plan_bytes = max_shard_bytes
 
     def plan_shards(self, sizes: Sequence[tuple[str, int]]) -> list[tuple[str, list[str]]]:
@@ -354,16 +376,41 @@ class PatchWriter:
             self._written.append(self._current)
             self._buf, self._size = {}, 0
 
-    def add_fixups(self, name: str, indices: torch.Tensor, values: torch.Tensor, base_digest: str) -> dict:
-        """Store exact-reconstruction residuals of ``name``; returns the entry's ``fix`` field."""
-        self._fixups[f"{name}::indices"] = indices.cpu().contiguous()
-        self._fixups[f"{name}::values"] = values.cpu().contiguous()
-        return {
-            "indices": f"{name}::indices",
-            "values": f"{name}::values",
-            "count": int(indices.numel()),
-            "base_digest": base_digest,
-        }
+    def add_fixups(
+        self,
+        name: str,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        base_digest: str | None = None,
+        base_values: torch.Tensor | None = None,
+    ) -> dict:
+        """Store exact-reconstruction residuals of ``name`` (sorted flat indices, the fine-tune's values, and
+        the base's values there or a digest of the whole base tensor); returns the entry's ``fix`` field."""
+        if indices.dtype != torch.int32 and indices.numel() and int(indices.max()) < 2**31:
+            indices = indices.to(torch.int32)  # 4 bytes an index instead of 8: fixups are ~3% of a native Δ
+        tensors = {f"{name}::indices": indices, f"{name}::values": values}
+        fix = {"indices": f"{name}::indices", "values": f"{name}::values", "count": int(indices.numel())}
+        if base_values is not None:
+            tensors[f"{name}::base"] = base_values
+            fix["base"] = f"{name}::base"
+        fix["base_digest"] = base_digest
+        with self._fix_lock:
+            for k, t in tensors.items():
+                self._fixups[k] = t.cpu().contiguous()
+                self._fix_bytes += t.numel() * t.element_size()
+            self._fix_count += int(indices.numel())
+            fix["file"] = f".fixups-{len(self._fix_files) + 1:05d}.safetensors"  # provisional: see finish
+            self._fix_entries.append(fix)
+            if self._fix_bytes >= FIXUP_BUFFER_BYTES:  # bounded memory: a 1B bf16 patch has ~0.3 GB of them
+                self._flush_fixups()
+        return fix
+
+    def _flush_fixups(self) -> None:
+        if self._fixups:
+            name = f".fixups-{len(self._fix_files) + 1:05d}.safetensors"
+            save_file(self._fixups, str(self.root / name))
+            self._fix_files.append(name)
+            self._fixups, self._fix_bytes = {}, 0
 
     def copy_files(self, src: Path, names: Iterable[str], into: str = FINETUNE_DIR) -> None:
         """Copy those of ``names`` that exist in ``src`` into ``into/`` (the fine-tune's config and tokenizer)."""
@@ -389,10 +436,22 @@ class PatchWriter:
             for e in entries.values():
                 if e.get("file") in final:
                     e["file"] = final[e["file"]]
-        if self._fixups:
-            save_file(self._fixups, str(self.root / FIXUPS_FILE))
+        self._flush_fixups()
+        # one fixup file keeps the historical name (and entries without a "file"); more are numbered
+        n = len(self._fix_files)
+        final_fix = {
+            old: FIXUPS_FILE if n == 1 else f"fixups-{i + 1:05d}-of-{n:05d}.safetensors"
+            for i, old in enumerate(self._fix_files)
+        }
+        for old, new in final_fix.items():
+            (self.root / old).rename(self.root / new)
+        for fix in self._fix_entries:
+            if n == 1:
+                fix.pop("file", None)
+            else:
+                fix["file"] = final_fix[fix["file"]]
         nbytes = sum(p.stat().st_size for p in self.root.glob(f"{SHARD_PREFIX}-*.safetensors"))
-        fix_count = sum(int(t.numel()) for k, t in self._fixups.items() if k.endswith("::indices"))
+        fix_count = self._fix_count
         manifest = {
             **manifest_header(provenance),
             "totals": totals(entries, fix_count, nbytes),

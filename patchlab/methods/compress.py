@@ -186,7 +186,7 @@ def _write(
                 meta.update(fields)
                 meta["file"] = w.add(tensors)
                 if it.fix is not None and meta["encoding"] == "dense" and store == torch.float32:
-                    meta["fix"] = w.add_fixups(it.name, *it.fix, it.extra["fix"]["base_digest"])
+                    meta["fix"] = w.add_fixups(it.name, *it.fix[:2], it.extra["fix"].get("base_digest"), it.fix[2])
             elif it.tensors is not None:
                 meta["file"] = w.add(it.tensors())
             entries[it.name] = meta
@@ -249,14 +249,16 @@ def compress(
     check_output(out, overwrite, "patch")
     dev = resolve_device(device)
     prev = src.provenance.get("parameters", {}).get("storage_dtype", "float32")
-    store = resolve_storage_dtype(storage_dtype, resolve_storage_dtype(prev))
+    # a patch stored in its fine-tune's dtype ("finetune") is re-encoded in fp32 unless asked otherwise: the
+    # fp32 widening of its dense Δ is exact, so its residuals stay valid
+    store = resolve_storage_dtype(storage_dtype, resolve_storage_dtype(prev, None) or torch.float32)
     items: list[_Item] = []
     for e in src.entries():
         meta = {k: v for k, v in e.meta.items() if k not in ("file", "keys", "encoding_note")}
         if e.op == "add":
             for k in ("encoding", "scale", "rank", "energy", "rel_error", "density", "method", "nnz", "seed"):
                 meta.pop(k, None)
-            fix = e.fixups() if e.fix and e.encoding == "dense" else None
+            fix = (*e.fixups(), e.fixup_base()) if e.fix and e.encoding == "dense" else None
             items.append(
                 _Item(e.name, meta, delta=(lambda e=e: e.dense(dev)), fix=fix, extra={"fix": e.fix} if fix else {})
             )

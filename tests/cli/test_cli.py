@@ -172,3 +172,72 @@ def test_quiet_silences_status_lines(family, run, tmp_path):
     assert r.stdout.strip() == ""
     r = run("diff", "tiny@v1", str(family / "ft"), str(tmp_path / "p2"), "--name", "loud")
     assert "registered" in r.stdout
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_fused_port_cli_equals_two_step_port(family, run, monkeypatch):
+    """``port --from-finetune FT --source BASE TARGET OUT`` writes what ``diff`` then ``port`` writes."""
+    tmp = family
+    run("diff", str(tmp / "v1"), str(tmp / "ft"), str(tmp / "p"), "--no-register", "--workers", "2")
+    run("port", str(tmp / "p"), str(tmp / "v2"), str(tmp / "two-step"), "--no-register")
+    run(
+        "--workers",
+        "1",
+        "port",
+        "--from-finetune",
+        str(tmp / "ft"),
+        "--source",
+        "tiny@v1",
+        "tiny@v2",
+        str(tmp / "fused"),
+    )
+    a, b = _tensors(tmp / "two-step"), _tensors(tmp / "fused")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "PATCHLAB_WORKERS" not in __import__("os").environ  # --workers is restored after the command
+    r = run("port", "--from-finetune", str(tmp / "ft"), str(tmp / "v2"), str(tmp / "x"), code=1)
+    assert "--source" in r.stderr
+    r = run(
+        "port", "--from-finetune", str(tmp / "ft"), "--source", "tiny@v1", "tiny@v2", str(tmp / "x"), "extra", code=1
+    )
+    assert "TARGET OUT" in r.stderr
+    r = run("port", str(tmp / "p"), str(tmp / "v2"), code=1)
+    assert "missing OUT" in r.stderr
+
+
+def test_port_between_directories_needs_no_registry(family, tmp_path):
+    """A port of a patch directory onto a directory never opens the registry (none exists here)."""
+    tmp = family
+    ok = CliRunner().invoke(
+        app, ["-R", str(tmp_path / "home"), "diff", str(tmp / "v1"), str(tmp / "ft"), str(tmp / "p"), "--no-register"]
+    )
+    assert ok.exit_code == 0, ok.output
+    r = CliRunner().invoke(
+        app, ["-R", str(tmp_path / "nowhere"), "port", str(tmp / "p"), str(tmp / "v2"), str(tmp / "o")]
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_alpha_by_pattern_cli(family, run):
+    tmp = family
+    run("diff", str(tmp / "v1"), str(tmp / "ft"), str(tmp / "p"), "--no-register")
+    run(
+        "apply",
+        str(tmp / "p"),
+        str(tmp / "v1"),
+        str(tmp / "o"),
+        "--no-register",
+        "--alpha-by-pattern",
+        "*embed_tokens*=0",
+        "--alpha-by-pattern",
+        "*=1",
+    )
+    got, base, ft = _tensors(tmp / "o"), _tensors(tmp / "v1"), _tensors(tmp / "ft")
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(got[emb], base[emb])  # α = 0 there
+    others = [k for k in ft if k != emb and ft[k].is_floating_point() and not torch.equal(ft[k], base[k])]
+    assert others and all(torch.equal(got[k], ft[k]) for k in others)
+    r = run("apply", str(tmp / "p"), str(tmp / "v1"), str(tmp / "o2"), "--alpha-by-pattern", "nope", code=1)
+    assert "GLOB=ALPHA" in r.stderr

@@ -61,14 +61,79 @@ def test_residuals_make_signed_zeros_exact(tmp_path):
     )
 
 
-def test_lossy_storage_halves_patch(tmp_path):
+def test_native_storage_halves_patch_and_stays_exact(tmp_path):
+    """A bf16 model's Δ is stored in bf16 by default: half an fp32 Δ, still exact through residuals."""
     base = make_model(tmp_path / "base", dtype=torch.bfloat16)
     ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, dtype=torch.bfloat16, seed=1)
+    wide = patchlab.extract(base, ft, tmp_path / "p32", storage_dtype="float32")
+    native = patchlab.extract(base, ft, tmp_path / "p16")
+    size = lambda p: sum(f.stat().st_size for f in p.path.glob("delta-*"))  # noqa: E731
+    assert size(native) < 0.55 * size(wide)
+    params = native.manifest["provenance"]["parameters"]
+    assert params["exact"] is True and params["storage_dtype"] == "finetune"
+    e = native.entry("model.layers.1.self_attn.q_proj.weight")
+    assert e.stored_dtype("delta") == torch.bfloat16
+    assert_bitwise_equal(state(ft), state(patchlab.apply(native, base, tmp_path / "out").path))
+    # the stored Δ is ft − base rounded once to bf16; its statistics are those of the exact Δ
+    exact = state(ft)[e.name].float() - state(base)[e.name].float()
+    assert torch.equal(e.dense(), exact.to(torch.bfloat16).float())
+    assert e.stats == wide.entry(e.name).stats
+
+
+def test_lossy_storage_halves_patch(tmp_path):
+    """A storage dtype narrower than the fine-tune's halves the patch and gives up exactness."""
+    base = make_model(tmp_path / "base")
+    ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, seed=1)
     exact = patchlab.extract(base, ft, tmp_path / "p32")
     small = patchlab.extract(base, ft, tmp_path / "p16", storage_dtype="bfloat16")
     size = lambda p: sum(f.stat().st_size for f in p.path.glob("delta-*"))  # noqa: E731
     assert size(small) < 0.55 * size(exact)
     assert small.manifest["provenance"]["parameters"]["exact"] is False
+    assert exact.manifest["provenance"]["parameters"]["exact"] is True
+
+
+def _edge_values(dtype: torch.dtype) -> tuple[list[float], list[float]]:
+    """(base, ft) pairs that rounding Δ to ``dtype`` gets wrong: signed zeros, the dtype's largest values (Δ
+    past its range), subnormals, wide exponent gaps, and ordinary values."""
+    fi = torch.finfo(dtype)
+    big, tiny, sub = fi.max, fi.tiny, fi.smallest_normal / 8
+    if dtype == torch.bfloat16:  # bf16's range is fp32's: a Δ past it but still finite in fp32
+        a, b = 2.0**127, 2.0**126 * 1.9921875
+        wide = [(-b, a), (a, -b)]
+    else:
+        wide = [(-big, big), (big, -big)]
+    pairs = [
+        (0.0, -0.0), (-0.0, 0.0), (-0.0, -0.0), (0.0, 0.0),
+        *wide, (big, 0.0), (0.0, -big), (big, big / 2),
+        (sub, -sub), (tiny, -tiny), (sub, 1.0), (1.0, sub),
+        (1e3 if dtype == torch.float16 else 1e30, 3e-3), (3e-3, -7.0), (0.5, 0.5001), (-1.25, 1.0),
+    ]
+    return [float(b) for b, _ in pairs], [float(f) for _, f in pairs]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_storage_is_exact_on_edge_values(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    base = make_model(tmp_path / "base", dtype=dtype)
+    ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, dtype=dtype, seed=1)
+    name = "model.layers.0.mlp.down_proj.weight"
+    b_vals, f_vals = _edge_values(dtype)
+    for d, vals in ((base, b_vals), (ft, f_vals)):
+        f = next(p for p in d.glob("*.safetensors"))
+        sd = state(d)
+        t = sd[name].reshape(-1).clone()
+        t[: len(vals)] = torch.tensor(vals, dtype=dtype)
+        sd[name] = t.reshape(sd[name].shape)
+        save_file(sd, str(f), metadata={"format": "pt"})
+    patch = patchlab.extract(base, ft, tmp_path / "patch")
+    e = patch.entry(name)
+    assert e.stored_dtype("delta") == dtype and e.fix and e.fix["count"] >= 3  # signed zeros at least
+    d = e.dense()
+    assert bool(torch.isfinite(d).all())  # differences past the dtype's range are clamped, not inf
+    assert_bitwise_equal(state(ft), state(patchlab.apply(patch, base, tmp_path / "out").path))
+    wide = patchlab.extract(base, ft, tmp_path / "p32", storage_dtype="float32")
+    assert_bitwise_equal(state(ft), state(patchlab.apply(wide, base, tmp_path / "out32").path))
 
 
 def test_patch_manifest_records_provenance_and_stats(tmp_path):
@@ -111,14 +176,29 @@ def test_port_output_loads_and_matches_manual_sum(tmp_path):
 
 @pytest.mark.parametrize("alpha", [1.0, 0.37])
 def test_fused_port_equals_two_step_port(tmp_path, alpha):
-    """Both paths compute ``target + (α·Δ)`` in one order, so they agree bit for bit at any α."""
+    """From an fp32 Δ both paths compute ``target + (α·Δ)`` in one order, so they agree bit for bit at any α;
+    from the default bf16 Δ (Δ rounded once to bf16: half an ulp of Δ, then the result's own rounding) they
+    agree within an ulp of Δ plus one of the result, and bit for bit wherever the target holds the source
+    base's value (residuals)."""
     src = make_model(tmp_path / "src", dtype=torch.bfloat16)
     ft = make_model(tmp_path / "ft", from_model=src, noise=0.02, seed=1, dtype=torch.bfloat16)
     tgt = make_model(tmp_path / "tgt", from_model=src, noise=0.01, seed=2, dtype=torch.bfloat16)
-    two = patchlab.port(patchlab.extract(src, ft, tmp_path / "patch"), tgt, tmp_path / "two", alpha=alpha)
+    wide = patchlab.extract(src, ft, tmp_path / "patch", storage_dtype="float32")
+    two = patchlab.port(wide, tgt, tmp_path / "two", alpha=alpha)
     fused = patchlab.port_fused(ft, src, tgt, tmp_path / "fused", alpha=alpha)
     assert_bitwise_equal(state(two.path), state(fused.path))
     assert not (tmp_path / "fused" / "delta-00001-of-00001.safetensors").exists()
+    native = patchlab.port(patchlab.extract(src, ft, tmp_path / "p16"), tgt, tmp_path / "two16", alpha=alpha)
+    got, want, t, s, f = state(native.path), state(fused.path), state(tgt), state(src), state(ft)
+    for k in want:
+        if not want[k].is_floating_point():
+            continue
+        g, w = got[k].float(), want[k].float()
+        bound = (alpha * (f[k].float() - s[k].float()).abs() + torch.maximum(g.abs(), w.abs())) * 2.0**-7
+        assert bool(((g - w).abs() <= bound).all()), k
+        if alpha == 1.0:  # where the target is the source base, residuals make it the fused value exactly
+            same = bits(t[k]) == bits(s[k])
+            assert torch.equal(bits(got[k])[same], bits(want[k])[same]), k
 
 
 def test_alpha_and_alpha_by_pattern(tmp_path):
@@ -158,3 +238,19 @@ def test_fingerprints(tmp_path):
     assert fa.architecture == fb.architecture == fc.architecture
     assert fa.content != fb.content
     assert fa.content == fc.content
+
+
+def test_fixups_are_written_in_bounded_shards(tmp_path, monkeypatch):
+    """Residuals go to disk every FIXUP_BUFFER_BYTES (memory stays bounded); the round trip stays exact."""
+    import patchlab.io.patch as patch_io
+
+    monkeypatch.setattr(patch_io, "FIXUP_BUFFER_BYTES", 256)
+    base = make_model(tmp_path / "base", dtype=torch.bfloat16)
+    ft = make_model(tmp_path / "ft", from_model=base, noise=0.01, dtype=torch.bfloat16, seed=1)
+    patch = patchlab.extract(base, ft, tmp_path / "patch")
+    files = sorted(p.name for p in patch.path.glob("fixups*.safetensors"))
+    assert len(files) > 1 and files[0] == f"fixups-00001-of-{len(files):05d}.safetensors"
+    fixed = [e for e in patch.entries() if e.fix]
+    assert {e.fix["file"] for e in fixed} == set(files)
+    assert patch.manifest["totals"]["fixups"] == sum(e.fix["count"] for e in fixed)
+    assert_bitwise_equal(state(ft), state(patchlab.apply(patch, base, tmp_path / "out").path))
