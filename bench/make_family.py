@@ -5,13 +5,16 @@ Three HF-layout checkpoints (config.json, sharded ``model-0000i-of-0000N.safeten
 
 - ``src``: random weights (the base a fine-tune was made on);
 - ``ft``: ``src`` + a rank-16 update on every 2-D matrix + small noise (the fine-tune);
-- ``target``: ``src`` + a small drift (the newer base to port onto).
+- ``target``: ``src`` + a small drift (the newer base to port onto);
+- with ``--extra-ft N``: ``ft2`` … ``ft{N+1}``, more fine-tunes of ``src`` made like ``ft`` (each its own
+  rank-16 update and noise, from its own seed salt), for the merge benchmark (``bench/merge_bench.py``).
 
 Generated shard by shard (one shard of each checkpoint in memory at a time) with per-tensor seeds, so the
 same arguments always give the same bytes. A checkpoint whose index already matches is not rewritten.
 
     python bench/make_family.py --out /work/bench-data/llama-1b            # ~6.6 GB, 1.1B params each
     python bench/make_family.py --out /tmp/family-2l --layers 2             # quick smoke-test family
+    python bench/make_family.py --out /work/bench-data/llama-1b --extra-ft 2   # + ft2, ft3 (~2.2 GB each)
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 KINDS = ("src", "ft", "target")
+MAX_EXTRA_FT = 8
+
+
+def extra_ft_kinds(n: int) -> tuple[str, ...]:
+    """``ft2`` … ``ft{n+1}``: the fine-tunes beyond ``ft`` (merge benchmark)."""
+    return tuple(f"ft{i}" for i in range(2, n + 2))
 INIT_STD = 0.02  # weight scale of the random base
 LOWRANK_RANK = 16
 LOWRANK_RMS = 2e-3  # RMS of the fine-tune's low-rank update
@@ -106,28 +115,44 @@ def _gen(seed: int, name: str, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{salt}:{name}".encode()))
 
 
+def _finetuned(
+    src32: torch.Tensor, shp: tuple[int, ...], seed: int, name: str, salt: str, ft_noise: float = FT_NOISE_STD
+) -> torch.Tensor:
+    """``src`` + a fine-tune's update (norm noise for 1-D; rank-16 update + dense noise for 2-D)."""
+    if len(shp) == 1:
+        return src32 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, salt))
+    g = _gen(seed, name, salt)
+    b = torch.randn((shp[0], LOWRANK_RANK), generator=g)
+    a = torch.randn((LOWRANK_RANK, shp[1]), generator=g)
+    # Entries of b @ a have variance LOWRANK_RANK; scale them to an RMS of LOWRANK_RMS.
+    ft32 = (b @ a).mul_(LOWRANK_RMS / LOWRANK_RANK**0.5)
+    return ft32.add_(torch.randn(shp, generator=g), alpha=ft_noise).add_(src32)
+
+
 def make_tensors(
-    name: str, shp: tuple[int, ...], seed: int, ft_noise: float = FT_NOISE_STD
+    name: str, shp: tuple[int, ...], seed: int, kinds: tuple[str, ...] = KINDS, ft_noise: float = FT_NOISE_STD
 ) -> dict[str, torch.Tensor]:
-    """The bf16 tensor ``name`` of src, ft and target (deterministic in ``seed`` and ``name``)."""
+    """The bf16 tensor ``name`` of each of ``kinds`` (deterministic in ``seed`` and ``name``; a kind's bytes
+    do not depend on which other kinds are asked for)."""
     if len(shp) == 1:
         src32 = 1.0 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, "src"))
-        ft32 = src32 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, "ft"))
-        tgt32 = src32 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, "target"))
     else:
         src32 = torch.randn(shp, generator=_gen(seed, name, "src")).mul_(INIT_STD)
-        g = _gen(seed, name, "ft")
-        b = torch.randn((shp[0], LOWRANK_RANK), generator=g)
-        a = torch.randn((LOWRANK_RANK, shp[1]), generator=g)
-        # Entries of b @ a have variance LOWRANK_RANK; scale them to an RMS of LOWRANK_RMS.
-        ft32 = (b @ a).mul_(LOWRANK_RMS / LOWRANK_RANK**0.5)
-        ft32.add_(torch.randn(shp, generator=g), alpha=ft_noise).add_(src32)
-        tgt32 = torch.randn(shp, generator=_gen(seed, name, "target")).mul_(DRIFT_STD).add_(src32)
-    out = {"src": src32.to(torch.bfloat16)}
-    del src32
-    out["ft"] = ft32.to(torch.bfloat16)
-    del ft32
-    out["target"] = tgt32.to(torch.bfloat16)
+    out = {}
+    for k in kinds:
+        if k == "src":
+            out[k] = src32.to(torch.bfloat16)
+        elif k == "target":
+            if len(shp) == 1:
+                t32 = src32 + NORM_NOISE_STD * torch.randn(shp, generator=_gen(seed, name, "target"))
+            else:
+                t32 = torch.randn(shp, generator=_gen(seed, name, "target")).mul_(DRIFT_STD).add_(src32)
+            out[k] = t32.to(torch.bfloat16)
+            del t32
+        else:  # "ft", "ft2", ...
+            f32 = _finetuned(src32, shp, seed, name, k, ft_noise)
+            out[k] = f32.to(torch.bfloat16)
+            del f32
     return out
 
 
@@ -209,20 +234,23 @@ def generate(
     force: bool = False,
     quiet: bool = False,
     ft_noise: float = FT_NOISE_STD,
+    extra_ft: int = 0,
 ) -> dict[str, Path]:
-    """Write (or keep, when already complete) ``out/{src,ft,target}``; return their paths.
+    """Write (or keep, when already complete) ``out/{src,ft,target}`` (and ``ft2``… with ``extra_ft``);
+    return their paths.
 
     ``ft_noise``: std of the dense noise on the fine-tune's update (default 2e-4; 2e-3 gives noise of the
     update's own energy: a spectrum flat past rank 16, the hard case for a randomized SVD)."""
     shape = Shape(layers=layers)
     specs = tensor_specs(shape)
     shards = plan_shards(specs, shard_mb * 1_000_000)
-    paths = {k: out / k for k in KINDS}
-    indexes = {k: expected_index(specs, shards, k, seed, shape, ft_noise) for k in KINDS}
-    todo = [k for k in KINDS if force or not is_complete(paths[k], indexes[k])]
+    kinds = KINDS + extra_ft_kinds(extra_ft)
+    paths = {k: out / k for k in kinds}
+    indexes = {k: expected_index(specs, shards, k, seed, shape, ft_noise) for k in kinds}
+    todo = [k for k in kinds if force or not is_complete(paths[k], indexes[k])]
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     config = json.dumps(llama_config(shape), indent=2) + "\n"
-    for k in KINDS:
+    for k in kinds:
         if k not in todo and (paths[k] / "config.json").read_text() != config:
             (paths[k] / "config.json").write_text(config)  # cheap to refresh; the weights are kept
     if not todo:
@@ -238,9 +266,8 @@ def generate(
     for i, names in enumerate(shards):
         parts: dict[str, dict[str, torch.Tensor]] = {k: {} for k in todo}
         for name in names:
-            for k, t in make_tensors(name, shapes[name], seed, ft_noise).items():
-                if k in parts:
-                    parts[k][name] = t
+            for k, t in make_tensors(name, shapes[name], seed, tuple(todo), ft_noise).items():
+                parts[k][name] = t
         for k in todo:
             tmp = paths[k] / (shard_file(i, len(shards)) + ".tmp")
             save_file(parts[k], str(tmp), metadata={"format": "pt"})
@@ -274,11 +301,22 @@ def main(argv: list[str] | None = None) -> int:
         default=FT_NOISE_STD,
         help=f"std of the fine-tune's dense noise (default {FT_NOISE_STD:g}; 2e-3 = the update's energy: flat tail)",
     )
+    ap.add_argument(
+        "--extra-ft", type=int, default=0, help="also write ft2..ft{N+1}: more fine-tunes of src (merge benchmark)"
+    )
     args = ap.parse_args(argv)
     if args.layers < 1:
         ap.error("--layers must be at least 1")
+    if not 0 <= args.extra_ft <= MAX_EXTRA_FT:
+        ap.error(f"--extra-ft must be between 0 and {MAX_EXTRA_FT}")
     generate(
-        args.out, layers=args.layers, seed=args.seed, shard_mb=args.shard_mb, force=args.force, ft_noise=args.ft_noise
+        args.out,
+        layers=args.layers,
+        seed=args.seed,
+        shard_mb=args.shard_mb,
+        force=args.force,
+        ft_noise=args.ft_noise,
+        extra_ft=args.extra_ft,
     )
     return 0
 

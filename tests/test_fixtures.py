@@ -110,7 +110,9 @@ def _rows(file: str) -> list[dict]:
     return [json.loads(line) for line in (EVAL / file).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("file", ["task.jsonl", "task-train.jsonl"])
+@pytest.mark.parametrize(
+    "file", ["task.jsonl", "task-train.jsonl", "card.jsonl", "card-train.jsonl", "verify.jsonl", "verify-train.jsonl"]
+)
 def test_generation_eval_files(file: str) -> None:
     rows = _rows(file)
     assert 100 <= len(rows) <= 300
@@ -120,8 +122,16 @@ def test_generation_eval_files(file: str) -> None:
         assert r["prompt"] and r["answer"] and "\n" not in r["answer"] and "." not in r["answer"]
 
 
-def test_task_eval_is_held_out_from_training() -> None:
-    assert not {r["prompt"] for r in _rows("task.jsonl")} & {r["prompt"] for r in _rows("task-train.jsonl")}
+@pytest.mark.parametrize("task", ["task", "card", "verify"])
+def test_task_eval_is_held_out_from_training(task: str) -> None:
+    assert not {r["prompt"] for r in _rows(f"{task}.jsonl")} & {r["prompt"] for r in _rows(f"{task}-train.jsonl")}
+
+
+def test_verify_answers_are_true_or_false_and_balanced() -> None:
+    for file in ("verify.jsonl", "verify-train.jsonl"):
+        answers = [r["answer"] for r in _rows(file)]
+        assert set(answers) == {"true", "false"}
+        assert 0.4 <= answers.count("true") / len(answers) <= 0.6, file
 
 
 def test_multiple_choice_eval_file() -> None:

@@ -280,6 +280,12 @@ def _abs_bits(x: Tensor) -> Tensor:
     return x.float().abs().contiguous().view(torch.int32).to(torch.int64)
 
 
+def _abs_bits32(x: Tensor) -> Tensor:
+    """``_abs_bits`` as int32 (the sign bit is clear, so the order is the same): half the memory traffic of
+    int64 for the streaming passes, which only compare, shift, mask and histogram the patterns."""
+    return x.float().abs().contiguous().view(torch.int32)
+
+
 def _mantissa(bits: Tensor) -> Tensor:
     return (bits & 0x7FFFFF) | ((bits >> 23) > 0).to(torch.int64) * 0x800000
 
@@ -473,24 +479,30 @@ def disjoint_merge(
     |Σwᵢ| < 1e-8 → 1, as mergekit), then times λ."""
     mixed: Tensor | None = None
     divisor: Tensor | None = None
-    for t, w in zip(weighted, weights, strict=True):
-        if sign is None:
+    if sign is None:
+        for t in weighted:
             mixed = t.clone() if mixed is None else mixed.add_(t)
-            continue
-        agree = t.sign() == sign
-        part = torch.where(agree, t, 0.0)
-        mixed = part if mixed is None else mixed.add_(part)
+        assert mixed is not None
         if normalize:
-            wpart = torch.where(agree, w, 0.0)
-            divisor = wpart if divisor is None else divisor.add_(wpart)
-    assert mixed is not None
-    if normalize:
-        if sign is None:
             total = math.fsum(weights)
             mixed = mixed / (1.0 if abs(total) < 1e-8 else total)
-        else:
+    else:
+        # t·sign is |t| where t agrees with the elected sign and <= 0 elsewhere (exact: sign is ±1). The
+        # agreeing entries all carry the elected sign and rounding is symmetric, so sign·Σ|t| has the same
+        # bytes as Σ t over them; adding +0.0 turns the -0.0 of "nothing agrees" into the +0.0 written there.
+        for t, w in zip(weighted, weights, strict=True):
+            u = t * sign
+            if normalize:
+                agree = u > 0
+                part = agree if w == 1 else agree * w
+                divisor = part.to(torch.float32) if divisor is None else divisor.add_(part)
+            u.clamp_(min=0.0)
+            mixed = u if mixed is None else mixed.add_(u)
+        assert mixed is not None
+        mixed = mixed.mul_(sign).add_(0.0)
+        if normalize:
             assert divisor is not None
-            mixed = mixed / divisor.masked_fill_(divisor == 0, 1.0)
+            mixed = mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lambda_ != 1:
         mixed = mixed * lambda_
     return mixed
@@ -649,7 +661,7 @@ class RadixSelect:
         self.total_units = 0
 
     def update(self, bits: Tensor, start_row: int) -> None:
-        """Add a chunk of |x| bit patterns (int64, shaped (rows, row_numel)) starting at row ``start_row``."""
+        """Add a chunk of |x| bit patterns (int32 or int64, shaped (rows, row_numel)) from row ``start_row``."""
         if self.done:
             return
         flat = bits.reshape(-1)
@@ -657,8 +669,11 @@ class RadixSelect:
         if self.stage == 0:
             self._hi += torch.bincount(hi, minlength=65536).cpu()
             if self._hi_sum is not None:
+                wide = flat.to(torch.int64)
                 self._hi_sum += (
-                    torch.zeros(65536, dtype=torch.int64, device=flat.device).index_add_(0, hi, _mantissa(flat)).cpu()
+                    torch.zeros(65536, dtype=torch.int64, device=flat.device)
+                    .index_add_(0, wide >> 16, _mantissa(wide))
+                    .cpu()
                 )
         elif self.stage == 1:
             for b, hist in self._lo.items():
@@ -804,7 +819,7 @@ class MergeStats:
             sparse = None
             if p.select is None:
                 sparse = _sparsify_chunk(x, None, self, i, start_index, start_row, scaled=False)
-            p.update(x, _abs_bits(x).view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
+            p.update(x, _abs_bits32(x).view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
 
     def finish_pass(self) -> None:
         """End a pass over all chunks. Once the last pass is done the histograms are dropped: ``merge_chunk``
@@ -874,6 +889,6 @@ def merge_chunk(
     sparse = []
     for i, d in enumerate(deltas_chunk):
         x = d.float()
-        bits = _abs_bits(x) if stats.patches[i].select is not None else None
+        bits = _abs_bits32(x) if stats.patches[i].select is not None else None
         sparse.append(_sparsify_chunk(x, bits, stats, i, start_index, start_row))
     return _combine(sparse, params)

@@ -310,6 +310,7 @@ class _MergeTensor:
         self.row_elems = math.prod(step.shape[1:]) if step.shape else 1
         self.roles = [(int(r[1:]), d, plan.row_maps.get((step.name, r))) for r, d in step.sources.items()]
         self.stats: MergeStats | None = None
+        self.checked = False  # every chunk of every input seen finite (by a finished statistics pass)
         # DELLA ranks a 0-d/1-d tensor as one row: it is merged whole (it is small), not in chunks
         self.whole = params.method.sparsifier == DELLA and len(step.shape) <= 1
         self._whole: torch.Tensor | None = None
@@ -328,22 +329,40 @@ class _MergeTensor:
             return e.rows(r0, r1, self.dev, scratch(f"merge.delta{i}", (r1 - r0, *e.shape[1:]), torch.float32))
         return e.rows(r0, r1, self.dev)
 
-    def load(self, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        """Every patch's Δ rows ``[r0, r1)`` in fp32, checked finite."""
+    def load(self, r0: int, r1: int, check: bool | None = None) -> tuple[torch.Tensor, ...]:
+        """Every patch's Δ rows ``[r0, r1)`` in fp32, checked finite unless a finished statistics pass has
+        already checked every chunk, or ``check`` is False (``merged`` then checks the merged rows)."""
         shape = (r1 - r0, *self.shape[1:]) if self.shape else ()
         out: list[torch.Tensor] = [None] * self.params.n_patches  # type: ignore[list-item]
+        if check is None:
+            check = not self.checked
         for i, dname, index in self.roles:
             d = self._rows(i, dname, index, r0, r1)
-            if not all_finite(d):
-                raise NonFiniteDeltaError(
-                    f"Δ of {dname} in patch {i + 1} ({self.inputs[i].label}) has NaN/Inf in rows {r0}..{r1}; "
-                    "the patch or its fine-tune holds non-finite weights"
-                )
+            if check:
+                self._check_rows(i, dname, d, r0, r1)
             out[i] = d.reshape(shape)
         for i in range(len(out)):
             if out[i] is None:
                 out[i] = torch.zeros(shape, dtype=torch.float32, device=self.dev)
         return tuple(out)
+
+    def _check_rows(self, i: int, dname: str, d: torch.Tensor, r0: int, r1: int) -> None:
+        if not all_finite(d):
+            raise NonFiniteDeltaError(
+                f"Δ of {dname} in patch {i + 1} ({self.inputs[i].label}) has NaN/Inf in rows {r0}..{r1}; "
+                "the patch or its fine-tune holds non-finite weights"
+            )
+
+    @property
+    def checks_output(self) -> bool:
+        """Without a sparsifier every input entry reaches the merged rows (w·NaN, 0·Inf are NaN), so one
+        finiteness check of the merged rows (in ``merged``) can replace one per input."""
+        return self.params.method.sparsifier is None and not self.whole and self.step.action == "merge"
+
+    def load_output(self, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        """``load`` for the output pass: inputs are checked here only when neither a finished statistics
+        pass nor the merged rows' check covers them."""
+        return self.load(r0, r1, check=not (self.checked or self.checks_output))
 
     def new_stats(self) -> None:
         self.stats = MergeStats(self.params, self.shape, self.seed, self.name)
@@ -359,7 +378,12 @@ class _MergeTensor:
         if self.whole:  # a copy: callers accumulate into what they get
             return (self._merged_whole()[r0:r1] if self.shape else self._merged_whole()).clone()
         assert self.stats is not None
-        return merge_chunk(list(x), self.stats, self.params, self.seed, self.name, r0 * self.row_elems)
+        out = merge_chunk(list(x), self.stats, self.params, self.seed, self.name, r0 * self.row_elems)
+        if self.checks_output and not self.checked and not all_finite(out):
+            # name the input; finite inputs whose merge overflows are written as they are
+            for (i, dname, _), d in zip(self.roles, (x[i] for i, _, _ in self.roles), strict=True):
+                self._check_rows(i, dname, d, r0, r1)
+        return out
 
     def _merged_whole(self) -> torch.Tensor:
         with self._lock:
@@ -435,6 +459,7 @@ def _gather_stats(tensors: list[_MergeTensor], dev: torch.device) -> None:
             run([Shard("", jobs)], None, dev)
             for t in pending:
                 t.stats.finish_pass()  # type: ignore[union-attr]
+                t.checked = True
             pending = [t for t in pending if not t.stats.done]  # type: ignore[union-attr]
 
 
@@ -447,6 +472,8 @@ def _delta_job(t: _MergeTensor, dtype: torch.dtype, entry: dict | None) -> Job:
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         d = t.concat_rows(r0, r1) if t.step.action == "concat" else t.merged(x, r0, r1)
+        if entry is None:  # written onto a base: no manifest entry to fill
+            return d
         st = DeltaStats()
         st.update(d, offset=r0 * t.row_elems)
         parts[r0] = st
@@ -459,7 +486,7 @@ def _delta_job(t: _MergeTensor, dtype: torch.dtype, entry: dict | None) -> Job:
         if entry is not None:
             entry["stats"] = {k: v for k, v in st.result().items() if k != "rel_norm"}
 
-    load = (lambda r0, r1: ()) if t.step.action == "concat" else t.load
+    load = (lambda r0, r1: ()) if t.step.action == "concat" else t.load_output
     return Job(t.name, t.shape, dtype, load, compute, finish=finish, parallel=True)
 
 

@@ -341,7 +341,15 @@ def test_different_architectures_refused(fam, tmp_path):
 
 def test_nan_input_names_the_tensor_and_writes_nothing(fam, tmp_path):
     bad = nan_patch(fam["b"], tmp_path / "bad.patch")
-    for method, kw in [("task_arithmetic", {}), ("ties", {"densities": 0.3})]:
+    # statistics pass (ties 0.3), merged-rows check (task_arithmetic, ties at density 1), per-input check (DARE
+    # without a rescale: a dropped NaN never reaches the merged rows)
+    cases = [
+        ("task_arithmetic", {}),
+        ("ties", {"densities": 0.3}),
+        ("ties", {"densities": 1.0}),
+        ("dare_linear", {"densities": 0.3, "rescale": "none"}),
+    ]
+    for method, kw in cases:
         with pytest.raises(NonFiniteDeltaError, match="model.layers.2.mlp.down_proj.weight"):
             patchlab.merge([fam["a"], bad], tmp_path / "out", method=method, **kw)
         with pytest.raises(NonFiniteDeltaError):
