@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from patchlab.errors import CheckpointNotFoundError, ModelLoadError, PatchlabError
+
+# transformers' from_pretrained swaps class attributes (PreTrainedModel.tie_weights, init_weights and torch's
+# init functions) for no-ops and puts them back on exit; two threads loading at once can leave the no-ops in
+# place for the whole process (tied heads stop tying, "newly initialized" weights stay uninitialized memory).
+# Upgrades run patches in threads, so every load here goes through this lock.
+_LOAD_LOCK = threading.RLock()
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 
@@ -33,7 +40,8 @@ def load_config(path: str | Path) -> Any:
 
     p = checkpoint_dir(path)
     try:
-        return AutoConfig.from_pretrained(p)
+        with _LOAD_LOCK:
+            return AutoConfig.from_pretrained(p)
     except Exception as exc:  # JSONDecodeError, ValueError (unknown model_type), KeyError...
         raise ModelLoadError(
             f"{p / 'config.json'} cannot be read as a model config ({_first_line(exc)}); fix it or copy the "
@@ -51,7 +59,8 @@ def load_tokenizer(path: str | Path) -> Any:
             "it was made from into it"
         )
     try:
-        return AutoTokenizer.from_pretrained(p)
+        with _LOAD_LOCK:
+            return AutoTokenizer.from_pretrained(p)
     except Exception as exc:
         raise ModelLoadError(
             f"the tokenizer in {p} cannot be loaded ({_first_line(exc)}); its tokenizer files are damaged or "
@@ -79,7 +88,8 @@ def load_causal_lm(
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, **kw)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(p, **kw)
     except PatchlabError:
         raise
     except Exception as exc:
