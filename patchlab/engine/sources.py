@@ -5,6 +5,11 @@ what makes the fused port ``target + α·(ft − base)`` a single streaming pass
 Both answer the same two questions: what entries exist (for planning), and the dense fp32 rows of one
 entry for a row map (for execution). Rows of ``add`` entries are the caller's own for the chunk in hand
 (fresh, or engine scratch), so an apply scales and accumulates into them in place.
+
+An exact patch stored narrower than fp32 (extract's default for a bf16 model) holds Δ rounded to its dtype
+plus residuals ("fixups") that restore the fine-tune: ``write_fixups`` writes them into an output chunk (apply,
+port), and ``PatchDelta.exact_rows`` gives back the exact ``float(ft) − float(base)`` from the base's rows
+(merge on the patches' own base).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ import torch
 from patchlab.encodings import codec
 from patchlab.engine.executor import scratch
 from patchlab.io.checkpoint import Checkpoint
-from patchlab.io.patch import Patch, PatchTensor
-from patchlab.kernels.delta import diff, diff_into, gather_rows
+from patchlab.io.patch import Patch, PatchTensor, tensor_digest
+from patchlab.kernels.delta import bits, diff, diff_into, gather_rows
 from patchlab.plan import DeltaEntry, DeltaView, Plan, plan_extract
 
 
@@ -34,6 +39,47 @@ def _gather_entry(e: PatchTensor, index: torch.Tensor, device: torch.device) -> 
         vals = e.stored("value")[idx].to(device).float()
     out[ok.to(device)] = vals.reshape((idx.numel(), *e.shape[1:]))
     return out
+
+
+Fixups = tuple[str | None, torch.Tensor, torch.Tensor, torch.Tensor | None]  # digest, indices, values, base values
+
+
+def write_fixups(
+    outc: torch.Tensor, tr: torch.Tensor, fix: Fixups, state: dict[str, object], whole: torch.Tensor, lo: int, hi: int
+) -> None:
+    """Write the residuals falling in flat elements ``[lo, hi)`` of the output chunk ``outc``.
+
+    With the base's values recorded, a residual is written where the target chunk ``tr`` holds exactly that
+    value; older patches carry a digest of the whole base tensor instead, checked once against ``whole``.
+    ``state`` (one dict per tensor, shared by its chunks) caches that check and whether the indices are sorted.
+    """
+    digest, idx, vals, base_vals = fix
+    if base_vals is None:
+        if "ok" not in state:  # the residuals are only valid on the exact base tensor they came from
+            state["ok"] = tensor_digest(whole) == digest
+        if not state["ok"]:
+            return
+    elif base_vals.dtype != tr.dtype:
+        return  # a target of another dtype never holds the base's values
+    if "sorted" not in state:  # extract writes them sorted; a hand-made patch may not
+        state["sorted"] = idx.numel() < 2 or bool((idx[1:] >= idx[:-1]).all())
+    if state["sorted"]:
+        a, b = (int(torch.searchsorted(idx, v)) for v in (lo, hi))
+        at, to = idx[a:b].long() - lo, vals[a:b]
+        was = base_vals[a:b] if base_vals is not None else None
+    else:
+        sel = (idx >= lo) & (idx < hi)
+        at, to = idx[sel].long() - lo, vals[sel]
+        was = base_vals[sel] if base_vals is not None else None
+    if not at.numel():
+        return
+    dev = outc.device
+    at = at.to(dev)
+    if was is not None:
+        keep = bits(tr.reshape(-1)[at]) == bits(was.to(dev))
+        at, to = at[keep], to.to(dev)[keep]
+    flat = outc.reshape(-1)
+    bits(flat)[at] = bits(to.to(outc.dtype)).to(dev)
 
 
 class PatchDelta:
@@ -71,13 +117,60 @@ class PatchDelta:
         t = e.stored("value")
         return t[r0:r1] if e.shape else t
 
-    def fixups(self, name: str) -> tuple[str | None, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def fixups(self, name: str) -> Fixups | None:
         """(base digest, flat indices, values, base values there) of an entry's residuals, or None."""
         e = self.patch.entry(name)
         if not e.fix:
             return None
         idx, vals = e.fixups()
         return e.fix.get("base_digest"), idx, vals, e.fixup_base()
+
+    def rounded(self, name: str) -> bool:
+        """Whether entry ``name`` stores the exact Δ rounded to a dtype narrower than fp32, with the residuals
+        that restore the fine-tune: an ``exact`` patch's dense ``add`` entry stored in its fine-tune's own
+        (16-bit) dtype. ``exact_rows`` gives its exact Δ back on the patch's base; fp32 entries already hold it,
+        low-rank and sparse ones never did."""
+        params = self.patch.provenance.get("parameters") or {}
+        if params.get("exact") is not True:
+            return False
+        e = self.patch.entry(name)
+        if e.op != "add" or e.encoding != "dense" or e.meta.get("rows"):
+            return False
+        sd = e.stored_dtype("delta")
+        return sd.is_floating_point and sd.itemsize < 4 and sd == e.dtype
+
+    def exact_rows(
+        self,
+        name: str,
+        r0: int,
+        r1: int,
+        base: torch.Tensor,
+        base32: torch.Tensor,
+        out: torch.Tensor,
+        fix: Fixups | None,
+        state: dict[str, object],
+        whole: torch.Tensor,
+    ) -> torch.Tensor:
+        """The exact Δ rows ``[r0, r1)`` of a ``rounded`` entry on the patch's own base, in fp32 in ``out``.
+
+        ``base``: the base's rows ``[r0, r1)`` (``base32``: the same in fp32, on ``out``'s device); ``fix``:
+        ``fixups(name)``; ``state`` and ``whole`` (the base tensor) as ``write_fixups``. The fine-tune's rows
+        are rebuilt as ``apply`` writes them, ``cast(base + Δ)`` with the residuals where the base holds the
+        recorded values, then ``float(ft) − float(base)``: what extract stores as an fp32 Δ, bit for bit (a
+        difference of two bf16 values is exact in fp32, so the rounding ``Δ`` went through is undone).
+        """
+        e = self.patch.entry(name)
+        shape, dev = tuple(out.shape), out.device
+        if e.shape:
+            raw = e.stored_rows("delta", r0, r1, scratch("patch.raw", shape, e.stored_dtype("delta")))
+        else:
+            raw = e.stored("delta")
+        d = out.copy_(raw).add_(base32)
+        ft = scratch("patch.ft", shape, e.dtype, dev).copy_(d)
+        if fix is not None:
+            row = e.numel // e.shape[0] if e.shape else 1
+            write_fixups(ft, base, fix, state, whole, r0 * row, r1 * row)
+        return d.copy_(ft).sub_(base32)
 
     @property
     def meta_dir(self) -> Path | None:

@@ -15,11 +15,11 @@ import torch
 from patchlab import __version__
 from patchlab.engine.devices import resolve_device
 from patchlab.engine.executor import Job, Shard, atomic_output, check_output, run, scratch
-from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta
+from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta, write_fixups
 from patchlab.errors import NonFiniteDeltaError, NonFiniteError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype
-from patchlab.io.patch import Patch, tensor_digest
-from patchlab.kernels.delta import all_finite, bits, gather_rows, scaled_add_into
+from patchlab.io.patch import Patch
+from patchlab.kernels.delta import all_finite, gather_rows, scaled_add_into
 from patchlab.plan import Plan, Step, plan_apply, plan_extract
 
 Progress = Callable[[int], None]
@@ -185,7 +185,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
         acc = scaled_add_into(d, tr, s.alpha, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device))
         outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
         if fix is not None:
-            _write_fixups(outc, tr, fix, fix_state, t, r0 * row, r1 * row)
+            write_fixups(outc, tr, fix, fix_state, t, r0 * row, r1 * row)
         return outc
 
     return Job(
@@ -197,49 +197,6 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
         advise=lambda r0, r1: target.advise(s.name, r0, min(r1, t.shape[0]) if t.dim() else 1),
         parallel=True,  # fix_state is set idempotently; everything else is local to the chunk
     )
-
-
-def _write_fixups(
-    outc: torch.Tensor,
-    tr: torch.Tensor,
-    fix: tuple[str | None, torch.Tensor, torch.Tensor, torch.Tensor | None],
-    state: dict[str, object],
-    whole: torch.Tensor,
-    lo: int,
-    hi: int,
-) -> None:
-    """Write the residuals falling in flat elements ``[lo, hi)`` of the output chunk ``outc``.
-
-    With the base's values recorded, a residual is written where the target chunk ``tr`` holds exactly that
-    value; older patches carry a digest of the whole base tensor instead, checked once against ``whole``.
-    """
-    digest, idx, vals, base_vals = fix
-    if base_vals is None:
-        if "ok" not in state:  # the residuals are only valid on the exact base tensor they came from
-            state["ok"] = tensor_digest(whole) == digest
-        if not state["ok"]:
-            return
-    elif base_vals.dtype != tr.dtype:
-        return  # a target of another dtype never holds the base's values
-    if "sorted" not in state:  # extract writes them sorted; a hand-made patch may not
-        state["sorted"] = idx.numel() < 2 or bool((idx[1:] >= idx[:-1]).all())
-    if state["sorted"]:
-        a, b = (int(torch.searchsorted(idx, v)) for v in (lo, hi))
-        at, to = idx[a:b].long() - lo, vals[a:b]
-        was = base_vals[a:b] if base_vals is not None else None
-    else:
-        sel = (idx >= lo) & (idx < hi)
-        at, to = idx[sel].long() - lo, vals[sel]
-        was = base_vals[sel] if base_vals is not None else None
-    if not at.numel():
-        return
-    dev = outc.device
-    at = at.to(dev)
-    if was is not None:
-        keep = bits(tr.reshape(-1)[at]) == bits(was.to(dev))
-        at, to = at[keep], to.to(dev)[keep]
-    flat = outc.reshape(-1)
-    bits(flat)[at] = bits(to.to(outc.dtype)).to(dev)
 
 
 def write_model_meta(tmp: Path, target: Checkpoint, source: DeltaSource, plan: Plan) -> None:
