@@ -7,6 +7,15 @@ tied embeddings reconciled as a port does). Then, tensor by tensor and chunk by 
 the statistics passes that TIES, breadcrumbs and L1 rescale need (``MergeStats``), and one output pass
 (``merge_chunk``). Memory is bounded by chunks and a few histograms, never by the model.
 
+The Δ merged is each patch's exact ``ft − base`` in fp32 wherever the patch holds it. An exact patch stored in
+a 16-bit dtype (extract's default for a bf16 fine-tune) holds Δ rounded to that dtype plus residuals; merged
+on the base it was made on (every patch without ``port_to``, those recorded on ``port_to`` with it), its
+exact Δ is rebuilt per chunk from the base's rows (``PatchDelta.exact_rows``: ``float(ft) − float(base)``, the
+fine-tune rebuilt as ``apply`` would), so a merge of bf16 patches gives the bytes of a merge of fp32 patches
+and of mergekit's ``base + Σ w·(ft − base)`` computed in fp32. That costs one read of the base's rows per
+pass over such a tensor; ``onto`` reads them anyway for its output pass. Elsewhere (a patch ported by
+``port_to``, row maps, low-rank and sparse entries, inexact patches) the stored Δ is merged as it is.
+
 Output: a merged patch (dense fp32 entries; exact low-rank factor concatenation for ``task_arithmetic``
 over low-rank inputs; optional re-encoding with ``rank``/``energy``), or with ``onto`` a full model
 directory ``base + merged Δ`` in the same pass. Conventions: ``docs/merge.md``.
@@ -27,11 +36,11 @@ import torch
 
 from patchlab.engine.devices import resolve_device
 from patchlab.engine.executor import Job, Shard, assemble, atomic_output, check_output, run, scratch
-from patchlab.engine.sources import PatchDelta
+from patchlab.engine.sources import Fixups, PatchDelta
 from patchlab.errors import IncompatiblePatchError, MergeConfigError, NonFiniteDeltaError, PatchFormatError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype
 from patchlab.io.patch import FINETUNE_DIR, MANIFEST, MAX_SHARD_BYTES, Patch, PatchWriter
-from patchlab.kernels.delta import DeltaStats, all_finite, scaled_add_into
+from patchlab.kernels.delta import DeltaStats, all_finite, as_float, scaled_add_into
 from patchlab.kernels.lowrank import lowrank_rows
 from patchlab.kernels.merge import DELLA, MergeParams, MergeStats, merge_chunk, validate_merge
 from patchlab.names import is_vocab_tensor
@@ -99,6 +108,10 @@ def merge(
     is expressed on ``port_to`` (a patch recorded on it, or with ``onto`` the model). ``base``: the base the
     patches were made on, when it is not at the path their manifests record. ``rank``/``energy``: re-encode
     the merged Δ low-rank (the manifest's totals report the energy kept). ``dry_run`` returns the ``Plan``.
+
+    A 16-bit exact patch (extract's default for a bf16 model) merged on its own base contributes its exact
+    fp32 Δ, rebuilt from the base's rows (an extra read of them, except with ``onto``): the result is that of
+    the same merge of fp32 patches, bit for bit (the module docstring says when).
     """
     params = validate_merge(
         method, len(patches), weights, densities, gammas, epsilons, lambda_, normalize, rescale, sign_election
@@ -110,6 +123,7 @@ def merge(
     _check_distinct(inputs)
     _check_architectures(inputs)
     target, onto_ck = _target(inputs, base, onto, port_to)
+    own = _on_target(inputs, target, port_to)
     options = _options(params, seed, port_to, target, enc)
     plan = plan_merge(
         [i.source.view() for i in inputs],
@@ -131,7 +145,9 @@ def merge(
     check_output(out, overwrite)
     dev = resolve_device(device)
     tensors = {
-        s.name: _MergeTensor(s, inputs, plan, params, seed, dev) for s in plan.steps if s.action in ("merge", "concat")
+        s.name: _MergeTensor(s, inputs, plan, params, seed, dev, target, own)
+        for s in plan.steps
+        if s.action in ("merge", "concat")
     }
     _gather_stats(list(tensors.values()), dev)
     if onto_ck is not None:
@@ -250,6 +266,16 @@ def _target(
     return Checkpoint.open(path), None
 
 
+def _on_target(inputs: list[_Input], target: Checkpoint, port_to: object) -> list[bool]:
+    """Which patches were made on ``target``, the checkpoint the merge is expressed on: every one without
+    ``port_to`` (``_target`` checked that they share a base and that ``onto`` is it; ``base=`` is the user's
+    word), and with it those whose recorded base is ``port_to``. Their 16-bit exact entries merge exact Δ."""
+    if port_to is None:
+        return [True] * len(inputs)
+    here = target.describe()
+    return [_same_base(inp.base, here) for inp in inputs]
+
+
 def _options(params: MergeParams, seed: int, port_to: object, target: Checkpoint, enc: Any) -> dict:
     m = params.method
     opts: dict[str, object] = {"method": m.name, "weights": list(params.weights)}
@@ -304,11 +330,36 @@ class _MergeTensor:
     """The inputs of one ``merge`` (or ``concat``) step: every patch's Δ rows (zeros where a patch lacks the
     tensor), the merge statistics, and the chunk computation."""
 
-    def __init__(self, step: Step, inputs: list[_Input], plan: Plan, params: MergeParams, seed: int, dev: torch.device):
+    def __init__(
+        self,
+        step: Step,
+        inputs: list[_Input],
+        plan: Plan,
+        params: MergeParams,
+        seed: int,
+        dev: torch.device,
+        target: Checkpoint,
+        own: list[bool],
+    ):
         self.step, self.inputs, self.params, self.seed, self.dev = step, inputs, params, seed, dev
-        self.name, self.shape = step.name, step.shape
+        self.name, self.shape, self.target = step.name, step.shape, target
         self.row_elems = math.prod(step.shape[1:]) if step.shape else 1
         self.roles = [(int(r[1:]), d, plan.row_maps.get((step.name, r))) for r, d in step.sources.items()]
+        # patches whose exact Δ is rebuilt from the base's rows: 16-bit exact entries on their own base, row
+        # for row (patch i -> its residuals and their per-tensor state)
+        self.exact: dict[int, tuple[Fixups | None, dict[str, object]]] = {}
+        lined_up = (
+            step.action == "merge"
+            and step.name in target
+            and tuple(target.info(step.name).shape) == tuple(step.shape)
+            and (step.name, "target") not in plan.row_maps
+        )
+        for i, dname, index in self.roles if lined_up else ():
+            src = inputs[i].source
+            if own[i] and index is None and dname == step.name and src.patch.entry(dname).shape == step.shape:
+                if src.rounded(dname):
+                    self.exact[i] = (src.fixups(dname), {})
+        self._base_t = target.tensor(step.name) if self.exact else None
         self.stats: MergeStats | None = None
         self.checked = False  # every chunk of every input seen finite (by a finished statistics pass)
         # DELLA ranks a 0-d/1-d tensor as one row: it is merged whole (it is small), not in chunks
@@ -329,15 +380,32 @@ class _MergeTensor:
             return e.rows(r0, r1, self.dev, scratch(f"merge.delta{i}", (r1 - r0, *e.shape[1:]), torch.float32))
         return e.rows(r0, r1, self.dev)
 
-    def load(self, r0: int, r1: int, check: bool | None = None) -> tuple[torch.Tensor, ...]:
+    def load(
+        self, r0: int, r1: int, check: bool | None = None, base: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Every patch's Δ rows ``[r0, r1)`` in fp32, checked finite unless a finished statistics pass has
-        already checked every chunk, or ``check`` is False (``merged`` then checks the merged rows)."""
+        already checked every chunk, or ``check`` is False (``merged`` then checks the merged rows).
+
+        ``base``: the target's rows ``[r0, r1)`` on the device, when the caller has read them (``onto``);
+        otherwise they are read here, only if a patch's exact Δ needs them."""
         shape = (r1 - r0, *self.shape[1:]) if self.shape else ()
         out: list[torch.Tensor] = [None] * self.params.n_patches  # type: ignore[list-item]
         if check is None:
             check = not self.checked
+        b32 = None
+        if self.exact:
+            if base is None:
+                dtype = self.target.info(self.name).dtype
+                base = self.target.rows(self.name, r0, r1, scratch("merge.base", shape, dtype)).to(self.dev)
+            b32 = as_float(base, scratch("merge.base32", shape, torch.float32, self.dev))
         for i, dname, index in self.roles:
-            d = self._rows(i, dname, index, r0, r1)
+            if i in self.exact:
+                assert base is not None and b32 is not None and self._base_t is not None
+                fix, state = self.exact[i]
+                buf = scratch(f"merge.delta{i}", shape, torch.float32, self.dev)
+                d = self.inputs[i].source.exact_rows(dname, r0, r1, base, b32, buf, fix, state, self._base_t)
+            else:
+                d = self._rows(i, dname, index, r0, r1)
             if check:
                 self._check_rows(i, dname, d, r0, r1)
             out[i] = d.reshape(shape)
@@ -359,10 +427,10 @@ class _MergeTensor:
         finiteness check of the merged rows (in ``merged``) can replace one per input."""
         return self.params.method.sparsifier is None and not self.whole and self.step.action == "merge"
 
-    def load_output(self, r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+    def load_output(self, r0: int, r1: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """``load`` for the output pass: inputs are checked here only when neither a finished statistics
         pass nor the merged rows' check covers them."""
-        return self.load(r0, r1, check=not (self.checked or self.checks_output))
+        return self.load(r0, r1, check=not (self.checked or self.checks_output), base=base)
 
     def new_stats(self) -> None:
         self.stats = MergeStats(self.params, self.shape, self.seed, self.name)
@@ -726,7 +794,8 @@ def _onto_job(s: Step, t: _MergeTensor, target: Checkpoint, plan: Plan, dev: tor
         else:
             shape = (r1 - r0, *s.shape[1:]) if s.shape else ()
             tr = target.rows(s.name, r0, r1, scratch("merge.target", shape, dtype)).to(dev)
-        return (tr, *delta.load(r0, r1))
+        # the base rows just read serve the exact Δ of 16-bit patches too (no second read)
+        return (tr, *(t.load_output(r0, r1, base=tr) if s.action == "merge" else delta.load(r0, r1)))
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
         tr, rest = x[0], x[1:]
