@@ -2,9 +2,14 @@
 
 Inputs (``bench/make_family.py --extra-ft 2``): ``src`` and three fine-tunes of it, ``ft``, ``ft2``, ``ft3``
 (bf16, 3 shards each). patchlab merges *patches*: each fine-tune is first extracted once per run
-(``patchlab.extract(src, ftK)``, exact fp32 Δ); that preparation is timed on its own row and is **not**
-counted in the merge rows (a patchlab user keeps patches, not fine-tuned checkpoints; the end-to-end figure,
-extraction included, is printed as well). Then, for each method, alternating runs of:
+(``patchlab.extract(src, ftK)`` with extract's default dtype: Δ in the fine-tune's bf16 plus the residuals
+that keep it exact, half the bytes of an fp32 Δ; ``--keep-patches`` reuses whatever patches WORK holds, so
+delete fp32 patches left by older runs); that preparation is timed on its own row and is **not** counted in
+the merge rows (a patchlab user keeps patches, not fine-tuned checkpoints; the end-to-end figure, extraction
+included, is printed as well). Merged onto ``src``, the patches they were made on, bf16 patches contribute
+their exact Δ (``float(ft) − float(src)``, rebuilt from src's rows and the residuals), so task_arithmetic
+is expected to equal mergekit bit for bit as it did with fp32 patches. Then, for each method, alternating
+runs of:
 
 - ``mergekit``: ``mergekit-yaml`` with ``base_model: src``, the three fine-tunes at weight 1 (density 0.2
   for ties), ``dtype: float32`` (compute), ``out_dtype: bfloat16``; ``--lazy-unpickle --no-cuda
@@ -169,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                  extract_anon, None), []))
     patch_bytes = sum(f.stat().st_size for p in patches for f in p.rglob("*.safetensors"))
     warm = warm_cache([f for p in patches for f in sorted(p.rglob("*.safetensors"))])
-    print(f"patches: {patch_bytes / 1e9:.1f} GB (fp32 Δ); warmed in {warm:.1f} s")
+    manifests = [json.loads((p / "patch.json").read_text()) for p in patches]
+    stored = sorted({m["provenance"]["parameters"].get("storage_dtype", "?") for m in manifests})
+    record["patch_storage_dtype"] = stored
+    print(f"patches: {patch_bytes / 1e9:.1f} GB (storage_dtype {', '.join(stored)}); warmed in {warm:.1f} s")
 
     # 2. merges, alternating contenders
     for method in methods:
