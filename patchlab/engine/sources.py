@@ -75,11 +75,12 @@ def write_fixups(
         return
     dev = outc.device
     at = at.to(dev)
+    to = to.to(dev)
     if was is not None:
         keep = bits(tr.reshape(-1)[at]) == bits(was.to(dev))
-        at, to = at[keep], to.to(dev)[keep]
-    flat = outc.reshape(-1)
-    bits(flat)[at] = bits(to.to(outc.dtype)).to(dev)
+        if not bool(keep.all()):  # on the patch's own base they all apply: compacting costs more than the rest
+            at, to = at[keep], to[keep]
+    bits(outc.reshape(-1)).index_copy_(0, at, bits(to.to(outc.dtype)))
 
 
 class PatchDelta:
