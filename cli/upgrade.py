@@ -103,6 +103,12 @@ def upgrade_run(
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait for a run of the same upgrade instead of refusing.")
     ] = False,
+    intruders: Annotated[
+        bool,
+        typer.Option(
+            "--intruders", help="Add the intruder-dimension analysis to each diagnosis (two SVDs per matrix: slow)."
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
@@ -124,6 +130,7 @@ def upgrade_run(
                 patches=names or None,
                 vocab_policy=vocab_policy,
                 verdicts=True,
+                intruders=intruders,
                 device=device,
             )
             if json_out:
@@ -144,6 +151,7 @@ def upgrade_run(
                 executor=ex,
                 device=device,
                 wait=wait,
+                intruders=intruders,
                 log=_log(json_out),
             )
         finally:

@@ -60,16 +60,93 @@ class Patches(Topic):
         """
         src = Path(path).expanduser()
         manifest = read_manifest(src)
-        prov = manifest.get("provenance") or {}
-        base_prov = prov.get("base") or {}
-        ft_prov = prov.get("finetuned") or {}
         if name is None:
             name = default_name(src)
+        self._check_registration(name, relation, tags)
+        # 1. blobs first: a row must never point at a blob that is not there
+        files = {rel: self.blobs.put_file(src / rel) for rel in patch_files(src)}
+        return self._register(manifest, files, str(src), name, base, parents, relation, description, tags, require_base)
+
+    def add_ported_patch(
+        self,
+        source: str,
+        *,
+        base: str,
+        name: str | None = None,
+        description: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> PatchInfo:
+        """Register ``source``'s Δ, unchanged, as the next version of its name on ``base`` (relation ``port``).
+
+        This is what fine-tuning transfer stores for a patch ported with α = 1 and no vocabulary change:
+        ``apply(new, base)`` runs the same plan and kernels as ``port(source, base)`` (residuals included), so it
+        reproduces that port bit for bit, and no tensor byte is read, hashed or written: the new version shares
+        the source's blobs; only its manifest (provenance: the new base, the patch it was ported from) is new.
+        """
+        from patchlab.io.checkpoint import Checkpoint  # lazy: torch
+
+        info = self.get_patch(source, detail=True)
+        name = name or info.name
+        self._check_registration(name, "port", [])
+        files = {n: (dg, sz) for n, dg, sz in info.files}
+        if MANIFEST not in files:
+            raise ManifestError(f"patch {info.ref} has no {MANIFEST} among its files; run `patchlab verify`")
+        manifest = json.loads(self.blobs.read_bytes(files[MANIFEST][0]))
+        with self.db.read() as s:
+            target = refs.resolve_base(s, base)
+            row = s.get(BaseVersionRow, target.id)
+            content, arch = (row.content, row.architecture) if row is not None else (None, None)
+        base_desc = Checkpoint.open(self.checkpoint_path(target.label)).describe()
+        base_desc.update({k: v for k, v in (("content", content), ("architecture", arch)) if v})
+        prov = dict(manifest.get("provenance") or {})
+        old_params = prov.get("parameters") if isinstance(prov.get("parameters"), dict) else {}
+        manifest["provenance"] = {
+            "base": base_desc,
+            "finetuned": prov.get("finetuned"),
+            "method": "port",
+            "parameters": {
+                "ported_from": {"patch": info.ref, "digest": info.digest, "base": prov.get("base")},
+                "alpha": 1.0,
+                "exact": bool(old_params.get("exact")),
+                "storage_dtype": old_params.get("storage_dtype"),
+                # what made the Δ first (an edit's edit set, say), carried from release to release
+                "source_method": old_params.get("source_method", prov.get("method")),
+                "source_parameters": old_params.get("source_parameters", old_params),
+                **dict(parameters or {}),
+            },
+        }
+        data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+        files[MANIFEST] = (self.blobs.put_bytes(data), len(data))
+        return self._register(
+            manifest, files, f"{info.ref} (ported)", name, base, [info.ref], "port", description, [], True
+        )
+
+    def _check_registration(self, name: str, relation: str, tags: Iterable[str]) -> None:
         refs.validate_name(name)
         if relation not in PARENT_RELATIONS:
             raise InvalidReferenceError(f"relation must be one of {', '.join(PARENT_RELATIONS)}, not {relation!r}")
+        for t in tags:
+            refs.validate_name(t, "tag")
+
+    def _register(
+        self,
+        manifest: dict[str, Any],
+        files: dict[str, tuple[str, int]],
+        where: str,
+        name: str,
+        base: str | None,
+        parents: Iterable[str],
+        relation: str,
+        description: str | None,
+        tags: Iterable[str],
+        require_base: bool,
+    ) -> PatchInfo:
+        """The registry rows of a patch whose files (``rel -> (blob digest, size)``) are already blobs."""
+        prov = manifest.get("provenance") or {}
+        base_prov = prov.get("base") or {}
+        ft_prov = prov.get("finetuned") or {}
         parents = list(parents)
-        tags = [refs.validate_name(t, "tag") for t in tags]
+        tags = list(tags)
         tensors = manifest.get("tensors") or {}
         encodings = sorted({str(t.get("encoding", "dense")) for t in tensors.values() if isinstance(t, dict)})
         encoding = encodings[0] if len(encodings) == 1 else ("mixed" if encodings else None)
@@ -78,15 +155,11 @@ class Patches(Topic):
             for k, t in tensors.items()
             if isinstance(t, dict)
         }
-
-        # 1. blobs first: a row must never point at a blob that is not there
-        files: dict[str, tuple[str, int]] = {}
-        for rel in patch_files(src):
-            files[rel] = self.blobs.put_file(src / rel)
         listing = {k: v[0] for k, v in files.items()}
         digest = tree_digest(listing)
         self.blobs.put_bytes(tree_listing(listing))
         size = sum(v[1] for v in files.values())
+        src = Path(where)
 
         # 2. then the row, in one short write transaction
         def run() -> PatchInfo:

@@ -82,10 +82,11 @@ class PatchPlan:
     parents: list[str] = field(default_factory=list)  # merge: the parent names (recipe order)
     recipe: dict[str, Any] = field(default_factory=dict)  # merge: the recorded merge() arguments
     edits: dict[str, Any] = field(default_factory=dict)  # edit: the recorded edit set (file, sha256)
+    carry: bool = False  # NAME@n+1 is NAME@n's Δ on the new base (no vocabulary change): ported from the patch
 
     @property
     def fused(self) -> bool:
-        return self.finetuned is not None
+        return self.finetuned is not None and not self.carry and self.kind != "merge"
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -136,6 +137,7 @@ def plan_upgrade(
     patches: Sequence[str] | None = None,
     vocab_policy: str | None = None,
     verdicts: bool = False,
+    intruders: bool = False,
     device: str = "auto",
 ) -> UpgradePlan:
     """What an upgrade would do. Refuses what can never run (unknown family or version, a target not newer,
@@ -219,8 +221,12 @@ def plan_upgrade(
         g = reg.effective_gate(p.name, family)
         ft = p.finetuned if p.finetuned and Path(p.finetuned).is_dir() else None
         method = (p.method or "").lower()
+        made = p.parameters if isinstance(p.parameters, dict) else {}
+        if method == "port" and made.get("source_method"):  # carried by an earlier upgrade: what first made it
+            method, made = str(made["source_method"]).lower(), made.get("source_parameters") or {}
         kind = "merge" if method in MERGE_METHODS else "edit" if method in EDIT_METHODS else "port"
         pp = PatchPlan(p.name, p.ref, p.base or "", p.method, ft, g.suite, g.expressions, g.alias, p.size, kind=kind)
+        pp.carry = kind != "merge" and not vocab_change
         if not g.suite:
             problems.append(
                 f"patch {p.name} has no evaluation suite: set one with `patchlab gate set {p.name} --suite FILE` "
@@ -229,9 +235,8 @@ def plan_upgrade(
         if kind == "merge":
             problems += _plan_merge(reg, pp, p, {q.name for q in todo}, target.ref)
         elif kind == "edit":
-            prm = p.parameters if isinstance(p.parameters, dict) else {}
-            pp.edits = {"file": prm.get("edits_file"), "sha256": prm.get("edits_sha256")}
-        need += target_size + p.size + (0 if ft else target_size)
+            pp.edits = {"file": made.get("edits_file"), "sha256": made.get("edits_sha256")}
+        need += target_size + (0 if pp.carry else p.size) + (0 if ft else target_size)
         plans.append(pp)
     plans.sort(key=lambda q: q.kind == "merge")  # merged patches after their parents (stable otherwise)
     if verdicts:
@@ -243,6 +248,7 @@ def plan_upgrade(
                     reg.patch_path(pp.source),
                     reg.checkpoint_path(target.ref),
                     source_base=reg.checkpoint_path(pp.base),
+                    intruders=intruders,
                     device=device,
                 )
                 pp.verdict, pp.reasons = d.verdict.level, list(d.verdict.reasons)
@@ -360,6 +366,14 @@ class _Run:
         self.plans = {p["name"]: p for p in self.opts.get("patches", [])}
         self.stash: dict[tuple[str, str], Any] = {}
         self.lock = threading.Lock()
+        self._patch_dirs: dict[str, Path] = {}
+
+    def patch_dir(self, ref: str) -> Path:
+        """A registered patch materialised (and its blobs verified) once per run, not once per step."""
+        with self.lock:
+            if ref not in self._patch_dirs:
+                self._patch_dirs[ref] = self.reg.patch_path(ref)
+            return self._patch_dirs[ref]
 
     # -- step bookkeeping --
 
@@ -417,12 +431,19 @@ class _Run:
         kind = p.get("kind", "port")
         if kind == "merge":
             ft = None
+        # NAME@n+1 carries NAME@n's Δ onto the new base: port from the stored patch, register without re-extracting
+        carry = bool(self.opts.get("carry_delta")) and kind in ("port", "edit")
+        port_ft = None if carry else ft  # else fused when the fine-tune is at hand, then re-extracted
 
         def diagnose_step() -> dict[str, Any]:
             from patchlab.measure.diagnose import diagnose
 
             d = diagnose(
-                self.reg.patch_path(src), target, source_base=self.reg.checkpoint_path(base), device=self.device
+                self.patch_dir(src),
+                target,
+                source_base=self.reg.checkpoint_path(base),
+                intruders=bool(self.opts.get("intruders", True)),
+                device=self.device,
             )
             out = reports / f"{name}.diagnostics.json"
             write_atomic(out, d.dumps())
@@ -434,9 +455,9 @@ class _Run:
             return {
                 "out": str(models / name),
                 "target": target,
-                "patch_dir": None if ft else str(self.reg.patch_path(src)),
-                "finetuned": ft,
-                "source_base": str(self.reg.checkpoint_path(base)) if ft else None,
+                "patch_dir": None if port_ft else str(self.patch_dir(src)),
+                "finetuned": port_ft,
+                "source_base": str(self.reg.checkpoint_path(base)) if port_ft else None,
                 "vocab_policy": policy,
                 "device": self.device,
             }
@@ -452,7 +473,7 @@ class _Run:
                     "patch_out": str(patches / name),
                     "out": str(models / name),
                     "target": target,
-                    "parents": [str(self.reg.patch_path(r)) for r in parents],
+                    "parents": [str(self.patch_dir(r)) for r in parents],
                     "recipe": dict(p.get("recipe") or {}),
                     "vocab_policy": policy,
                     "device": self.device,
@@ -491,10 +512,14 @@ class _Run:
             derived = have[0] if have else None
             if derived is None:
                 derived = self.reg.add_derived(
-                    src, out, base=self.to_ref, kind="port", parameters={"upgrade_run": self.run.id, "fused": bool(ft)}
+                    src,
+                    out,
+                    base=self.to_ref,
+                    kind="port",
+                    parameters={"upgrade_run": self.run.id, "fused": bool(port_ft)},
                 )
             return {
-                "outcome": {"fused": bool(ft), "derived": derived.ref},
+                "outcome": {"fused": bool(port_ft), "derived": derived.ref},
                 "output_path": str(out),
             }
 
@@ -503,6 +528,15 @@ class _Run:
         def register_step() -> dict[str, Any]:
             import patchlab
 
+            if carry:  # the same Δ on the new base: apply(NAME@n+1, target) is this port, bit for bit
+                info = self.reg.add_ported_patch(
+                    src,
+                    base=self.to_ref,
+                    name=name,
+                    description=f"upgrade run {self.run.id}: {src} ported onto {self.to_ref}",
+                    parameters={"upgrade_run": self.run.id},
+                )
+                return {"outcome": {"ref": info.ref, "digest": info.digest, "carried": True}}
             out = patches / name
             clean_partials(out)
             if not (out / "patch.json").is_file():
@@ -582,7 +616,7 @@ class _Run:
             scratch = models / f".baseline-{name}"
             res = self.executor.baseline(
                 {
-                    "patch_dir": str(self.reg.patch_path(src)),
+                    "patch_dir": str(self.patch_dir(src)),
                     "source_base": str(self.reg.checkpoint_path(base)),
                     "finetuned": ft,
                     "scratch": str(scratch),
@@ -677,7 +711,12 @@ class _Run:
                 flips=flips_json,
                 evaluations=evals,
                 notes=notes,
-                meta={"run": self.run.id, "previous": src, "ported": new_ref, "port": "fused" if ft else "from patch"},
+                meta={
+                    "run": self.run.id,
+                    "previous": src,
+                    "ported": new_ref,
+                    "port": "fused" if port_ft else "from patch",
+                },
             )
             paths = {}
             for fmt in SUMMARY_FORMATS:
@@ -789,12 +828,15 @@ def run_upgrade(
     executor: Any = None,
     device: str = "auto",
     wait: bool = False,
+    intruders: bool = False,
     lease_seconds: float = LEASE_SECONDS,
     log: Log = lambda s: None,
 ) -> UpgradeResult:
     """Run (or resume) the upgrade of ``family`` to version ``to``. The same call after an interruption
     continues the unfinished run; after a finished one it returns that run (``already_done``). ``push``: a Hub
-    organisation; each patch that passes its gate is pushed to ``ORG/NAME`` (``registry.workflows.publish``)."""
+    organisation; each patch that passes its gate is pushed to ``ORG/NAME`` (``registry.workflows.publish``).
+    ``intruders``: add the intruder-dimension analysis (two SVDs per matrix: minutes on a 1B model on CPU; it
+    only ever raises the verdict to "port with care") to each patch's diagnosis."""
     from registry.workflows.executors import LocalExecutor
 
     reg.get_base(f"{family}@{to}")  # unknown family/version: one clear line before anything else
@@ -824,6 +866,10 @@ def run_upgrade(
                     for p in plan.patches
                 ],
                 "vocab_policy": plan.vocab_policy,
+                # without a vocabulary change a port is target + Δ with Δ as stored: NAME@n+1 is that Δ on the
+                # new base (Registry.add_ported_patch), no re-extraction
+                "carry_delta": not plan.vocab_change,
+                "intruders": intruders,
                 "push": push,
                 "requested": {"patches": list(patches or []), "alias": alias, "from": from_version},
             }

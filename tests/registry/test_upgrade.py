@@ -10,7 +10,11 @@ import os
 import re
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from sqlalchemy.exc import OperationalError
+
+import patchlab
 
 from registry import UnknownReferenceError
 from registry.upgrades import LeaseHeldError
@@ -18,6 +22,13 @@ from registry.workflows import upgrade_tasks
 from registry.workflows.upgrade import UpgradeError, plan_upgrade, run_upgrade
 from tests.registry.conftest import BACKENDS
 from tests.upgrade_helpers import MODELS, build_family, copy_family, differences, state, strays
+
+
+def tensors_of(model_dir) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -40,7 +51,7 @@ def reference(family, tmp_path_factory):
     return fam, result, state(fam)
 
 
-def test_end_to_end_pass_fail_lineage_alias_summary(reference):
+def test_end_to_end_pass_fail_lineage_alias_summary(reference, tmp_path):
     fam, result, _ = reference
     assert not result.all_passed
     with fam.open() as reg:
@@ -55,8 +66,19 @@ def test_end_to_end_pass_fail_lineage_alias_summary(reference):
         assert reg.verify().ok
         run = reg.get_run(result.run.id)
         assert run.state == "done" and {s.state for s in run.steps} <= {"done", "skipped"}
+        # no vocabulary change: each NAME@2 is NAME@1's Δ on v2 (shared blobs), ported from the stored patch,
+        # and applying it to v2 gives the model the suite evaluated, bit for bit
         fused = {s.patch: s.outcome["fused"] for s in run.steps if s.step == "port"}
-        assert fused == {"task": True, "strict": True, "stored": False}
+        assert fused == {"task": False, "strict": False, "stored": False}
+        assert all(s.outcome.get("carried") for s in run.steps if s.step == "register")
+        for name in ("task", "stored", "strict"):
+            shared = {dg for _, dg, _ in reg.get_patch(f"{name}@1", detail=True).files}
+            assert {dg for n, dg, _ in reg.get_patch(f"{name}@2", detail=True).files if n != "patch.json"} <= shared
+            out = tmp_path / name
+            patchlab.apply(reg.patch_path(f"{name}@2"), reg.checkpoint_path("tiny@v2"), out, device="cpu")
+            evaluated = fam.home / "upgrades" / f"run-{result.run.id}" / "models" / name
+            a, b = tensors_of(out), tensors_of(evaluated)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     rows = {p["patch"]: p for p in result.summary["patches"]}
     assert rows["task"]["gate"] == "pass" and rows["task"]["alias_moved"]
     assert rows["strict"]["gate"] == "fail" and not rows["strict"]["alias_moved"]
@@ -102,6 +124,18 @@ def test_vocabulary_change_needs_an_explicit_policy(family, tmp_path):
         assert reg.list_runs() == []
         ok = plan_upgrade(reg, "tiny", "v2-vocab", vocab_policy="pad-zero")
         assert ok.problems == [] and ok.vocab_policy == "pad-zero"
+        # with the policy, rows move: the port is fused from the fine-tune and NAME@2 is re-extracted against
+        # the new base (its Δ is not NAME@1's), and it reproduces the evaluated model
+        res = run_upgrade(reg, "tiny", "v2-vocab", vocab_policy="pad-zero", patches=["task"], device="cpu")
+        steps = {s.step: s for s in reg.get_run(res.run.id).steps if s.patch == "task"}
+        assert steps["port"].outcome["fused"] and not steps["register"].outcome.get("carried")
+        new = reg.get_patch(steps["register"].outcome["ref"])
+        assert new.base == "tiny@v2-vocab" and new.method == "extract"
+        out = patchlab.apply(
+            reg.patch_path(new.ref), reg.checkpoint_path("tiny@v2-vocab"), tmp_path / "a", device="cpu"
+        )
+        a, b = tensors_of(out.path), tensors_of(fam.home / "upgrades" / f"run-{res.run.id}" / "models" / "task")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_input_is_one_clear_line(family, tmp_path):

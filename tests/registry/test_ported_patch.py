@@ -1,0 +1,69 @@
+"""Registry.add_ported_patch: a patch ported with α = 1 is stored as the same Δ on the new base, sharing blobs,
+and applying it there reproduces the port bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import patchlab
+from registry import Registry
+from registry.errors import InvalidReferenceError, UnknownReferenceError
+from tests.factory import make_model, state
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 base, a fine-tune of it and a next release: a bf16 Δ needs residuals to stay exact."""
+    d = tmp_path_factory.mktemp("fam")
+    v1 = make_model(d / "v1", dtype=torch.bfloat16)
+    ft = make_model(d / "ft", from_model=v1, noise=0.02, seed=1, dtype=torch.bfloat16)
+    v2 = make_model(d / "v2", from_model=v1, noise=0.01, seed=2, dtype=torch.bfloat16)
+    patch = patchlab.extract(v1, ft, d / "patch", device="cpu")
+    assert patch.manifest["totals"].get("fixups"), "the family must exercise residuals"
+    return {"v1": v1, "ft": ft, "v2": v2, "patch": d / "patch"}
+
+
+def test_ported_patch_reproduces_the_port_and_shares_the_blobs(registry_target, bf16_family, tmp_path):
+    f = bf16_family
+    with Registry.init(registry_target) as reg:
+        reg.add_base("fam", "1", f["v1"])
+        reg.add_base("fam", "2", f["v2"])
+        old = reg.add_patch(f["patch"], name="task", base="fam@1")
+        blobs_before = set(reg.blobs.iter_digests())
+        new = reg.add_ported_patch("task@1", base="fam@2", description="ported")
+        assert (new.name, new.version, new.base) == ("task", 2, "fam@2")
+        assert reg.get_patch(new.ref).parents == (("task@1", "port"),)
+        old_files = {n: dg for n, dg, _ in reg.get_patch(old.ref, detail=True).files}
+        new_files = {n: dg for n, dg, _ in reg.get_patch(new.ref, detail=True).files}
+        assert old_files.keys() == new_files.keys()
+        assert {n for n in old_files if old_files[n] != new_files[n]} == {"patch.json"}
+        # only the manifest and the file listing are new blobs
+        assert len(set(reg.blobs.iter_digests()) - blobs_before) == 2
+        ported = patchlab.port(reg.patch_path(old.ref), f["v2"], tmp_path / "ported", device="cpu")
+        applied = patchlab.apply(reg.patch_path(new.ref), f["v2"], tmp_path / "applied", device="cpu")
+        a, b = state(Path(ported.path)), state(Path(applied.path))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
+        prov = patchlab.Patch.open(reg.patch_path(new.ref)).manifest["provenance"]
+        assert prov["method"] == "port" and prov["parameters"]["ported_from"]["patch"] == "task@1"
+        assert prov["base"]["content"] == reg.get_base("fam@2").content
+        # registering it again returns the same version, not a third
+        assert reg.add_ported_patch("task@1", base="fam@2").ref == new.ref
+
+
+def test_ported_patch_refuses_unknown_base_and_patch(registry_target, bf16_family):
+    f = bf16_family
+    with Registry.init(registry_target) as reg:
+        reg.add_base("fam", "1", f["v1"])
+        reg.add_patch(f["patch"], name="task", base="fam@1")
+        with pytest.raises(UnknownReferenceError):
+            reg.add_ported_patch("task@1", base="fam@9")
+        with pytest.raises(UnknownReferenceError):
+            reg.add_ported_patch("nope@1", base="fam@1")
+        with pytest.raises(InvalidReferenceError):
+            reg.add_ported_patch("task@1", base="fam@1", name="bad name")
+        assert [p.ref for p in reg.list_patches()] == ["task@1"]
