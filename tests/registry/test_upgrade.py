@@ -149,7 +149,7 @@ def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_
 
     monkeypatch.setattr(Upgrades, "step_finished", flaky)
     with fam.open() as reg:
-        with pytest.raises(UpgradeError, match="registry database became unavailable") as e:
+        with pytest.raises(UpgradeError, match="failed at step register of strict@1: the registry database") as e:
             run_upgrade(reg, "tiny", "v2", device="cpu")
         assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
         monkeypatch.undo()

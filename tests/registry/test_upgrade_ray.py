@@ -162,9 +162,9 @@ def test_database_gone_during_a_ray_task_is_one_line_and_resumes(pg_server_alone
     executor.port_and_evaluate = away
     try:
         with fam.open() as reg:
-            with pytest.raises(UpgradeError, match="registry database became unavailable") as e:
+            with pytest.raises(UpgradeError, match="failed at step port of task@1: the registry database became") as e:
                 run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor)
-        assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
+        assert "\n" not in str(e.value) and "rerun the same command once the registry is back" in str(e.value)
     finally:
         del executor.port_and_evaluate
         server.bring_back()
