@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,6 +178,16 @@ def state(fam: Fam) -> dict[str, Any]:
                 steps.append((s.patch, s.source, s.step, s.state, shown))
             runs.append((r.family, r.to_version, r.state, r.error, tuple(steps)))
     return {"patches": patches, "aliases": aliases, "derived": derived, "evaluations": evals, "runs": runs}
+
+
+def unordered(st: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`state` without what depends on the order parallel patches finish in (``--jobs N``, Ray):
+    derived-model ids and the order of derived models, evaluations and steps."""
+    out = dict(st, derived=sorted(st["derived"]), evaluations=sorted(st["evaluations"]))
+    out["runs"] = [
+        (*r[:4], tuple(sorted((*x[:4], re.sub(r"derived:\d+", "derived:N", x[4])) for x in r[4]))) for r in st["runs"]
+    ]
+    return out
 
 
 def tensors(p: Any) -> tuple[tuple[str, str], ...]:

@@ -1,9 +1,9 @@
 """``--executor ray``: each patch's port+evaluation as a Ray task on one real local Ray instance (shared by the
 module); only the driver writes to the registry, workers get paths, never the database. On SQLite and on the
-suite's PostgreSQL server (module-wide ``backend``): the end-to-end outcome equals the local executor's, a
-worker that cannot see the files is refused clearly, a worker that dies fails the run at the right step and the
-same call resumes it to the uninterrupted result; on PostgreSQL, the server going away during a Ray task fails
-the run with one line and the rerun finishes it once the server is back."""
+suite's PostgreSQL server (module-wide ``backend``): the end-to-end outcome with two patches at once equals the
+local executor's, a worker that cannot see the files is refused clearly, a worker that dies fails the run at
+the right step and the same call resumes it to the uninterrupted result; on PostgreSQL, the server going away
+during a Ray task fails the run with one line and the rerun finishes it once the server is back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from registry.workflows.upgrade import UpgradeError, run_upgrade
 from tests.registry.conftest import BACKENDS
-from tests.upgrade_helpers import build_family, check_end_to_end, copy_family, differences, state, strays
+from tests.upgrade_helpers import build_family, check_end_to_end, copy_family, differences, state, strays, unordered
 
 ray = pytest.importorskip("ray", reason="pip install 'patchlab[ray]'")
 
@@ -66,8 +66,9 @@ def _strings(obj: Any) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(family, executor, tmp_path_factory):
-    """One uninterrupted upgrade on Ray (per backend): its registry, result, final state and what the driver
-    submitted to Ray."""
+    """One uninterrupted upgrade on Ray (per backend), two patches at once (``--jobs 2``: two driver threads
+    writing to the registry while their Ray tasks run side by side): its registry, result, final state (without
+    what depends on the order patches finish in) and what the driver submitted to Ray."""
     fam = copy_family(family, tmp_path_factory.mktemp("reference") / "fam")
     seen: list[tuple[str, Any]] = []
     real = {name: getattr(executor, name) for name in REMOTES}
@@ -75,11 +76,11 @@ def reference(family, executor, tmp_path_factory):
         setattr(executor, name, _Recorder(fn, seen, name))
     try:
         with fam.open() as reg:
-            result = run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor)
+            result = run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor, jobs=2)
     finally:
         for name, fn in real.items():
             setattr(executor, name, fn)
-    return fam, result, state(fam), seen
+    return fam, result, unordered(state(fam)), seen
 
 
 def test_end_to_end_on_ray_pass_fail_lineage_alias_summary(reference):
@@ -103,7 +104,7 @@ def test_ray_gives_the_local_result(family, reference, tmp_path):
     fam = copy_family(family, tmp_path / "fam")
     with fam.open() as reg:
         assert run_upgrade(reg, "tiny", "v2", device="cpu").run.state == "done"
-    after = state(fam)
+    after = unordered(state(fam))
     assert not differences(after, reference[2]), differences(after, reference[2])
 
 
@@ -141,7 +142,7 @@ def test_worker_death_fails_the_step_and_resumes_to_the_same_result(family, refe
     with fam.open() as reg:
         done = run_upgrade(reg, "tiny", "v2", device="cpu", executor=executor)
         assert done.resumed and done.run.id == run.id and done.run.state == "done"
-    after = state(fam)
+    after = unordered(state(fam))
     assert not differences(after, reference[2]), differences(after, reference[2])
     assert strays(fam) == []
 
