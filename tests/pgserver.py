@@ -99,6 +99,7 @@ class PgServer:
         self._admin = None
         self._names = itertools.count(1)
         self._started = False
+        self._down = False  # stopped by take_down, to be brought back
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
         kw: dict = {}
@@ -178,11 +179,15 @@ class PgServer:
         ``fast`` ends every session and shuts down cleanly, so what was committed stays."""
         self._close_admin()
         self._check(self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"), f"pg_ctl stop -m {mode}")
+        self._down = True
 
     def bring_back(self) -> None:
-        """Start a server :meth:`take_down` stopped, on the same port."""
+        """Start a server :meth:`take_down` stopped, on the same port (nothing to do when it is up)."""
+        if not self._down:
+            return
         proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_S), "start")
         self._check(proc, f"pg_ctl start again on 127.0.0.1:{self.port}")
+        self._down = False
 
     def _close_admin(self) -> None:
         if self._admin is not None:
