@@ -8,9 +8,10 @@ connections, runs with fsync off (nothing in it needs to survive), and is stoppe
 end of the session. PostgreSQL refuses to run as root, so under root the server runs as the
 unprivileged ``postgres`` user (else ``nobody``): the child drops to it before exec, no ``sudo`` needed.
 
-Fixtures: ``pg_server`` (session) and ``pg_database_url`` (a new empty database per test, dropped after
-it). Without binaries or psycopg the tests that use them skip, saying why; under ``CI=true`` they fail
-instead, so CI can never pass by skipping PostgreSQL.
+Fixtures: ``pg_server`` (session), ``pg_database_url`` (a new empty database per test, dropped after
+it) and ``pg_server_alone`` (a server of one test's own, which it may :meth:`PgServer.take_down` and
+:meth:`PgServer.bring_back`). Without binaries or psycopg the tests that use them skip, saying why;
+under ``CI=true`` they fail instead, so CI can never pass by skipping PostgreSQL.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class PgServer:
         self._admin = None
         self._names = itertools.count(1)
         self._started = False
+        self._down = False  # stopped by take_down, to be brought back
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess:
         kw: dict = {}
@@ -172,11 +174,29 @@ class PgServer:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
-    def stop(self) -> None:
+    def take_down(self, mode: str = "fast") -> None:
+        """Stop the server but keep its cluster (the database "going away"); :meth:`bring_back` restarts it.
+        ``fast`` ends every session and shuts down cleanly, so what was committed stays."""
+        self._close_admin()
+        self._check(self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"), f"pg_ctl stop -m {mode}")
+        self._down = True
+
+    def bring_back(self) -> None:
+        """Start a server :meth:`take_down` stopped, on the same port (nothing to do when it is up)."""
+        if not self._down:
+            return
+        proc = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_S), "start")
+        self._check(proc, f"pg_ctl start again on 127.0.0.1:{self.port}")
+        self._down = False
+
+    def _close_admin(self) -> None:
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 self._admin.close()
             self._admin = None
+
+    def stop(self) -> None:
+        self._close_admin()
         if self._started:
             self._started = False
             with contextlib.suppress(Exception):
@@ -204,16 +224,29 @@ def start_server() -> PgServer:
         raise
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    """One throwaway PostgreSQL server for the whole session (skips, or fails under CI=true, if none)."""
+def server_or_skip() -> PgServer:
+    """:func:`start_server`, else skip the test saying why (fail under ``CI=true``)."""
     try:
-        server = start_server()
+        return start_server()
     except (PgUnavailable, OSError, subprocess.SubprocessError) as exc:
         msg = f"PostgreSQL tests need a server and none could be started: {exc}"
         if in_ci():
             pytest.fail(f"CI=true: {msg}", pytrace=False)
         pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the whole session (skips, or fails under CI=true, if none)."""
+    server = server_or_skip()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_server_alone():
+    """A throwaway server of the test's own, for a test that stops and restarts it (the shared one stays up)."""
+    server = server_or_skip()
     yield server
     server.stop()
 

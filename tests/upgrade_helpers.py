@@ -8,7 +8,9 @@ On either backend: :class:`Fam` is where a built family lives (its blob home, an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +180,16 @@ def state(fam: Fam) -> dict[str, Any]:
     return {"patches": patches, "aliases": aliases, "derived": derived, "evaluations": evals, "runs": runs}
 
 
+def unordered(st: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`state` without what depends on the order parallel patches finish in (``--jobs N``, Ray):
+    derived-model ids and the order of derived models, evaluations and steps."""
+    out = dict(st, derived=sorted(st["derived"]), evaluations=sorted(st["evaluations"]))
+    out["runs"] = [
+        (*r[:4], tuple(sorted((*x[:4], re.sub(r"derived:\d+", "derived:N", x[4])) for x in r[4]))) for r in st["runs"]
+    ]
+    return out
+
+
 def tensors(p: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((n, dg) for n, dg, _ in p.files if n != "patch.json"))
 
@@ -207,3 +219,38 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             else:
                 out.append(f"{k}: {a[k]} != {b.get(k)}")
     return out
+
+
+def check_end_to_end(fam: Fam, result: Any) -> None:
+    """What an upgrade of the built family (all three patches) must leave: ``task`` and ``stored`` pass, get
+    NAME@2 on v2 with lineage and the moved alias; ``strict`` fails its gate, gets NAME@2 but no alias (its
+    ``latest`` pinned to NAME@1); the run, its summary files and per-patch reports; no partial outputs."""
+    assert not result.all_passed
+    with fam.open() as reg:
+        for name in ("task", "stored"):
+            p = reg.get_patch(f"{name}@2")
+            assert p.base == "tiny@v2" and p.parents == ((f"{name}@1", "port"),)
+            assert reg.get_patch(f"{name}@latest").ref == f"{name}@2"
+            assert [n.ref for n in reg.lineage(f"{name}@2").parents] == [f"{name}@1"]
+        strict = reg.get_patch("strict@2")  # registered, but its alias did not move
+        assert strict.base == "tiny@v2" and strict.aliases == ()
+        assert reg.get_patch("strict@latest").ref == "strict@1"  # pinned where "latest" meant before
+        assert reg.verify().ok
+        run = reg.get_run(result.run.id)
+        assert run.state == "done" and {s.state for s in run.steps} <= {"done", "skipped"}
+        # no vocabulary change: every patch is ported from its stored Δ, never fused from its fine-tune
+        fused = {s.patch: s.outcome["fused"] for s in run.steps if s.step == "port"}
+        assert fused == {"task": False, "strict": False, "stored": False}
+    rows = {p["patch"]: p for p in result.summary["patches"]}
+    assert rows["task"]["gate"] == "pass" and rows["task"]["alias_moved"]
+    assert rows["strict"]["gate"] == "fail" and not rows["strict"]["alias_moved"]
+    assert "gate failed: accuracy >= old + 0.5" in rows["strict"]["reason"]
+    work = fam.home / "upgrades" / f"run-{result.run.id}"
+    md = (work / "summary.md").read_text()
+    assert "strict@1 → strict@2" in md and "Why aliases did not move" in md and "accuracy >= old + 0.5" in md
+    assert json.loads((work / "summary.json").read_text())["passed"] == 2
+    html = (work / "summary.html").read_text()
+    assert "<script" not in html and "http" not in html.replace('lang="en"', "") and "<svg" in html
+    for name in ("task", "stored", "strict"):
+        assert (work / "reports" / f"{name}.html").is_file() and (work / "reports" / f"{name}.md").is_file()
+    assert strays(fam) == []

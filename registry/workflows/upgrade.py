@@ -367,6 +367,8 @@ class _Run:
         self.stash: dict[tuple[str, str], Any] = {}
         self.lock = threading.Lock()
         self._patch_dirs: dict[str, Path] = {}
+        #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
+        self.current: dict[str, str] = {}
 
     def patch_dir(self, ref: str) -> Path:
         """A registered patch materialised (and its blobs verified) once per run, not once per step."""
@@ -401,6 +403,8 @@ class _Run:
             return st.outcome
         if self.lease.lost:
             raise UpgradeError(f"the lease on {self.to_ref} was taken over by another process; stopping")
+        with self.lock:
+            self.current[patch] = step
         self.reg.step_started(self.run.id, patch, step)
         t0 = time.perf_counter()
         self.log(f"{patch}: {step}")
@@ -921,10 +925,16 @@ def run_upgrade(
                     list(pool.map(one, names))
         if failures:
             name, exc = failures[0]
-            step = next((s.step for s in reg.get_run(run.id).steps if s.patch == name and s.state == "failed"), "?")
+            try:
+                steps = reg.get_run(run.id).steps
+            except SQLAlchemyError:  # the database is still away: the step this process was at
+                steps = []
+            step = next((s.step for s in steps if s.patch == name and s.state == "failed"), None)
+            step = step or r.current.get(name, "?")
+            again = "once the registry is back " if isinstance(exc, SQLAlchemyError) else ""
             raise UpgradeError(
                 f"upgrade run {run.id} failed at step {step} of {r.plans[name]['source']}: {_one_line(exc)}; "
-                "rerun the same command to resume"
+                f"rerun the same command {again}to resume"
             ) from exc
         summary = write_summary(reg, reg.get_run(run.id))
         reg.mark_run(run.id, "done", summary=summary)

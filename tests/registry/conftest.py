@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from registry import Registry
-from tests.pgserver import pg_database_url, pg_server  # noqa: F401  (fixtures)
+from tests.pgserver import pg_database_url, pg_server, pg_server_alone  # noqa: F401  (fixtures)
 
 BACKENDS = ("sqlite", "postgresql")
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])

@@ -5,9 +5,7 @@ the suite's PostgreSQL server (module-wide ``backend``: each backend builds its 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 
 import pytest
 import torch
@@ -15,13 +13,21 @@ from safetensors.torch import load_file
 from sqlalchemy.exc import OperationalError
 
 import patchlab
-
 from registry import UnknownReferenceError
 from registry.upgrades import LeaseHeldError
 from registry.workflows import upgrade_tasks
 from registry.workflows.upgrade import UpgradeError, plan_upgrade, run_upgrade
 from tests.registry.conftest import BACKENDS
-from tests.upgrade_helpers import MODELS, build_family, copy_family, differences, state, strays
+from tests.upgrade_helpers import (
+    MODELS,
+    build_family,
+    check_end_to_end,
+    copy_family,
+    differences,
+    state,
+    strays,
+    unordered,
+)
 
 
 def tensors_of(model_dir) -> dict[str, torch.Tensor]:
@@ -53,23 +59,11 @@ def reference(family, tmp_path_factory):
 
 def test_end_to_end_pass_fail_lineage_alias_summary(reference, tmp_path):
     fam, result, _ = reference
-    assert not result.all_passed
+    check_end_to_end(fam, result)
     with fam.open() as reg:
-        for name in ("task", "stored"):
-            p = reg.get_patch(f"{name}@2")
-            assert p.base == "tiny@v2" and p.parents == ((f"{name}@1", "port"),)
-            assert reg.get_patch(f"{name}@latest").ref == f"{name}@2"
-            assert [n.ref for n in reg.lineage(f"{name}@2").parents] == [f"{name}@1"]
-        strict = reg.get_patch("strict@2")  # registered, but its alias did not move
-        assert strict.base == "tiny@v2" and strict.aliases == ()
-        assert reg.get_patch("strict@latest").ref == "strict@1"  # pinned where "latest" meant before
-        assert reg.verify().ok
         run = reg.get_run(result.run.id)
-        assert run.state == "done" and {s.state for s in run.steps} <= {"done", "skipped"}
         # no vocabulary change: each NAME@2 is NAME@1's Δ on v2 (shared blobs), ported from the stored patch,
         # and applying it to v2 gives the model the suite evaluated, bit for bit
-        fused = {s.patch: s.outcome["fused"] for s in run.steps if s.step == "port"}
-        assert fused == {"task": False, "strict": False, "stored": False}
         assert all(s.outcome.get("carried") for s in run.steps if s.step == "register")
         for name in ("task", "stored", "strict"):
             shared = {dg for _, dg, _ in reg.get_patch(f"{name}@1", detail=True).files}
@@ -79,19 +73,6 @@ def test_end_to_end_pass_fail_lineage_alias_summary(reference, tmp_path):
             evaluated = fam.home / "upgrades" / f"run-{result.run.id}" / "models" / name
             a, b = tensors_of(out), tensors_of(evaluated)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    rows = {p["patch"]: p for p in result.summary["patches"]}
-    assert rows["task"]["gate"] == "pass" and rows["task"]["alias_moved"]
-    assert rows["strict"]["gate"] == "fail" and not rows["strict"]["alias_moved"]
-    assert "gate failed: accuracy >= old + 0.5" in rows["strict"]["reason"]
-    work = fam.home / "upgrades" / f"run-{result.run.id}"
-    md = (work / "summary.md").read_text()
-    assert "strict@1 → strict@2" in md and "Why aliases did not move" in md and "accuracy >= old + 0.5" in md
-    assert json.loads((work / "summary.json").read_text())["passed"] == 2
-    html = (work / "summary.html").read_text()
-    assert "<script" not in html and "http" not in html.replace('lang="en"', "") and "<svg" in html
-    for name in ("task", "stored", "strict"):
-        assert (work / "reports" / f"{name}.html").is_file() and (work / "reports" / f"{name}.md").is_file()
-    assert strays(fam) == []
 
 
 def test_same_command_again_does_nothing_twice(reference, tmp_path):
@@ -211,7 +192,7 @@ def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_
 
     monkeypatch.setattr(Upgrades, "step_finished", flaky)
     with fam.open() as reg:
-        with pytest.raises(UpgradeError, match="registry database became unavailable") as e:
+        with pytest.raises(UpgradeError, match="failed at step register of strict@1: the registry database") as e:
             run_upgrade(reg, "tiny", "v2", device="cpu")
         assert "\n" not in str(e.value) and "rerun the same command" in str(e.value)
         monkeypatch.undo()
@@ -360,13 +341,5 @@ def test_two_jobs_give_the_same_result(family, reference, tmp_path):
         res = run_upgrade(reg, "tiny", "v2", device="cpu", jobs=2)
         assert res.run.state == "done"
 
-    def same(st):  # threads finish in any order: ids of derived models and evaluation order may differ
-        out = dict(st, derived=sorted(st["derived"]), evaluations=sorted(st["evaluations"]))
-        out["runs"] = [
-            (*r[:4], tuple(sorted((*x[:4], re.sub(r"derived:\d+", "derived:N", x[4])) for x in r[4])))
-            for r in st["runs"]
-        ]
-        return out
-
-    assert same(state(fam)) == same(reference[2])
+    assert unordered(state(fam)) == unordered(reference[2])
     assert strays(fam) == []
