@@ -15,7 +15,7 @@ and the patch's own ``set``/``delete`` entries. The verdict comes from
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,22 @@ def _drift_job(
                     f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights mean "
                     "nothing: fix the checkpoint or the patch"
                 )
-        acc.update(*x)
+        part = DriftAccumulator()
+        part.update(*x)
+        parts[r0] = part
         return x[2]
 
+    def finish() -> None:  # chunks in row order: the same float64 sums as one sequential pass, whatever ran first
+        total = acc
+        for r0 in sorted(parts):
+            total = total + parts[r0]
+        parts.clear()
+        for f in fields(DriftAccumulator):
+            setattr(acc, f.name, getattr(total, f.name))
+
+    parts: dict[int, DriftAccumulator] = {}
     out_shape = (rows, *shape[1:]) if shape else ()
-    return Job(name, out_shape, torch.float32, load, compute)
+    return Job(name, out_shape, torch.float32, load, compute, finish=finish, parallel=True)
 
 
 def diagnose(
