@@ -2,6 +2,12 @@
 plain ``patchlab.port`` of the same patch (the port alone, the command's core).
 
     python bench/upgrade_bench.py [--patches 20] [--jobs 1 2]
+    python bench/upgrade_bench.py --family /work/bench-data/llama-1b [--jobs 1 2]   # 3 patches of the 1.1B family
+
+``--family``: the ~1.1B synthetic family (``bench/make_family.py --extra-ft 2``): ``src`` is v1, ``target`` v2,
+and ``ft``, ``ft2``, ``ft3`` give three patches (extracted once, in the fine-tunes' dtype, not timed). The
+family has no tokenizer: the bench links its weights into views that carry the fixture tokenizer (ids < 320),
+so the 2-item suite runs for real; evaluation is excluded from the overhead figure anyway.
 
 Per patch: the workflow's wall time with evaluation excluded (every step but evaluate/baseline, from the step
 rows) and the whole wall time / N; the port alone for comparison. A 2-instance suite keeps evaluation small.
@@ -26,11 +32,90 @@ from registry.workflows.upgrade import run_upgrade  # noqa: E402
 MODELS = ROOT / "fixtures" / "models"
 
 
+def view(src: Path, dst: Path) -> Path:
+    """``src``'s weights (symlinks) and config with the fixture tokenizer: a checkpoint the suite can run."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+            (dst / f.name).symlink_to(f.resolve())
+    shutil.copy2(src / "config.json", dst / "config.json")
+    for f in (MODELS / "v1").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def family_bench(family: Path, jobs_list: list[int], work: Path) -> None:
+    """Three patches of the 1.1B family, v1 -> v2: per patch, the workflow's steps without evaluation against
+    ``patchlab.port`` of the same patch onto v2 (best of two, warm cache)."""
+    suite = work / "suite.jsonl"
+    suite.write_text("".join((ROOT / "fixtures/eval/task.jsonl").read_text().splitlines(keepends=True)[:2]))
+    v = {k: view(family / k, work / "views" / k) for k in ("src", "target", "ft", "ft2", "ft3")}
+    fts = ("ft", "ft2", "ft3")
+    patches = {}
+    for k in fts:
+        t0 = time.perf_counter()
+        patches[k] = patchlab.extract(v["src"], v[k], work / "patches" / k, device="cpu").path
+        print(f"setup: extract {k} {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
+    port_s = {}
+    for k in fts:
+        t = []
+        for i in range(2):
+            out = work / f"port-{k}-{i}"
+            t0 = time.perf_counter()
+            patchlab.port(patches[k], v["target"], out, device="cpu")
+            t.append(time.perf_counter() - t0)
+            shutil.rmtree(out)
+        port_s[k] = min(t)
+        print(f"patchlab.port {k}: {', '.join(f'{x:.2f}' for x in t)} s (best {port_s[k]:.2f} s)", flush=True)
+    for jobs in jobs_list:
+        home = work / f"reg-{jobs}"
+        with Registry.init(home) as reg:
+            reg.add_base("llama", "v1", v["src"])
+            reg.add_base("llama", "v2", v["target"])
+            for k in fts:
+                reg.add_patch(patches[k], name=f"p-{k}", base="llama@v1")
+            reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+            t0 = time.perf_counter()
+            res = run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs)
+            wall = time.perf_counter() - t0
+            steps = reg.get_run(res.run.id).steps
+        print(f"jobs={jobs}: 3 patches in {wall:.1f} s wall (evaluation included)")
+        by: dict[str, dict[str, float]] = {}
+        for st in steps:
+            by.setdefault(st.patch, {})[st.step] = st.seconds or 0.0
+        total_wf = total_port = 0.0
+        for k in fts:
+            st = by[f"p-{k}"]
+            no_eval = sum(x for name, x in st.items() if name not in ("evaluate", "baseline"))
+            total_wf, total_port = total_wf + no_eval, total_port + port_s[k]
+            detail = ", ".join(f"{name} {x:.2f}" for name, x in st.items())
+            print(
+                f"  p-{k}: without evaluation {no_eval:.2f} s vs port alone {port_s[k]:.2f} s = "
+                f"{no_eval / port_s[k]:.2f}x ({detail})"
+            )
+        print(
+            f"  jobs={jobs}: workflow without evaluation {total_wf:.2f} s vs ports {total_port:.2f} s: "
+            f"overhead {(total_wf / total_port - 1) * 100:+.0f}% (target <= +20%)",
+            flush=True,
+        )
+        shutil.rmtree(home)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patches", type=int, default=20)
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--family", type=Path, default=None, help="the 1.1B family (src, target, ft, ft2, ft3)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     a = ap.parse_args()
+    if a.family is not None:
+        work = Path(tempfile.mkdtemp(prefix="upgrade-bench-", dir=a.work))
+        try:
+            family_bench(a.family, a.jobs, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     work = Path(tempfile.mkdtemp(prefix="upgrade-bench-"))
     try:
         suite = work / "suite.jsonl"
