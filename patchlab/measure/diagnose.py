@@ -15,6 +15,7 @@ and the patch's own ``set``/``delete`` entries. The verdict comes from
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,18 @@ def _drift_job(
         return bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape)
 
     def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
-        for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
-            if t.dtype.is_floating_point and not all_finite(t):
-                raise NonFiniteError(
-                    f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights mean "
-                    "nothing: fix the checkpoint or the patch"
-                )
         part = DriftAccumulator()
         part.update(*x)
+        if not all(math.isfinite(v) for v in (part.ss_drift, part.ss_base, part.ss_delta, part.dot)):
+            # NaN/Inf in an input propagate into the sums (no separate pass over the rows); else fp32 overflowed
+            for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
+                if t.dtype.is_floating_point and not all_finite(t):
+                    raise NonFiniteError(
+                        f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
+                        "mean nothing: fix the checkpoint or the patch"
+                    )
+            part = DriftAccumulator()
+            part.update(*(t.double() for t in x))
         parts[r0] = part
         return x[2]
 

@@ -140,3 +140,13 @@ def test_prefixed_target_names_are_aligned(family):
     assert all(t.status == "compared" for t in d.tensors)
     assert d.overall.drift_norm == 0.0
     assert any("prefix" in r for r in d.verdict.reasons) and d.verdict.level == CARE
+
+
+def test_huge_finite_drift_is_summed_without_overflow(family):
+    # fp32 squares of 1e20 overflow; the chunk is summed again in fp64 instead of being called non-finite
+    root = family["root"]
+    huge = variant(family["base"], root / "huge", lambda sd: {**sd, Q0: sd[Q0] + 1e20})
+    d = diagnose(family["patch"], huge, device="cpu", intruders=False)
+    q0 = next(t for t in d.tensors if t.name == Q0)
+    want = drift_stats(state(family["base"])[Q0].double(), state(huge)[Q0].double())
+    assert q0.drift.drift_norm == pytest.approx(want.drift_norm, rel=1e-6) and q0.drift.drift_norm > 1e20
