@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from patchlab.engine.devices import resolve_device
-from patchlab.engine.executor import Job, Shard, run
+from patchlab.engine.executor import Job, Shard, run, scratch
 from patchlab.errors import IncompatiblePatchError, NonFiniteError, PatchlabError
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch, PatchTensor
@@ -122,52 +122,238 @@ def _source_base(patch: Patch, source_base: str | Path | Checkpoint | None) -> C
     return ck
 
 
-def _drift_job(
-    entry: PatchTensor,
-    src: Checkpoint,
-    tgt: Checkpoint,
-    tname: str,
-    rows: int,
-    dev: torch.device,
-    acc: DriftAccumulator,
-) -> Job:
-    """An engine job that feeds rows of base_s, base_t and Δ to ``acc`` (computes nothing to write)."""
-    name, shape = entry.name, tuple(entry.shape)
+def _chunk_drift(x: tuple[torch.Tensor, ...]) -> DriftAccumulator | None:
+    """One chunk's drift sums (base_s, base_t, Δ); None when an input holds NaN/Inf."""
+    part = DriftAccumulator()
+    part.update(*x)
+    if all(math.isfinite(v) for v in (part.ss_drift, part.ss_base, part.ss_delta, part.dot)):
+        return part
+    # NaN/Inf in an input propagate into the sums (no separate pass over the rows); else fp32 overflowed
+    if any(t.dtype.is_floating_point and not all_finite(t) for t in x):
+        return None
+    part = DriftAccumulator()
+    part.update(*(t.double() for t in x))
+    return part
 
-    def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-        if shape:
-            bs, bt = src.tensor(name)[r0:r1], tgt.tensor(tname)[r0:r1]
+
+class _Compared:
+    """One patch tensor whose drift is measured: its rows, the target's name, the per-chunk sums so far."""
+
+    def __init__(self, index: int, entry: PatchTensor, tname: str, rows: int) -> None:
+        self.index, self.entry, self.tname, self.rows = index, entry, tname, rows
+        self.shape = (rows, *tuple(entry.shape)[1:]) if entry.shape else ()
+        self.numel = math.prod(self.shape) if self.shape else 1
+        self.parts: dict[int, DriftAccumulator] = {}
+        self.broken = False  # a chunk seen with NaN/Inf: measured again on its own, to name the culprit
+
+    @property
+    def complete(self) -> bool:
+        return not self.broken and sum(p.numel for p in self.parts.values()) == self.numel
+
+    def total(self) -> DriftAccumulator:
+        """The chunks' sums in row order: the same float64 sums whichever worker finished first."""
+        acc = DriftAccumulator()
+        for r0 in sorted(self.parts):
+            acc = acc + self.parts[r0]
+        return acc
+
+
+class Diagnosis:
+    """A port diagnosis planned from headers, then measured in one streaming pass of its own (:meth:`run`) or
+    on the reads of a port that goes through the same tensors (:meth:`observe`, given to ``port(observe=)``);
+    :meth:`result` measures whatever no port fed and gives the :class:`PortDiagnostics`."""
+
+    def __init__(
+        self,
+        patch: str | Path | Patch,
+        target: str | Path | Checkpoint,
+        *,
+        source_base: str | Path | Checkpoint | None = None,
+        intruders: bool = True,
+        intruder_k: int = 10,
+        epsilon: float = 0.5,
+        include_embeddings: bool = False,
+        thresholds: Thresholds | None = None,
+        device: str = "auto",
+    ) -> None:
+        self.patch = p = Patch.open(patch)
+        self.src = _source_base(p, source_base)
+        self.tgt = tgt = Checkpoint.open(target)
+        self.dev = resolve_device(device)
+        self.intruders, self.intruder_k, self.epsilon = intruders, intruder_k, epsilon
+        self.include_embeddings, self.thresholds = include_embeddings, thresholds
+        self.tensors: list[TensorDiagnostics] = []
+        self.patch_params = self.structural_params = 0
+        self.structural_names: list[str] = []
+        self.care_notes: list[str] = []
+        self.compared: dict[str, _Compared] = {}
+        # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
+        self.t_names, prefix_note = align_names(p.names, tgt)
+        if prefix_note:
+            self.care_notes.append(f"target tensor names differ from the patch's by a prefix ({prefix_note})")
+        for entry in p.entries():
+            self._plan(entry)
+        if self.patch_params == 0:
+            raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
+
+    def _plan(self, entry: PatchTensor) -> None:
+        src, tgt = self.src, self.tgt
+        name, op = entry.name, entry.op
+        tname = self.t_names[name]
+        layer = layer_of(name)
+        s_shape = list(src.info(name).shape) if name in src else None
+        t_shape = list(tgt.info(tname).shape) if tname in tgt else None
+        if op in ("set", "delete"):
+            self.tensors.append(
+                TensorDiagnostics(name, op, layer, s_shape, t_shape, note="replaced" if op == "set" else "removed")
+            )
+            return
+        self.patch_params += entry.numel
+        if t_shape is None or s_shape is None:
+            status = "missing-in-target" if t_shape is None else "missing-in-source"
+            self.structural_params += entry.numel
+            self.structural_names.append(name)
+            self.tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape))
+            return
+        shape = tuple(entry.shape)
+        rows = shape[0] if shape else 1
+        note = ""
+        status = "compared"
+        if s_shape != list(shape):
+            raise IncompatiblePatchError(
+                f"{name}: the patch's Δ has shape {list(shape)} but the source base has {s_shape}; "
+                "source_base is not the patch's base"
+            )
+        if t_shape != s_shape:
+            if len(t_shape) == len(s_shape) and t_shape[1:] == s_shape[1:] and is_vocab_tensor(name):
+                rows = min(rows, t_shape[0])
+                status = "rows-compared"
+                note = f"vocabulary rows {s_shape[0]} -> {t_shape[0]}: compared the first {rows}"
+                self.care_notes.append(f"{name}: {note}; the port needs a vocabulary policy")
+            else:
+                self.structural_params += entry.numel
+                self.structural_names.append(name)
+                self.tensors.append(TensorDiagnostics(name, "shape-differs", layer, s_shape, t_shape))
+                return
+        self.tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape, note=note))
+        self.compared[name] = _Compared(len(self.tensors) - 1, entry, tname, rows)
+
+    def observe(self, name: str, r0: int, r1: int, target_rows: torch.Tensor, delta_rows: torch.Tensor) -> None:
+        """Rows ``[r0, r1)`` of the patch tensor ``name``'s Δ and of the target, as a port reads them (before
+        α): their drift sums, with the source base's rows read here. Chunks that do not line up are ignored
+        (:meth:`result` measures those tensors on its own)."""
+        c = self.compared.get(name)
+        if c is None or c.broken or r1 > c.rows or tuple(target_rows.shape) != tuple(delta_rows.shape):
+            return
+        shape = (r1 - r0, *c.shape[1:]) if c.shape else ()
+        if tuple(target_rows.shape) != shape:
+            return
+        src_info = self.src.info(name)
+        bs = self.src.rows(name, r0, r1, scratch("diagnose.src", shape, src_info.dtype)).to(delta_rows.device)
+        part = _chunk_drift((bs, target_rows, delta_rows))
+        if part is None:
+            c.broken = True
         else:
-            bs, bt = src.tensor(name), tgt.tensor(tname)
-        return bs.to(dev), bt.to(dev), entry.rows(r0, r1, dev).reshape(bs.shape)
+            c.parts[r0] = part
 
-    def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
-        part = DriftAccumulator()
-        part.update(*x)
-        if not all(math.isfinite(v) for v in (part.ss_drift, part.ss_base, part.ss_delta, part.dot)):
-            # NaN/Inf in an input propagate into the sums (no separate pass over the rows); else fp32 overflowed
-            for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
-                if t.dtype.is_floating_point and not all_finite(t):
-                    raise NonFiniteError(
-                        f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
-                        "mean nothing: fix the checkpoint or the patch"
-                    )
-            part = DriftAccumulator()
-            part.update(*(t.double() for t in x))
-        parts[r0] = part
-        return x[2]
+    def run(self) -> None:
+        """Measure, in one streaming pass, every compared tensor no port fed whole."""
+        todo = [c for c in self.compared.values() if not c.complete]
+        for c in todo:
+            c.parts.clear()
+            c.broken = False
+        if todo:
+            run([Shard("", [self._job(c) for c in todo])], None, self.dev)
 
-    def finish() -> None:  # chunks in row order: the same float64 sums as one sequential pass, whatever ran first
-        total = acc
-        for r0 in sorted(parts):
-            total = total + parts[r0]
-        parts.clear()
-        for f in fields(DriftAccumulator):
-            setattr(acc, f.name, getattr(total, f.name))
+    def _job(self, c: _Compared) -> Job:
+        src, tgt, name = self.src, self.tgt, c.entry.name
+        shape = tuple(c.entry.shape)
 
-    parts: dict[int, DriftAccumulator] = {}
-    out_shape = (rows, *shape[1:]) if shape else ()
-    return Job(name, out_shape, torch.float32, load, compute, finish=finish, parallel=True)
+        def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+            if shape:
+                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(c.tname)[r0:r1]
+            else:
+                bs, bt = src.tensor(name), tgt.tensor(c.tname)
+            return bs.to(self.dev), bt.to(self.dev), c.entry.rows(r0, r1, self.dev).reshape(bs.shape)
+
+        def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
+            part = _chunk_drift(x)
+            if part is None:
+                for t, what in zip(
+                    x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True
+                ):
+                    if t.dtype.is_floating_point and not all_finite(t):
+                        raise NonFiniteError(
+                            f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
+                            "mean nothing: fix the checkpoint or the patch"
+                        )
+            c.parts[r0] = part  # type: ignore[assignment]
+            return x[2]
+
+        return Job(name, c.shape, torch.float32, load, compute, parallel=True)
+
+    def result(self) -> PortDiagnostics:
+        """The diagnostics (measuring first what no port fed), intruders included when asked for."""
+        self.run()
+        src, dev = self.src, self.dev
+        layer_acc: dict[str, DriftAccumulator] = {}
+        overall = DriftAccumulator()
+        n_matrices = n_with_intruders = 0
+        for c in sorted(self.compared.values(), key=lambda c: c.index):
+            entry, diag = c.entry, self.tensors[c.index]
+            acc = c.total()
+            overall = overall + acc
+            key = str(diag.layer) if diag.layer is not None else "other"
+            layer_acc[key] = layer_acc.get(key, DriftAccumulator()) + acc
+            diag.drift = acc.stats()
+            if self.intruders and len(entry.shape) == 2 and (self.include_embeddings or not is_embedding(entry.name)):
+                w = src.tensor(entry.name).to(dev, torch.float32)
+                stats = intruder_dimensions(w, w + entry.dense(dev), k=self.intruder_k, epsilon=self.epsilon)
+                diag.intruders = stats
+                n_matrices += 1
+                n_with_intruders += stats.n_intruders > 0
+        tgt, p = self.tgt, self.patch
+        care_notes = list(self.care_notes)
+        seen = set(self.t_names.values()) | set(p.names)
+        only_target = sorted(n for n in tgt.names if n not in seen and n not in src)
+        if only_target:
+            care_notes.append(
+                f"{len(only_target)} tensor(s) exist only in the target (e.g. {only_target[0]}); they keep the "
+                "target's values"
+            )
+        per_layer_stats = {k: a.stats() for k, a in sorted(layer_acc.items(), key=lambda kv: _layer_key(kv[0]))}
+        share = self.structural_params / self.patch_params
+        intr_share = n_with_intruders / n_matrices if n_matrices else None
+        overall_stats = overall.stats()
+        verdict = port_verdict(
+            overall_stats,
+            per_layer={int(k): v for k, v in per_layer_stats.items() if k != "other"},
+            structural_share=share,
+            structural_examples=self.structural_names,
+            intruder_matrix_share=intr_share,
+            thresholds=self.thresholds,
+            extra_care=care_notes,
+        )
+        return PortDiagnostics(
+            patch=str(p.path),
+            source=str(src.path),
+            target=str(tgt.path),
+            tensors=self.tensors,
+            per_layer=per_layer_stats,
+            overall=overall_stats,
+            only_in_target=only_target,
+            structural_share=share,
+            intruder_matrices=n_matrices,
+            intruder_matrix_share=intr_share,
+            verdict=verdict,
+            settings={
+                "intruders": self.intruders,
+                "intruder_k": self.intruder_k,
+                "epsilon": self.epsilon,
+                "include_embeddings": self.include_embeddings,
+                "device": str(dev),
+            },
+        )
 
 
 def diagnose(
@@ -184,124 +370,17 @@ def diagnose(
 ) -> PortDiagnostics:
     """Drift of the target base against the patch's base, per tensor/layer/overall, intruder dimensions
     of the patch, and a porting verdict. Reads nothing but headers until the comparisons start."""
-    p = Patch.open(patch)
-    src = _source_base(p, source_base)
-    tgt = Checkpoint.open(target)
-    dev = resolve_device(device)
-    tensors: list[TensorDiagnostics] = []
-    layer_acc: dict[str, DriftAccumulator] = {}
-    overall = DriftAccumulator()
-    patch_params = 0
-    structural_params = 0
-    structural_names: list[str] = []
-    care_notes: list[str] = []
-    n_matrices = n_with_intruders = 0
-    jobs: list[Job] = []
-    compared: list[tuple[int, PatchTensor, DriftAccumulator]] = []
-    # the target may carry a known prefix the patch lacks (or the reverse), as apply/port accept
-    t_names, prefix_note = align_names(p.names, tgt)
-    if prefix_note:
-        care_notes.append(f"target tensor names differ from the patch's by a prefix ({prefix_note})")
-
-    for entry in p.entries():
-        name, op = entry.name, entry.op
-        tname = t_names[name]
-        layer = layer_of(name)
-        s_shape = list(src.info(name).shape) if name in src else None
-        t_shape = list(tgt.info(tname).shape) if tname in tgt else None
-        if op in ("set", "delete"):
-            tensors.append(
-                TensorDiagnostics(name, op, layer, s_shape, t_shape, note="replaced" if op == "set" else "removed")
-            )
-            continue
-        patch_params += entry.numel
-        if t_shape is None or s_shape is None:
-            status = "missing-in-target" if t_shape is None else "missing-in-source"
-            structural_params += entry.numel
-            structural_names.append(name)
-            tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape))
-            continue
-        shape = tuple(entry.shape)
-        rows = shape[0] if shape else 1
-        note = ""
-        status = "compared"
-        if s_shape != list(shape):
-            raise IncompatiblePatchError(
-                f"{name}: the patch's Δ has shape {list(shape)} but the source base has {s_shape}; "
-                "source_base is not the patch's base"
-            )
-        if t_shape != s_shape:
-            if len(t_shape) == len(s_shape) and t_shape[1:] == s_shape[1:] and is_vocab_tensor(name):
-                rows = min(rows, t_shape[0])
-                status = "rows-compared"
-                note = f"vocabulary rows {s_shape[0]} -> {t_shape[0]}: compared the first {rows}"
-                care_notes.append(f"{name}: {note}; the port needs a vocabulary policy")
-            else:
-                structural_params += entry.numel
-                structural_names.append(name)
-                tensors.append(TensorDiagnostics(name, "shape-differs", layer, s_shape, t_shape))
-                continue
-        acc = DriftAccumulator()
-        jobs.append(_drift_job(entry, src, tgt, tname, rows, dev, acc))
-        tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape, note=note))
-        compared.append((len(tensors) - 1, entry, acc))
-
-    run([Shard("", jobs)], None, dev)  # no output: each job accumulates its drift, in chunk order
-    for i, entry, acc in compared:
-        diag = tensors[i]
-        overall = overall + acc
-        key = str(diag.layer) if diag.layer is not None else "other"
-        layer_acc[key] = layer_acc.get(key, DriftAccumulator()) + acc
-        diag.drift = acc.stats()
-        if intruders and len(entry.shape) == 2 and (include_embeddings or not is_embedding(entry.name)):
-            w = src.tensor(entry.name).to(dev, torch.float32)
-            stats = intruder_dimensions(w, w + entry.dense(dev), k=intruder_k, epsilon=epsilon)
-            diag.intruders = stats
-            n_matrices += 1
-            n_with_intruders += stats.n_intruders > 0
-
-    if patch_params == 0:
-        raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
-    seen = set(t_names.values()) | set(p.names)
-    only_target = sorted(n for n in tgt.names if n not in seen and n not in src)
-    if only_target:
-        care_notes.append(
-            f"{len(only_target)} tensor(s) exist only in the target (e.g. {only_target[0]}); they keep the "
-            "target's values"
-        )
-    per_layer_stats = {k: a.stats() for k, a in sorted(layer_acc.items(), key=lambda kv: _layer_key(kv[0]))}
-    share = structural_params / patch_params
-    intr_share = n_with_intruders / n_matrices if n_matrices else None
-    overall_stats = overall.stats()
-    verdict = port_verdict(
-        overall_stats,
-        per_layer={int(k): v for k, v in per_layer_stats.items() if k != "other"},
-        structural_share=share,
-        structural_examples=structural_names,
-        intruder_matrix_share=intr_share,
+    return Diagnosis(
+        patch,
+        target,
+        source_base=source_base,
+        intruders=intruders,
+        intruder_k=intruder_k,
+        epsilon=epsilon,
+        include_embeddings=include_embeddings,
         thresholds=thresholds,
-        extra_care=care_notes,
-    )
-    return PortDiagnostics(
-        patch=str(p.path),
-        source=str(src.path),
-        target=str(tgt.path),
-        tensors=tensors,
-        per_layer=per_layer_stats,
-        overall=overall_stats,
-        only_in_target=only_target,
-        structural_share=share,
-        intruder_matrices=n_matrices,
-        intruder_matrix_share=intr_share,
-        verdict=verdict,
-        settings={
-            "intruders": intruders,
-            "intruder_k": intruder_k,
-            "epsilon": epsilon,
-            "include_embeddings": include_embeddings,
-            "device": str(dev),
-        },
-    )
+        device=device,
+    ).result()
 
 
 def _layer_key(k: str) -> tuple[int, int]:

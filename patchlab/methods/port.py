@@ -23,6 +23,8 @@ from patchlab.kernels.delta import all_finite, gather_rows, scaled_add_into
 from patchlab.plan import Plan, Step, plan_apply, plan_extract
 
 Progress = Callable[[int], None]
+# (Δ name, first row, end row, the target's rows, Δ's rows before α): a measurement riding on a port's reads
+Observer = Callable[[str, int, int, torch.Tensor, torch.Tensor], None]
 
 
 class ApplyOptions(TypedDict, total=False):
@@ -37,6 +39,7 @@ class ApplyOptions(TypedDict, total=False):
     dry_run: bool  # return the Plan; write nothing
     progress: Progress | None  # called with the bytes written
     allow_nonfinite: bool  # write NaN/Inf weights instead of refusing them
+    observe: Observer | None  # sees each chunk's target and Δ rows (e.g. measure.diagnose.Diagnosis.observe)
 
 
 def apply(
@@ -85,6 +88,7 @@ def _apply_source(
     dry_run: bool = False,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    observe: Observer | None = None,
 ) -> Checkpoint | Plan:
     plan = plan_for(
         source,
@@ -103,7 +107,7 @@ def _apply_source(
     shards: dict[str, list[Job]] = {}
     for s in plan.steps:
         if s.action != "drop":
-            job = _apply_job(s, source, target, plan, dev)
+            job = _apply_job(s, source, target, plan, dev, observe)
             if not allow_nonfinite:
                 job = finite_job(job, target)
             shards.setdefault(s.file or "model.safetensors", []).append(job)
@@ -137,7 +141,9 @@ def finite_job(job: Job, target: Checkpoint) -> Job:
     return dataclasses.replace(job, compute=checked)
 
 
-def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev: torch.device) -> Job:
+def _apply_job(
+    s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev: torch.device, observe: Observer | None = None
+) -> Job:
     dtype = parse_dtype(s.dtype) if s.action == "set" else target.info(s.name).dtype
     if s.action == "copy":
         t = target.tensor(s.name)
@@ -165,6 +171,7 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
     dmap = plan.row_maps.get((s.name, "delta"))
     row = math.prod(s.shape[1:]) if s.shape else 1
     fix = source.fixups(dname) if s.alpha == 1.0 and tmap is None and dmap is None else None
+    seen = observe if tmap is None and dmap is None else None  # rows as the patch's: what an observer can use
     fix_state: dict[str, object] = {}
 
     def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
@@ -181,6 +188,8 @@ def _apply_job(s: Step, source: DeltaSource, target: Checkpoint, plan: Plan, dev
             raise NonFiniteDeltaError(
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
+        if seen is not None:
+            seen(dname, r0, r1, tr, d)
         # Δ is this chunk's own buffer (see sources): scale and accumulate in place, no allocation
         acc = scaled_add_into(d, tr, s.alpha, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device))
         outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)

@@ -36,7 +36,7 @@ from registry.api import Registry
 from registry.errors import RegistryError, UnknownReferenceError
 from registry.records import BaseInfo, PatchInfo
 from registry.upgrades import LEASE_SECONDS, VOCAB_POLICIES, LeaseHeldError, RunInfo, StepInfo
-from registry.workflows.upgrade_tasks import clean_partials, complete_model
+from registry.workflows.upgrade_tasks import clean_partials, complete_model, write_atomic
 
 STEPS = ("diagnose", "port", "register", "evaluate", "baseline", "flips", "gate", "alias", "report")
 #: an edit patch's extra step: its edit set re-evaluated (WILD) on the new base, after its suite
@@ -439,21 +439,31 @@ class _Run:
         carry = bool(self.opts.get("carry_delta")) and kind in ("port", "edit")
         port_ft = None if carry else ft  # else fused when the fine-tune is at hand, then re-extracted
 
+        diag_out = reports / f"{name}.diagnostics.json"
+
         def diagnose_step() -> dict[str, Any]:
-            from patchlab.measure.diagnose import diagnose
+            from patchlab.measure.diagnose import PortDiagnostics, diagnose
 
-            d = diagnose(
-                self.patch_dir(src),
-                target,
-                source_base=self.reg.checkpoint_path(base),
-                intruders=bool(self.opts.get("intruders", True)),
-                device=self.device,
-            )
-            out = reports / f"{name}.diagnostics.json"
-            write_atomic(out, d.dumps())
-            return {"outcome": {"verdict": d.verdict.level, "reasons": d.verdict.reasons}, "output_path": str(out)}
+            if diag_out.is_file():  # measured on the port's own reads (port_task(diagnose=)): written whole
+                d = PortDiagnostics.from_json(json.loads(diag_out.read_text()))
+            else:
+                d = diagnose(
+                    self.patch_dir(src),
+                    target,
+                    source_base=self.reg.checkpoint_path(base),
+                    intruders=bool(self.opts.get("intruders", True)),
+                    device=self.device,
+                )
+                write_atomic(diag_out, d.dumps())
+            return {
+                "outcome": {"verdict": d.verdict.level, "reasons": d.verdict.reasons},
+                "output_path": str(diag_out),
+            }
 
-        verdict = self.do(name, "diagnose", diagnose_step)["verdict"]
+        # a port from the stored patch measures the diagnosis on its own reads: port first, then diagnose
+        port_first = kind != "merge" and port_ft is None
+        if not port_first:
+            verdict = self.do(name, "diagnose", diagnose_step)["verdict"]
 
         def port_args() -> dict[str, Any]:
             return {
@@ -464,6 +474,13 @@ class _Run:
                 "source_base": str(self.reg.checkpoint_path(base)) if port_ft else None,
                 "vocab_policy": policy,
                 "device": self.device,
+                "diagnose": {
+                    "source_base": str(self.reg.checkpoint_path(base)),
+                    "intruders": bool(self.opts.get("intruders", True)),
+                    "out": str(diag_out),
+                }
+                if port_first and self.state(name, "diagnose").state != "done"
+                else None,
             }
 
         def eval_args() -> dict[str, Any]:
@@ -528,6 +545,8 @@ class _Run:
             }
 
         self.do(name, "port", port_step)
+        if port_first:
+            verdict = self.do(name, "diagnose", diagnose_step)["verdict"]
 
         def register_step() -> dict[str, Any]:
             import patchlab
@@ -800,22 +819,6 @@ class _Run:
         out = {k: m.get(k) for k in ("reliability", "generalization", "locality", "n_edits", "edits_sha256")}
         out["reliability_old"] = (old or {}).get("reliability")
         return {"outcome": out}
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed into place (whole or absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def run_upgrade(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,22 @@ from typing import Any
 def complete_model(path: Path) -> bool:
     """A model directory a finished port wrote (the rename is atomic: present means whole)."""
     return (path / "config.json").is_file() and (path / "patchlab.json").is_file()
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place (whole or absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def clean_partials(out: Path) -> list[str]:
@@ -40,22 +57,40 @@ def port_task(
     source_base: str | None,
     vocab_policy: str | None,
     device: str,
+    diagnose: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Port onto ``target`` at ``out``: fused (``target + (ft − source_base)``) when the fine-tune is given,
-    else from the stored patch. An existing complete output (a killed run's) is reused."""
+    else from the stored patch. An existing complete output (a killed run's) is reused.
+
+    ``diagnose`` (``source_base``, ``intruders``, ``out``: a JSON path), with a port from the stored patch: the
+    patch's diagnosis measured on the port's own reads of the target and Δ (only the source base's rows are
+    read on top), written to ``out``; the same figures as ``patchlab diagnose``."""
     import patchlab
+    from patchlab.measure.diagnose import Diagnosis
 
     out_p = Path(out)
     clean_partials(out_p)
     if complete_model(out_p):
-        return {"out": out, "reused": True, "fused": finetuned is not None}
+        return {"out": out, "reused": True, "fused": finetuned is not None, "diagnosed": False}
     if out_p.exists():
         shutil.rmtree(out_p)
+    diag = None
     if finetuned is not None:
         patchlab.port_fused(finetuned, source_base, target, out_p, vocab_policy=vocab_policy, device=device)
     else:
-        patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device)
-    return {"out": out, "reused": False, "fused": finetuned is not None}
+        if diagnose is not None:
+            diag = Diagnosis(
+                patch_dir,  # type: ignore[arg-type]
+                target,
+                source_base=diagnose["source_base"],
+                intruders=bool(diagnose.get("intruders")),
+                device=device,
+            )
+        observe = diag.observe if diag is not None else None
+        patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device, observe=observe)
+    if diag is not None and diagnose is not None:
+        write_atomic(Path(diagnose["out"]), diag.result().dumps())
+    return {"out": out, "reused": False, "fused": finetuned is not None, "diagnosed": diag is not None}
 
 
 #: merge() keyword arguments a merged patch's recorded recipe (its manifest's provenance parameters) maps onto

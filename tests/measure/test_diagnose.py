@@ -150,3 +150,33 @@ def test_huge_finite_drift_is_summed_without_overflow(family):
     q0 = next(t for t in d.tensors if t.name == Q0)
     want = drift_stats(state(family["base"])[Q0].double(), state(huge)[Q0].double())
     assert q0.drift.drift_norm == pytest.approx(want.drift_norm, rel=1e-6) and q0.drift.drift_norm > 1e20
+
+
+def test_a_port_feeds_the_diagnosis_the_same_figures_without_a_pass_of_its_own(family, tmp_path, monkeypatch):
+    from patchlab.measure.diagnose import Diagnosis
+
+    want = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    d = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False)
+    fed = set()
+
+    def spy(name, r0, r1, target_rows, delta_rows):
+        fed.add(name)
+        d.observe(name, r0, r1, target_rows, delta_rows)
+
+    patchlab.port(family["patch"], family["near"], tmp_path / "out", device="cpu", observe=spy)
+    assert fed == set(d.compared) and all(c.complete for c in d.compared.values())
+    monkeypatch.setattr("patchlab.measure.diagnose.run", lambda *a, **k: pytest.fail("measured again"))
+    got = d.result()
+    assert got.to_json() == want.to_json()
+
+
+def test_a_diagnosis_fed_in_part_measures_the_rest(family):
+    from patchlab.measure.diagnose import Diagnosis
+
+    want = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    d = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False)
+    c = d.compared[Q0]
+    rows = state(family["near"])[Q0][:3]
+    d.observe(Q0, 0, 3, rows, patchlab.Patch.open(family["patch"]).entry(Q0).rows(0, 3, torch.device("cpu")))
+    assert c.parts and not c.complete
+    assert d.result().to_json() == want.to_json()
