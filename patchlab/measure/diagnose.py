@@ -125,7 +125,8 @@ def _source_base(patch: Patch, source_base: str | Path | Checkpoint | None) -> C
 def _chunk_drift(x: tuple[torch.Tensor, ...]) -> DriftAccumulator | None:
     """One chunk's drift sums (base_s, base_t, Δ); None when an input holds NaN/Inf."""
     part = DriftAccumulator()
-    part.update(*x)
+    n, dev = x[0].numel(), x[0].device
+    part.update(*x, work=tuple(scratch(f"diagnose.w{i}", (n,), torch.float32, dev) for i in range(3)))  # type: ignore[arg-type]
     if all(math.isfinite(v) for v in (part.ss_drift, part.ss_base, part.ss_delta, part.dot)):
         return part
     # NaN/Inf in an input propagate into the sums (no separate pass over the rows); else fp32 overflowed
