@@ -67,8 +67,12 @@ def _add(reg: Registry, version: str, src: Path, algorithm: str) -> str:
 
 
 def _cli(home: Path, version: str, src: Path) -> str:
+    """``patchlab base add`` in a fresh interpreter, importing the code this script imports (``PYTHONPATH``
+    made absolute, run from the registry's folder so that the working directory does not shadow it)."""
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     cmd = [sys.executable, "-m", "cli.app", "-R", str(home), "base", "add", f"fam@{version}", str(src)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=home, env=env)
     return out.stdout.strip().splitlines()[-1][-40:]
 
 
