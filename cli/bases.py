@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import JsonOpt, RegistryOpt, console, escape, fail, fmt_params, handled, open_registry, print_json
+from patchlab.digests import short_digest
 
 base_app = typer.Typer(help="Base model versions: add, refresh.", no_args_is_help=True)
 
@@ -65,7 +66,7 @@ def base_add(
     else:
         console().print(
             f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
-            f"({fmt_params(b.num_parameters)} params, {b.dtype or '?'}, content {(b.content or '?')[:12]})"
+            f"({fmt_params(b.num_parameters)} params, {b.dtype or '?'}, content {short_digest(b.content)})"
         )
 
 
@@ -84,6 +85,6 @@ def base_refresh(
         print_json(b.to_dict())
     else:
         console().print(
-            f"base [bold]{escape(b.ref)}[/]: weights unchanged (content {(b.content or '?')[:12]}); "
+            f"base [bold]{escape(b.ref)}[/]: weights unchanged (content {short_digest(b.content)}); "
             "file records updated"
         )

@@ -28,6 +28,7 @@ from cli.common import (
     print_json,
     print_table,
 )
+from patchlab.digests import short_digest
 
 app = typer.Typer()
 
@@ -102,7 +103,7 @@ def ls(
                     b.location,
                     fmt_params(b.num_parameters),
                     b.dtype or "",
-                    (b.content or "")[:12],
+                    short_digest(b.content) if b.content else "",
                     ", ".join(b.aliases),
                     ", ".join(b.tags),
                 )

@@ -52,6 +52,10 @@ class PlanError(PatchlabError, ValueError):
     """A plan found problems it will not resolve silently; the message names the option that would."""
 
 
+class UnknownDigestError(PatchlabError, ValueError):
+    """A recorded content fingerprint is in a format (hash algorithm) this version of patchlab does not know."""
+
+
 class NonFiniteError(PatchlabError, ValueError):
     """A tensor read or produced holds NaN or Inf (the message names it and the option that allows it)."""
 

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from patchlab.digests import CONTENT_ALGORITHM, content_algorithm, same_algorithm, short_digest
+from patchlab.errors import UnknownDigestError
 from registry import refs
 from registry.db import retry_locked
 from registry.errors import AlreadyExistsError, BaseChangedError, InvalidReferenceError, UnknownReferenceError
@@ -208,11 +210,13 @@ class Bases(Topic):
         b = self.get_base(ref)
         if b.source_kind != "local":
             raise InvalidReferenceError(f"base {b.ref} is a Hub base; only local bases are re-verified")
-        facts = checkpoint_facts(Path(b.source), allow_nonfinite=True, label=b.ref)
+        algorithm = content_algorithm(b.content) if b.content else CONTENT_ALGORITHM  # the one it was recorded with
+        facts = checkpoint_facts(Path(b.source), allow_nonfinite=True, label=b.ref, algorithm=algorithm)
         if b.content and facts["content"] != b.content:
             raise BaseChangedError(
                 f"base {b.ref}: the weights in {b.source} are no longer the ones registered (content "
-                f"{b.content[:12]} -> {facts['content'][:12]}); restore the original files, or register these "
+                f"{short_digest(b.content)} -> {short_digest(facts['content'])}); restore the original files, "
+                "or register these "
                 f"as a new version: `patchlab base add {b.family}@NEW {b.source}`"
             )
 
@@ -250,16 +254,65 @@ class Bases(Topic):
             if problem is None and full and content:
                 from patchlab.errors import PatchlabError
 
-                try:
-                    have = checkpoint_facts(Path(src), allow_nonfinite=True, label=label, stats=False)["content"]
+                try:  # re-hashed with the algorithm the fingerprint was recorded with
+                    algorithm = content_algorithm(content)
+                    have = checkpoint_facts(
+                        Path(src), allow_nonfinite=True, label=label, stats=False, algorithm=algorithm
+                    )["content"]
                 except PatchlabError as exc:
                     problem = f"cannot be read ({exc})"
                 else:
                     if have != content:
-                        problem = f"its weights changed (content {content[:12]} -> {have[:12]})"
+                        problem = f"its weights changed (content {short_digest(content)} -> {short_digest(have)})"
             if problem is not None:
                 out.append((label, problem))
         return out
+
+    def content_matches(self, b: BaseInfo, want: str) -> bool | None:
+        """Whether base ``b``'s weights have the content fingerprint ``want``: compared with its recorded one
+        when both are of one algorithm, else re-hashed with ``want``'s algorithm when its weights are on this
+        machine (a local base unchanged on disk, a Hub base in the cache) and still hash to its recorded
+        fingerprint; None when it cannot be told."""
+        if not b.content:
+            return None
+        if same_algorithm(b.content, want):
+            return b.content == want
+        try:
+            content_algorithm(want)
+        except UnknownDigestError:
+            return None
+        path = self._weights_here(b)
+        if path is None:
+            return None
+        from patchlab.io.checkpoint import Checkpoint  # lazy: torch
+
+        ck = Checkpoint.open(path)  # the weights there must still be the registered ones, and hash to want
+        return ck.content_digest_like(b.content) == b.content and ck.content_digest_like(want) == want
+
+    def find_base_by_content(self, want: str) -> BaseInfo | None:
+        """The registered base whose weights have the content fingerprint ``want``: one recorded with it, else
+        one recorded with another algorithm (older or newer fingerprints) whose weights hash to ``want``."""
+        bases = self.list_bases()
+        hit = next((b for b in bases if b.content == want), None)
+        if hit is not None:
+            return hit
+        return next(
+            (b for b in bases if b.content and not same_algorithm(b.content, want) and self.content_matches(b, want)),
+            None,
+        )
+
+    def _weights_here(self, b: BaseInfo) -> Path | None:
+        """The directory of a base's weights when they are on this machine as registered, else None."""
+        if b.source_kind == "local":
+            return Path(b.source) if base_file_problem(Path(b.source), self._file_stats(b.id)) is None else None
+        from patchlab.io import hub
+
+        return hub.cached_checkpoint(b.source, b.revision or "main")
+
+    def _file_stats(self, base_id: int) -> dict[str, list[int]] | None:
+        with self.db.read() as s:
+            bv = s.get(BaseVersionRow, base_id)
+            return bv.file_stats if bv is not None else None
 
     def checkpoint_location(self, ref_or_path: str | os.PathLike[str]) -> str:
         """Where a checkpoint is: a plain path as given, else the base version's path (or Hub id@rev)."""
@@ -305,26 +358,30 @@ def base_infos(s: Session, ids: Sequence[int]) -> list[BaseInfo]:
 
 
 def checkpoint_facts(
-    path: Path, *, allow_nonfinite: bool = False, label: str = "", stats: bool = True
+    path: Path,
+    *,
+    allow_nonfinite: bool = False,
+    label: str = "",
+    stats: bool = True,
+    algorithm: str = CONTENT_ALGORITHM,
 ) -> dict[str, Any]:
     """Fingerprint and facts of a local checkpoint (``patchlab.io.checkpoint``), its files' sizes and
-    times, and a refusal of NaN/Inf weights (unless ``allow_nonfinite``)."""
+    times, and a refusal of NaN/Inf weights (unless ``allow_nonfinite``), found in the same read as the
+    content digest (of ``algorithm``: a recorded fingerprint is re-verified with its own)."""
     from patchlab.errors import NonFiniteError
     from patchlab.io.checkpoint import Checkpoint  # lazy: torch is not needed to list a registry
 
     ck = Checkpoint.open(path)
     file_stats = file_stats_of(path, ck.weight_files()) if stats else None  # before reading: a race shows
-    fp = ck.fingerprint()
-    if not allow_nonfinite:
-        bad = ck.nonfinite()
-        if bad:
-            raise NonFiniteError(
-                f"base {label or path}: {', '.join(bad)} in {path} hold NaN/Inf; a port or apply onto it would "
-                "write non-finite weights. Fix the checkpoint, or pass --allow-nonfinite if it is meant"
-            )
+    scan = ck.scan(algorithm, check_finite=not allow_nonfinite)
+    if scan.nonfinite:
+        raise NonFiniteError(
+            f"base {label or path}: {', '.join(scan.nonfinite[:5])} in {path} hold NaN/Inf; a port or apply onto "
+            "it would write non-finite weights. Fix the checkpoint, or pass --allow-nonfinite if it is meant"
+        )
     return {
-        "architecture": fp.architecture,
-        "content": fp.content,
+        "architecture": ck.architecture_digest,
+        "content": scan.digest,
         "num_parameters": ck.num_parameters,
         "dtype": str(ck.dtype),
         "vocab_size": ck.vocab_size,

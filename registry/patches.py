@@ -17,7 +17,8 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from patchlab.errors import PatchFormatError
+from patchlab.digests import ALGORITHMS, CONTENT_ALGORITHM, content_algorithm, same_algorithm, short_digest
+from patchlab.errors import PatchFormatError, UnknownDigestError
 from registry import refs
 from registry.blobs import sha256_file, tree_digest, tree_listing
 from registry.db import retry_locked
@@ -252,9 +253,16 @@ class Patches(Topic):
             return
         from patchlab.io.checkpoint import Checkpoint  # lazy: torch
 
-        content = Checkpoint.open(base_path).content_digest
         with self.db.read() as s:
-            hit = s.execute(select(BaseVersionRow.id).where(BaseVersionRow.content == content)).first()
+            recorded = s.execute(select(BaseVersionRow.content).where(BaseVersionRow.content.is_not(None))).scalars()
+            used = {_algorithm_or_none(c) for c in recorded} & set(ALGORITHMS)
+        ck, hit = Checkpoint.open(base_path), None
+        for algorithm in sorted(used, key=lambda a: a != CONTENT_ALGORITHM):  # each algorithm fingerprints use
+            content = ck.scan(algorithm, check_finite=False).digest
+            with self.db.read() as s:
+                hit = s.execute(select(BaseVersionRow.id).where(BaseVersionRow.content == content)).first()
+            if hit is not None:
+                break
         if hit is None:
             raise UnknownReferenceError(
                 f"the base {base_path} is not in the registry, so the patch could not be registered; register "
@@ -382,10 +390,11 @@ def match_base(s: Session, base: str | None, base_prov: Mapping[str, Any], src: 
             ("content", want_content, bv.content if bv else None),
             ("architecture", want_arch, bv.architecture if bv else None),
         ):
-            if want and have and want != have:
+            comparable = what != "content" or same_algorithm(want or "", have or "")  # two algorithms: cannot tell
+            if want and have and comparable and want != have:
                 raise InvalidReferenceError(
-                    f"patch {src} was made on a base with {what} fingerprint {want[:12]}, but "
-                    f"{target.label} has {have[:12]}; pass the base it was made on "
+                    f"patch {src} was made on a base with {what} fingerprint {short_digest(want)}, but "
+                    f"{target.label} has {short_digest(have)}; pass the base it was made on "
                     "(or omit --base to match by fingerprint)"
                 )
         return target.id
@@ -406,7 +415,7 @@ def match_base(s: Session, base: str | None, base_prov: Mapping[str, Any], src: 
     if not require:
         return None
     hint = ", ".join(
-        f"{k} {v[:12] if k != 'path' else v}"
+        f"{k} {short_digest(v) if k != 'path' else v}"
         for k, v in (("content", want_content), ("architecture", want_arch), ("path", base_path))
         if v
     )
@@ -568,3 +577,10 @@ def source_text(prov: Mapping[str, Any]) -> str | None:
 
 def opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
+
+
+def _algorithm_or_none(digest: str) -> str | None:
+    try:
+        return content_algorithm(digest)
+    except UnknownDigestError:
+        return None

@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from patchlab.digests import PREFIXES, hex_part
 from registry.errors import AmbiguousReferenceError, InvalidReferenceError, UnknownReferenceError
 from registry.rows import AliasRow, BaseVersionRow, DerivedModelRow, FamilyRow, PatchRow
 
@@ -142,13 +143,14 @@ def resolve_base(s: Session, ref: str) -> Target:
 
 
 def _content_prefix(s: Session, ref: str) -> list[Target]:
-    p = ref.removeprefix("sha256:").lower()
+    p = hex_part(ref.lower().removeprefix("sha256:"))
     if len(p) < MIN_PREFIX or not HEX_RE.match(p):
         return []
+    like = [BaseVersionRow.content.like(prefix + p + "%") for prefix in dict.fromkeys(PREFIXES.values())]
     rows = s.execute(
         select(BaseVersionRow.id, FamilyRow.name, BaseVersionRow.version)
         .join(FamilyRow, FamilyRow.id == BaseVersionRow.family_id)
-        .where(BaseVersionRow.content.like(p + "%"))
+        .where(or_(*like))
         .limit(10)
     ).all()
     return [Target("base", r[0], base_label(r[1], r[2])) for r in rows]

@@ -30,7 +30,7 @@ ALLOWED = {"patchlab": set(), "registry": {"patchlab"}, "cli": {"registry", "pat
 # longest matching prefix decides a module's layer. Every patchlab module except ``__init__`` must be in
 # one. Empty: the check is skipped.
 PATCHLAB_LAYERS: list[tuple[str, ...]] = [
-    ("errors", "names", "cores"),
+    ("errors", "names", "cores", "digests"),
     ("kernels",),
     ("encodings",),
     ("io",),

@@ -10,18 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from patchlab.digests import BLAKE3, CONTENT_ALGORITHM, LEGACY, content_algorithm, make_digest
 from patchlab.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedDtypeError
-from patchlab.io.safetensors import MappedFile
+from patchlab.io.safetensors import MappedFile, read_into
 from patchlab.names import EMBED_SUFFIXES
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -62,6 +63,17 @@ class Fingerprint:
     content: str
 
 
+@dataclass(frozen=True)
+class ContentScan:
+    """What one read of every weight found: the content ``digest`` (of ``algorithm``) and, when checked,
+    the floating-point tensors holding NaN/Inf (``nonfinite``, in file order)."""
+
+    algorithm: str
+    digest: str
+    finite_checked: bool
+    nonfinite: tuple[str, ...] = ()
+
+
 class _BinFile:
     """A ``pytorch_model*.bin`` opened with ``torch.load(mmap=True, weights_only=True)``."""
 
@@ -95,6 +107,7 @@ class Checkpoint:
         self.path = path
         self.weight_map = weight_map  # tensor name -> file name, in file order
         self._files = files
+        self._scans: dict[str, ContentScan] = {}  # by algorithm
         self._infos: dict[str, TensorInfo] = {}
         for name, fname in weight_map.items():
             f = files[fname]
@@ -189,8 +202,9 @@ class Checkpoint:
             "tied": self.tied,
             "parameters": self.num_parameters,
         }
-        if "content_digest" in self.__dict__:  # hashing every byte is not free: never done just for this
-            d["content"] = self.content_digest
+        done = self._scans.get(CONTENT_ALGORITHM) or next(iter(self._scans.values()), None)
+        if done is not None:  # hashing every byte is not free: never done just for this
+            d["content"] = done.digest
         return d
 
     @cached_property
@@ -280,19 +294,44 @@ class Checkpoint:
         rows = sorted((n, list(i.shape), str(i.dtype)) for n, i in self._infos.items())
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
-    @cached_property
+    @property
     def content_digest(self) -> str:
-        """sha256 over the per-tensor sha256 of every tensor's bytes, by sorted name (``CONTENT_ALGORITHM``).
+        """The content digest of new fingerprints (``CONTENT_ALGORITHM``), computed once per checkpoint."""
+        return self.scan(CONTENT_ALGORITHM, check_finite=False).digest
 
-        Independent of sharding, file order and metadata, and unchanged since the first registry: old
-        fingerprints still verify. Tensors are hashed in parallel (``hashlib`` releases the GIL), one worker
-        per usable core (``PATCHLAB_WORKERS``), each reading its tensor with ``pread`` into its own buffer.
+    def content_digest_like(self, recorded: str) -> str:
+        """This checkpoint's content digest made with the algorithm of ``recorded`` (an older fingerprint is
+        re-computed with its own algorithm, so it still verifies); ``UnknownDigestError`` for an unknown one."""
+        return self.scan(content_algorithm(recorded), check_finite=False).digest
+
+    def scan(self, algorithm: str = CONTENT_ALGORITHM, *, check_finite: bool = True) -> ContentScan:
+        """Hash every tensor's bytes with ``algorithm`` and, with ``check_finite``, find NaN/Inf in the same read.
+
+        Tensors are shared out to one worker thread per usable core (``PATCHLAB_WORKERS``), largest first;
+        each reads its tensor a block at a time with ``pread`` into its own buffer, hashes the block and tests
+        it for NaN/Inf while it is in cache (``kernels.delta.finite_exact``). The hashes release the GIL and
+        torch runs single-threaded meanwhile. The result is kept: asking again costs nothing.
         """
-        per_tensor = _hash_tensors(self.weight_map, self._files)
-        h = hashlib.sha256()
-        for name in sorted(per_tensor):
-            h.update(f"{name}\0{per_tensor[name]}\n".encode())
-        return h.hexdigest()
+        done = self._scans.get(algorithm)
+        if done is not None and (done.finite_checked or not check_finite):
+            return done
+        per_tensor, bad = _scan_tensors(self.weight_map, self._files, self._infos, algorithm, check_finite)
+        if algorithm == LEGACY:
+            h = hashlib.sha256()
+            for name in sorted(per_tensor):
+                h.update(f"{name}\0{per_tensor[name]}\n".encode())
+        else:
+            h = _blake3()
+            for name in sorted(per_tensor):
+                i = self._infos[name]
+                dtype = str(i.dtype).removeprefix("torch.")
+                h.update(f"{name}\0{dtype}\0{','.join(map(str, i.shape))}\0{per_tensor[name]}\n".encode())
+        order = {n: k for k, n in enumerate(self.weight_map)}
+        done = ContentScan(
+            algorithm, make_digest(algorithm, h.hexdigest()), check_finite, tuple(sorted(bad, key=order.__getitem__))
+        )
+        self._scans[algorithm] = done
+        return done
 
     def weight_files(self) -> list[str]:
         """The files the weights are read from (shards, and the index when there is one)."""
@@ -303,19 +342,8 @@ class Checkpoint:
         return files
 
     def nonfinite(self, limit: int = 5) -> list[str]:
-        """Names of (up to ``limit``) floating-point tensors holding NaN or Inf; reads every weight once."""
-        from patchlab.kernels.delta import all_finite
-
-        bad: list[str] = []
-        for name in self.weight_map:
-            if not self._infos[name].dtype.is_floating_point:
-                continue
-            t = self.tensor(name)
-            if not all_finite(t):
-                bad.append(name)
-                if len(bad) >= limit:
-                    break
-        return bad
+        """Names of (up to ``limit``) floating-point tensors holding NaN or Inf, in file order (one ``scan``)."""
+        return list(self.scan(check_finite=True).nonfinite[:limit])
 
     def close(self) -> None:
         for f in self._files.values():
@@ -325,37 +353,68 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self._infos)}, params={self.num_parameters:,})"
 
 
-#: How ``Checkpoint.content_digest`` is computed (recorded with fingerprints, documented in docs/bench.md).
-CONTENT_ALGORITHM = "sha256-of-sorted-tensor-sha256"
-_HASH_BLOCK = 8 << 20  # bytes read per pread: large enough for hashlib, small enough to stay in L2/L3
+# The content algorithms (``patchlab.digests`` names them and tells them apart; docs/registry.md documents them):
+#
+# * ``blake3-of-sorted-tensor-blake3`` (``CONTENT_ALGORITHM``): every tensor's bytes (as stored: the
+#   safetensors data range, or a ``.bin`` tensor's contiguous bytes) hashed with BLAKE3 (32 bytes, hex);
+#   then one BLAKE3 over the UTF-8 lines ``name \0 dtype \0 shape \0 tensor-hex \n`` in sorted name order
+#   (dtype as torch names it without ``torch.``, e.g. ``bfloat16``; shape as comma-separated sizes, empty
+#   for a scalar). Recorded as ``blake3:`` + hex.
+# * ``sha256-of-sorted-tensor-sha256`` (``LEGACY``, every fingerprint before it): the same with sha256 and
+#   the lines ``name \0 tensor-hex \n``. Recorded as bare hex.
+#
+# Both are independent of sharding, file order, file format and metadata.
+_HASH_BLOCK = 1 << 20  # bytes per pread: a block is hashed and tested while in L2 (a multiple of any itemsize)
 
 
-def _hash_tensors(weight_map: dict[str, str], files: dict[str, MappedFile | _BinFile]) -> dict[str, str]:
-    """sha256 hex digest of every tensor's bytes, hashed by a pool of threads (largest tensors first)."""
+def _blake3() -> Any:  # blake3.blake3 (no type stubs)
+    from blake3 import blake3
+
+    return blake3()
+
+
+def _hasher(algorithm: str) -> Any:
+    if algorithm == BLAKE3:
+        return _blake3()
+    if algorithm == LEGACY:
+        return hashlib.sha256()
+    raise ValueError(f"unknown content algorithm {algorithm!r}")
+
+
+def _scan_tensors(
+    weight_map: dict[str, str],
+    files: dict[str, MappedFile | _BinFile],
+    infos: dict[str, TensorInfo],
+    algorithm: str,
+    check_finite: bool,
+) -> tuple[dict[str, str], list[str]]:
+    """Hex digest of every tensor's bytes, and the floating tensors with NaN/Inf (when ``check_finite``)."""
     import concurrent.futures
 
     from patchlab.cores import worker_count
+    from patchlab.kernels.delta import finite_exact
 
-    def one(name: str) -> str:
-        f = files[weight_map[name]]
+    _hasher(algorithm)  # an unknown algorithm fails here, not in a worker
+
+    def one(name: str) -> tuple[str, bool]:
+        f, info = files[weight_map[name]], infos[name]
+        check = check_finite and info.dtype.is_floating_point
+        h = _hasher(algorithm)
         if not isinstance(f, MappedFile):
-            return hashlib.sha256(f.raw(name)).hexdigest()
+            h.update(f.raw(name))
+            return h.hexdigest(), not check or finite_exact(f.tensor(name))
         e = f.entries[name]
-        h = hashlib.sha256()
-        buf = bytearray(min(_HASH_BLOCK, max(e.end - e.start, 1)))
-        view = memoryview(buf)
-        fd = os.open(f.path, os.O_RDONLY)
-        try:
-            pos = e.start
-            while pos < e.end:
-                n = os.preadv(fd, [view[: min(len(buf), e.end - pos)]], pos)
-                if n <= 0:
-                    raise CorruptCheckpointError(f"{f.path}: unexpected end of file in {name}")
-                h.update(view[:n])
-                pos += n
-        finally:
-            os.close(fd)
-        return h.hexdigest()
+        buf = torch.empty(min(_HASH_BLOCK, e.end - e.start), dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd, pos, finite = f._fileno(), e.start, True
+        while pos < e.end:
+            n = min(len(view), e.end - pos)
+            read_into(fd, view[:n], pos, f.path)
+            h.update(view[:n])
+            if check and finite:
+                finite = finite_exact(buf[:n].view(info.dtype))
+            pos += n
+        return h.hexdigest(), finite
 
     def size(name: str) -> int:
         f = files[weight_map[name]]
@@ -363,10 +422,19 @@ def _hash_tensors(weight_map: dict[str, str], files: dict[str, MappedFile | _Bin
 
     names = sorted(weight_map, key=size, reverse=True)
     n = min(worker_count(), len(names)) or 1
-    if n == 1:
-        return {name: one(name) for name in names}
-    with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="patchlab-hash") as pool:
-        return dict(zip(names, pool.map(one, names), strict=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the finite tests are small and memory-bound: no OpenMP pool under the workers
+    try:
+        if n == 1:
+            results = [one(name) for name in names]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="patchlab-hash") as pool:
+                results = list(pool.map(one, names))
+    finally:
+        torch.set_num_threads(threads)
+    per_tensor = {name: hx for name, (hx, _) in zip(names, results, strict=True)}
+    bad = [name for name, (_, ok) in zip(names, results, strict=True) if not ok]
+    return per_tensor, bad
 
 
 def _file_order(f: MappedFile) -> list[str]:

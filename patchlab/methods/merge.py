@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from patchlab.digests import same_algorithm
 from patchlab.engine.devices import resolve_device
 from patchlab.engine.executor import Job, Shard, assemble, atomic_output, check_output, run, scratch
 from patchlab.engine.sources import Fixups, PatchDelta
@@ -210,7 +211,7 @@ def _check_architectures(inputs: list[_Input]) -> None:
 
 
 def _same_base(a: dict, b: dict) -> bool:
-    if a.get("content") and b.get("content"):
+    if a.get("content") and b.get("content") and same_algorithm(a["content"], b["content"]):
         return a["content"] == b["content"]
     return a.get("architecture") == b.get("architecture") and a.get("path") == b.get("path")
 
@@ -249,7 +250,7 @@ def _target(
                 f"pass --port-to {onto_ck.path} to port the merge onto it"
             )
         same_path = b0.get("path") == str(onto_ck.path.resolve())
-        if not same_path and not (b0.get("content") and onto_ck.content_digest == b0["content"]):
+        if not same_path and not (b0.get("content") and onto_ck.content_digest_like(b0["content"]) == b0["content"]):
             raise IncompatiblePatchError(
                 f"the patches were made on {b0.get('path', '?')}, not on {onto_ck.path}; pass --port-to "
                 f"{onto_ck.path} to port the merge onto it"

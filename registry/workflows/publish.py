@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchlab.digests import short_digest
 from patchlab.errors import PatchlabError, RemoteHeadMovedError
 from patchlab.io import hub
 from registry.api import Registry
@@ -404,14 +405,14 @@ def _base_by_fingerprint(
             "be checked; download it (`hf download`) and register it by hand with `patchlab add DIR --base ...`"
         )
     for attempt in range(2):
-        for b in reg.list_bases():
-            if b.content == want:
-                return b
+        found = reg.find_base_by_content(want)  # a fingerprint of another algorithm is re-hashed to compare
+        if found is not None:
+            return found
         if attempt == 0:
             _fill_lazy_bases(reg, meta)
     label = f" ({info['base']})" if isinstance(info.get("base"), str) else ""
     raise UnknownReferenceError(
-        f"pull {at}: the patch was made on a base that is not registered{label}, fingerprint {want[:12]}; "
+        f"pull {at}: the patch was made on a base that is not registered{label}, fingerprint {short_digest(want)}; "
         f"add it first with {_add_base_hint(meta, info)}, then pull again"
     )
 
@@ -427,7 +428,7 @@ def _base_of_adapter(reg: Registry, adapter: Path, meta: dict[str, Any], info: d
     want = info.get("base_fingerprint") if isinstance(info.get("base_fingerprint"), str) else None
     _fill_lazy_bases(reg, meta)
     bases = reg.list_bases()
-    found = next((b for b in bases if want and b.content == want), None)
+    found = reg.find_base_by_content(want) if want else None
     found = found or next((b for n in named for b in bases if n in (b.ref, b.source)), None)
     if found is None:
         what = ", ".join(dict.fromkeys(str(n) for n in named)) or "no base named"
@@ -435,10 +436,10 @@ def _base_of_adapter(reg: Registry, adapter: Path, meta: dict[str, Any], info: d
             f"pull {at}: the adapter's base ({what}) is not registered; add it first with "
             f"{_add_base_hint(meta, info)}, then pull again"
         )
-    if want and found.content and found.content != want:
+    if want and reg.content_matches(found, want) is False:
         raise InvalidReferenceError(
-            f"pull {at}: the adapter was made on a base with fingerprint {want[:12]}, but {found.ref} has "
-            f"{found.content[:12]}; register the base it was made on, then pull again"
+            f"pull {at}: the adapter was made on a base with fingerprint {short_digest(want)}, but {found.ref} has "
+            f"{short_digest(found.content)}; register the base it was made on, then pull again"
         )
     return found
 

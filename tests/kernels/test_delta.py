@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from patchlab.kernels.delta import DeltaStats, count_nonzero, diff, diff_into, same_bits, scaled_add_into
@@ -53,3 +54,36 @@ def test_scaled_add_into_is_alpha_delta_plus_target_in_fp32():
     got = scaled_add_into(d.clone(), tgt, 0.37, torch.empty(32, 4))
     assert same_bits(got, want)
     assert same_bits(scaled_add_into(d.clone(), tgt, 1.0, torch.empty(32, 4)), d + tgt.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_finite_exact_finds_every_nan_and_inf_bit_pattern_anywhere(dtype):
+    from patchlab.kernels.delta import finite_exact
+
+    info = torch.finfo(dtype)
+    edge = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 0.0, -0.0], dtype=dtype)
+    assert finite_exact(edge) and finite_exact(torch.empty(0, dtype=dtype))
+    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+    width = dtype.itemsize * 8
+    mant = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    exp = ((1 << (width - 1)) - 1) ^ ((1 << mant) - 1)  # the exponent field, all ones
+    patterns = [exp, exp | 1, exp | (1 << (mant - 1)), exp | ((1 << mant) - 1)]  # inf, sNaN, qNaN
+    patterns += [p | (1 << (width - 1)) for p in patterns]  # and negative
+    for n in (1, 7, 33, 1000):
+        for pos in sorted({0, n // 2, n - 1}):
+            for p in patterns:
+                x = torch.ones(n, dtype=dtype)
+                x.view(bits)[pos] = p - (1 << width) if p >= 1 << (width - 1) else p
+                assert not finite_exact(x.view(n)), (n, pos, hex(p))
+    assert finite_exact(torch.ones(3, 5, dtype=dtype)[:, 1:])  # not contiguous
+
+
+def test_finite_exact_other_float_dtypes():
+    from patchlab.kernels.delta import finite_exact
+
+    if not hasattr(torch, "float8_e5m2"):
+        pytest.skip("no float8 in this torch")
+    x = torch.zeros(8, dtype=torch.float8_e5m2)
+    assert finite_exact(x)
+    x.view(torch.uint8)[3] = 0x7C  # e5m2 infinity
+    assert not finite_exact(x)
