@@ -166,12 +166,16 @@ class PatchDelta:
             raw = e.stored_rows("delta", r0, r1, scratch("patch.raw", shape, e.stored_dtype("delta")))
         else:
             raw = e.stored("delta")
-        d = out.copy_(raw).add_(base32)
-        ft = scratch("patch.ft", shape, e.dtype, dev).copy_(d)
+        ft = scratch("patch.ft", shape, e.dtype, dev)
+        if base.dtype == raw.dtype == e.dtype and base.device == dev:
+            # 16-bit + 16-bit is computed in fp32 and rounded once: cast(float(base) + float(Δ)) in one pass
+            torch.add(base.reshape(shape), raw.to(dev).reshape(shape), out=ft)
+        else:
+            ft.copy_(out.copy_(raw).add_(base32))
         if fix is not None:
             row = e.numel // e.shape[0] if e.shape else 1
             write_fixups(ft, base, fix, state, whole, r0 * row, r1 * row)
-        return d.copy_(ft).sub_(base32)
+        return out.copy_(ft).sub_(base32)
 
     @property
     def meta_dir(self) -> Path | None:
