@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 
@@ -357,31 +357,24 @@ class Diagnosis:
         )
 
 
+class DiagnoseOptions(TypedDict, total=False):
+    """Keyword options of :func:`diagnose` (those of :class:`Diagnosis`)."""
+
+    source_base: str | Path | Checkpoint | None  # the patch's own base (default: the path in its manifest)
+    intruders: bool  # the intruder-dimension analysis (two SVDs per matrix), default True
+    intruder_k: int
+    epsilon: float
+    include_embeddings: bool
+    thresholds: Thresholds | None
+    device: str
+
+
 def diagnose(
-    patch: str | Path | Patch,
-    target: str | Path | Checkpoint,
-    *,
-    source_base: str | Path | Checkpoint | None = None,
-    intruders: bool = True,
-    intruder_k: int = 10,
-    epsilon: float = 0.5,
-    include_embeddings: bool = False,
-    thresholds: Thresholds | None = None,
-    device: str = "auto",
+    patch: str | Path | Patch, target: str | Path | Checkpoint, **options: Unpack[DiagnoseOptions]
 ) -> PortDiagnostics:
     """Drift of the target base against the patch's base, per tensor/layer/overall, intruder dimensions
     of the patch, and a porting verdict. Reads nothing but headers until the comparisons start."""
-    return Diagnosis(
-        patch,
-        target,
-        source_base=source_base,
-        intruders=intruders,
-        intruder_k=intruder_k,
-        epsilon=epsilon,
-        include_embeddings=include_embeddings,
-        thresholds=thresholds,
-        device=device,
-    ).result()
+    return Diagnosis(patch, target, **options).result()
 
 
 def _layer_key(k: str) -> tuple[int, int]:
