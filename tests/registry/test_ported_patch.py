@@ -67,3 +67,31 @@ def test_ported_patch_refuses_unknown_base_and_patch(registry_target, bf16_famil
         with pytest.raises(InvalidReferenceError):
             reg.add_ported_patch("task@1", base="fam@1", name="bad name")
         assert [p.ref for p in reg.list_patches()] == ["task@1"]
+
+
+def test_what_first_made_the_delta_is_carried_from_release_to_release(registry_target, bf16_family, tmp_path):
+    # an edit patch ported twice is still known as an edit patch (the next upgrade re-evaluates its edit set)
+    import json
+    import shutil
+
+    f = bf16_family
+    edited = tmp_path / "edited"
+    shutil.copytree(f["patch"], edited)
+    manifest = json.loads((edited / "patch.json").read_text())
+    manifest["provenance"]["method"] = "locft-bf"
+    manifest["provenance"]["parameters"] = {**manifest["provenance"]["parameters"], "edits_file": "facts.jsonl"}
+    (edited / "patch.json").write_text(json.dumps(manifest))
+    v3 = make_model(tmp_path / "v3", from_model=f["v2"], noise=0.01, seed=3, dtype=torch.bfloat16)
+    with Registry.init(registry_target) as reg:
+        reg.add_base("fam", "1", f["v1"])
+        reg.add_base("fam", "2", f["v2"])
+        reg.add_base("fam", "3", v3)
+        reg.add_patch(edited, name="facts", base="fam@1")
+        two = reg.add_ported_patch("facts@1", base="fam@2")
+        three = reg.add_ported_patch(two.ref, base="fam@3")
+        for ref, came_from in ((two.ref, "facts@1"), (three.ref, "facts@2")):
+            info = reg.get_patch(ref)
+            assert info.method == "port" and info.parameters["ported_from"]["patch"] == came_from
+            assert info.parameters["source_method"] == "locft-bf"
+            assert info.parameters["source_parameters"]["edits_file"] == "facts.jsonl"
+        assert "source_parameters" not in reg.get_patch(three.ref).parameters["source_parameters"]
