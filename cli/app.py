@@ -86,7 +86,7 @@ class PatchlabGroup(TyperGroup):
             where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
             err_console().print(f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}", highlight=False)
             sys.exit(e.exit_code)
-        except _click.exceptions.Abort:
+        except typer.Abort:
             err_console().print("[bold red]error:[/] aborted", highlight=False)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

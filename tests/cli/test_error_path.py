@@ -351,3 +351,22 @@ def test_hub_cli_named_in_hints_is_installed():
             if f"`{tool}" in text:
                 exe = tool.split()[0]
                 assert (bindir / exe).exists() or shutil.which(exe), f"{where}: {exe} is not installed"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`patchlab --help | head -1`: the reader goes away; the CLI must not print a traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from cli.app import app; app()", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"},
+    )
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err, err
