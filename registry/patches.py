@@ -76,6 +76,7 @@ class Patches(Topic):
         name: str | None = None,
         description: str | None = None,
         parameters: Mapping[str, Any] | None = None,
+        drift_sums: Mapping[str, Mapping[str, float]] | None = None,
     ) -> PatchInfo:
         """Register ``source``'s Δ, unchanged, as the next version of its name on ``base`` (relation ``port``).
 
@@ -83,6 +84,9 @@ class Patches(Topic):
         ``apply(new, base)`` runs the same plan and kernels as ``port(source, base)`` (residuals included), so it
         reproduces that port bit for bit, and no tensor byte is read, hashed or written: the new version shares
         the source's blobs; only its manifest (provenance: the new base, the patch it was ported from) is new.
+
+        ``drift_sums``: per tensor, the Δ's sums against ``base`` (``Diagnosis.target_sums`` of the port); the
+        source's own sums belong to its old base and are dropped.
         """
         from patchlab.io.checkpoint import Checkpoint  # lazy: torch
 
@@ -99,6 +103,10 @@ class Patches(Topic):
             content, arch = (row.content, row.architecture) if row is not None else (None, None)
         base_desc = Checkpoint.open(self.checkpoint_path(target.label)).describe()
         base_desc.update({k: v for k, v in (("content", content), ("architecture", arch)) if v})
+        for tname, entry in (manifest.get("tensors") or {}).items():
+            entry.pop("drift_sums", None)  # sums against the old base
+            if drift_sums and tname in drift_sums:
+                entry["drift_sums"] = dict(drift_sums[tname])
         prov = dict(manifest.get("provenance") or {})
         old_params = prov.get("parameters") if isinstance(prov.get("parameters"), dict) else {}
         manifest["provenance"] = {

@@ -108,6 +108,11 @@ class PatchTensor:
         return self.meta.get("stats", {})
 
     @property
+    def drift_sums(self) -> dict[str, float] | None:
+        """Sums recorded at extraction against the patch's own base (``methods.extract.drift_sums``), if any."""
+        return self.meta.get("drift_sums")
+
+    @property
     def nrows(self) -> int:
         return self.shape[0] if self.shape else 1
 

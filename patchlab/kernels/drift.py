@@ -6,6 +6,8 @@ feeds these row chunk by row chunk.
 - :class:`DriftAccumulator`: ``‖base_t − base_s‖``, ``‖base_s‖``, ``‖Δ‖`` and ``⟨base_t − base_s, Δ⟩``
   accumulated over row chunks of one tensor (or over many tensors: a layer, the whole model); gives the
   drift relative to ``‖Δ‖`` and to ``‖base_s‖`` and ``cos(base_t − base_s, Δ)`` (ALGORITHMS.md §1).
+- :func:`chunk_dot`: ``Σ a·b`` of one chunk, so that ``⟨base_t − base_s, Δ⟩ = ⟨base_t, Δ⟩ − ⟨base_s, Δ⟩`` can be
+  measured from a port's own reads of base_t and Δ when ``⟨base_s, Δ⟩`` was recorded at extraction.
 - :func:`intruder_dimensions`: among the top-k left singular vectors of the tuned matrix, those whose
   largest |cosine| with every left singular vector of the base matrix is below ε (ALGORITHMS.md §7).
 """
@@ -97,6 +99,21 @@ class DriftAccumulator:
             drift_rel_base=dn / bn if bn > 0 else None,
             cos_drift_delta=self.dot / (dn * an) if dn > 0 and an > 0 else None,
         )
+
+
+def chunk_dot(a: torch.Tensor, b: torch.Tensor, work: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """``Σ a·b`` of one chunk in fp64: products of fp32 (or narrower) inputs are exact there, so a difference of
+    two such sums (``⟨base_t, Δ⟩ − ⟨base_s, Δ⟩``) keeps its digits when it is far smaller than either. NaN/Inf
+    in an input give a non-finite result (callers check). ``work``: two fp64 buffers of at least the chunk's
+    size (spares allocating them)."""
+    if a.shape != b.shape:
+        raise ValueError(f"chunk shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    n = a.numel()
+    if work is not None and all(w.numel() >= n and w.dtype == torch.float64 for w in work):
+        x, y = work[0].reshape(-1)[:n].copy_(a.reshape(-1)), work[1].reshape(-1)[:n].copy_(b.reshape(-1))
+    else:
+        x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    return float(torch.dot(x, y))
 
 
 def drift_stats(base_s: torch.Tensor, base_t: torch.Tensor, delta: torch.Tensor | None = None) -> DriftStats:

@@ -28,7 +28,7 @@ from patchlab.errors import IncompatiblePatchError, NonFiniteError, PatchlabErro
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.io.patch import Patch, PatchTensor
 from patchlab.kernels.delta import all_finite
-from patchlab.kernels.drift import DriftAccumulator, DriftStats, IntruderStats, intruder_dimensions
+from patchlab.kernels.drift import DriftAccumulator, DriftStats, IntruderStats, chunk_dot, intruder_dimensions
 from patchlab.measure.verdict import Thresholds, Verdict, port_verdict
 from patchlab.names import align_names, is_embedding, is_vocab_tensor, layer_of
 
@@ -138,25 +138,151 @@ def _chunk_drift(x: tuple[torch.Tensor, ...]) -> DriftAccumulator | None:
 
 
 class _Compared:
-    """One patch tensor whose drift is measured: its rows, the target's name, the per-chunk sums so far."""
+    """One patch tensor whose drift is measured: its rows, the target's name, the per-chunk sums so far.
+
+    With sums recorded at extraction (``entry.drift_sums``: ``⟨base_s, Δ⟩``, ``‖Δ‖²``, ``‖base_s‖²``) the
+    tensor is measured from two parts instead of one: the base pair's sums (``‖base_t − base_s‖²``,
+    ``‖base_s‖²``: the same for every patch of that base, see :func:`base_drift`) and ``⟨base_t, Δ⟩``, which a
+    port computes from its own reads; then ``⟨base_t − base_s, Δ⟩ = ⟨base_t, Δ⟩ − ⟨base_s, Δ⟩``."""
 
     def __init__(self, index: int, entry: PatchTensor, tname: str, rows: int) -> None:
         self.index, self.entry, self.tname, self.rows = index, entry, tname, rows
         self.shape = (rows, *tuple(entry.shape)[1:]) if entry.shape else ()
         self.numel = math.prod(self.shape) if self.shape else 1
-        self.parts: dict[int, DriftAccumulator] = {}
+        self.parts: dict[int, DriftAccumulator] = {}  # whole sums per chunk (no recorded sums)
+        self.sums = entry.drift_sums if self.numel == entry.numel else None
+        self.pair: dict[int, DriftAccumulator] = {}  # base pair sums per chunk (recorded sums)
+        self.pair_total: DriftAccumulator | None = None  # ... or the whole tensor's, from a BaseDrift
+        self.target_sumsq: float | None = None  # ‖base_t‖², from a BaseDrift
+        self.tdots: dict[int, tuple[int, float]] = {}  # (elements, ⟨base_t, Δ⟩) per chunk (recorded sums)
         self.broken = False  # a chunk seen with NaN/Inf: measured again on its own, to name the culprit
 
     @property
     def complete(self) -> bool:
-        return not self.broken and sum(p.numel for p in self.parts.values()) == self.numel
+        if self.broken:
+            return False
+        if self.sums is None:
+            return sum(p.numel for p in self.parts.values()) == self.numel
+        have_pair = self.pair_total is not None or sum(p.numel for p in self.pair.values()) == self.numel
+        return have_pair and sum(n for n, _ in self.tdots.values()) == self.numel
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.pair.clear()
+        self.tdots.clear()
+        self.broken = False
+
+    def pair_sums(self) -> DriftAccumulator:
+        if self.pair_total is not None:
+            return self.pair_total
+        return _in_row_order(self.pair)
+
+    def same_base(self) -> bool:
+        """Do the recorded sums belong to this source base? (``‖base_s‖²`` agrees to 1e-6: a different base
+        with the same architecture would not.)"""
+        assert self.sums is not None
+        want, got = float(self.sums["base_sumsq"]), self.pair_sums().ss_base
+        return abs(want - got) <= 1e-6 * max(abs(want), abs(got))
 
     def total(self) -> DriftAccumulator:
         """The chunks' sums in row order: the same float64 sums whichever worker finished first."""
-        acc = DriftAccumulator()
-        for r0 in sorted(self.parts):
-            acc = acc + self.parts[r0]
-        return acc
+        if self.sums is None:
+            return _in_row_order(self.parts)
+        pair = self.pair_sums()
+        tdot = 0.0
+        for r0 in sorted(self.tdots):
+            tdot += self.tdots[r0][1]
+        dsq, bdot = float(self.sums["delta_sumsq"]), float(self.sums["base_dot"])
+        return DriftAccumulator(pair.numel, pair.ss_drift, pair.ss_base, dsq, tdot - bdot)
+
+
+def _in_row_order(parts: dict[int, DriftAccumulator]) -> DriftAccumulator:
+    acc = DriftAccumulator()
+    for r0 in sorted(parts):
+        acc = acc + parts[r0]
+    return acc
+
+
+def _chunk_tdot(target_rows: torch.Tensor, delta_rows: torch.Tensor) -> float | None:
+    """``⟨base_t, Δ⟩`` of one chunk; None when an input holds NaN/Inf."""
+    n = delta_rows.numel()
+    dev = delta_rows.device
+    v = chunk_dot(
+        target_rows,
+        delta_rows,
+        (scratch("diagnose.x64", (n,), torch.float64, dev), scratch("diagnose.y64", (n,), torch.float64, dev)),
+    )
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class BaseDrift:
+    """``‖base_t − base_s‖²`` and ``‖base_s‖²`` per tensor of two bases: the part of a diagnosis every patch
+    made on ``source`` shares when it goes to ``target`` (an upgrade measures it once per run)."""
+
+    source: str
+    target: str
+    tensors: dict[str, DriftAccumulator]
+    target_sumsq: dict[str, float] = field(default_factory=dict)  # ‖base_t‖²: for sums recorded on base_t
+
+    def dumps(self) -> str:
+        tensors = {k: asdict(v) for k, v in self.tensors.items()}
+        return json.dumps(
+            {"source": self.source, "target": self.target, "tensors": tensors, "target_sumsq": self.target_sumsq}
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> BaseDrift:
+        d = json.loads(text)
+        tensors = {k: DriftAccumulator(**v) for k, v in d["tensors"].items()}
+        return cls(d["source"], d["target"], tensors, dict(d.get("target_sumsq", {})))
+
+
+def base_drift(
+    source: str | Path | Checkpoint, target: str | Path | Checkpoint, names: list[str], device: str = "auto"
+) -> BaseDrift:
+    """The base pair's sums of the tensors ``names`` (names in ``source``; a tensor the target lacks, or has
+    in another shape, is left out), in one streaming pass over both bases."""
+    src, tgt = Checkpoint.open(source), Checkpoint.open(target)
+    dev = resolve_device(device)
+    t_names, _ = align_names(names, tgt)
+    parts: dict[str, dict[int, DriftAccumulator]] = {}
+    tsq: dict[str, dict[int, float]] = {}
+    jobs = []
+    for name in names:
+        tname = t_names.get(name, name)
+        if name not in src or tname not in tgt or tuple(src.info(name).shape) != tuple(tgt.info(tname).shape):
+            continue
+        shape = tuple(src.info(name).shape)
+        got, got_t = parts.setdefault(name, {}), tsq.setdefault(name, {})
+
+        def load(r0: int, r1: int, name: str = name, tname: str = tname, shape: tuple = shape) -> tuple:
+            if shape:
+                return src.tensor(name)[r0:r1].to(dev), tgt.tensor(tname)[r0:r1].to(dev)
+            return src.tensor(name).to(dev), tgt.tensor(tname).to(dev)
+
+        def compute(
+            x: tuple[torch.Tensor, ...], r0: int, r1: int, name: str = name, got: dict = got, got_t: dict = got_t
+        ) -> torch.Tensor:
+            part = _chunk_drift(x)
+            if part is None:
+                for t, what in zip(x, (f"the base {src.path}", f"the target {tgt.path}"), strict=True):
+                    if not all_finite(t):
+                        raise NonFiniteError(
+                            f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
+                            "mean nothing: fix the checkpoint"
+                        )
+            got[r0] = part  # type: ignore[assignment]
+            got_t[r0] = float(torch.linalg.vector_norm(x[1], dtype=torch.float32)) ** 2  # as extract's ‖base‖²
+            return x[0]
+
+        jobs.append(Job(name, shape, torch.float32, load, compute, parallel=True))
+    if jobs:
+        run([Shard("", jobs)], None, dev)
+    tensors = {k: _in_row_order(v) for k, v in parts.items() if v}
+    return BaseDrift(
+        str(src.path), str(tgt.path), tensors, {k: math.fsum(v[r] for r in sorted(v)) for k, v in tsq.items() if v}
+    )
 
 
 class Diagnosis:
@@ -176,6 +302,7 @@ class Diagnosis:
         include_embeddings: bool = False,
         thresholds: Thresholds | None = None,
         device: str = "auto",
+        base_pair: BaseDrift | None = None,
     ) -> None:
         self.patch = p = Patch.open(patch)
         self.src = _source_base(p, source_base)
@@ -196,6 +323,21 @@ class Diagnosis:
             self._plan(entry)
         if self.patch_params == 0:
             raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
+        if (
+            base_pair is not None
+            and _same_path(base_pair.source, self.src.path)
+            and _same_path(base_pair.target, tgt.path)
+        ):
+            for name, c in self.compared.items():
+                if c.sums is not None:
+                    c.pair_total = base_pair.tensors.get(name)
+                    c.target_sumsq = base_pair.target_sumsq.get(name)
+
+    @property
+    def uses_recorded_sums(self) -> bool:
+        """Some tensors carry sums recorded at extraction: a :class:`BaseDrift` of the two bases spares reading
+        the source base during a port (:meth:`observe`)."""
+        return any(c.sums is not None for c in self.compared.values())
 
     def _plan(self, entry: PatchTensor) -> None:
         src, tgt = self.src, self.tgt
@@ -241,19 +383,29 @@ class Diagnosis:
 
     def observe(self, name: str, r0: int, r1: int, target_rows: torch.Tensor, delta_rows: torch.Tensor) -> None:
         """Rows ``[r0, r1)`` of the patch tensor ``name``'s Δ and of the target, as a port reads them (before
-        α): their drift sums, with the source base's rows read here. Chunks that do not line up are ignored
-        (:meth:`result` measures those tensors on its own)."""
+        α): their sums, with the source base's rows read here unless a :class:`BaseDrift` gave the base pair's.
+        Chunks that do not line up are ignored (:meth:`result` measures those tensors on its own)."""
         c = self.compared.get(name)
         if c is None or c.broken or r1 > c.rows or tuple(target_rows.shape) != tuple(delta_rows.shape):
             return
         shape = (r1 - r0, *c.shape[1:]) if c.shape else ()
         if tuple(target_rows.shape) != shape:
             return
+        if c.sums is not None:
+            tdot = _chunk_tdot(target_rows, delta_rows)
+            if tdot is None:
+                c.broken = True
+                return
+            c.tdots[r0] = (delta_rows.numel(), tdot)
+            if c.pair_total is not None:
+                return
         src_info = self.src.info(name)
         bs = self.src.rows(name, r0, r1, scratch("diagnose.src", shape, src_info.dtype)).to(delta_rows.device)
-        part = _chunk_drift((bs, target_rows, delta_rows))
+        part = _chunk_drift((bs, target_rows) if c.sums is not None else (bs, target_rows, delta_rows))
         if part is None:
             c.broken = True
+        elif c.sums is not None:
+            c.pair[r0] = part
         else:
             c.parts[r0] = part
 
@@ -261,8 +413,7 @@ class Diagnosis:
         """Measure, in one streaming pass, every compared tensor no port fed whole."""
         todo = [c for c in self.compared.values() if not c.complete]
         for c in todo:
-            c.parts.clear()
-            c.broken = False
+            c.clear()
         if todo:
             run([Shard("", [self._job(c) for c in todo])], None, self.dev)
 
@@ -277,25 +428,60 @@ class Diagnosis:
                 bs, bt = src.tensor(name), tgt.tensor(c.tname)
             return bs.to(self.dev), bt.to(self.dev), c.entry.rows(r0, r1, self.dev).reshape(bs.shape)
 
+        def culprit(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> None:
+            for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
+                if t.dtype.is_floating_point and not all_finite(t):
+                    raise NonFiniteError(
+                        f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
+                        "mean nothing: fix the checkpoint or the patch"
+                    )
+
         def compute(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
-            part = _chunk_drift(x)
-            if part is None:
-                for t, what in zip(
-                    x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True
-                ):
-                    if t.dtype.is_floating_point and not all_finite(t):
-                        raise NonFiniteError(
-                            f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
-                            "mean nothing: fix the checkpoint or the patch"
-                        )
-            c.parts[r0] = part  # type: ignore[assignment]
+            if c.sums is None:
+                part = _chunk_drift(x)
+                if part is None:
+                    culprit(x, r0, r1)
+                c.parts[r0] = part  # type: ignore[assignment]
+                return x[2]
+            tdot = _chunk_tdot(x[1], x[2])
+            if tdot is None:
+                culprit(x, r0, r1)
+            c.tdots[r0] = (x[2].numel(), tdot)  # type: ignore[assignment]
+            if c.pair_total is None:
+                part = _chunk_drift(x[:2])
+                if part is None:
+                    culprit(x, r0, r1)
+                c.pair[r0] = part  # type: ignore[assignment]
             return x[2]
 
         return Job(name, c.shape, torch.float32, load, compute, parallel=True)
 
+    def target_sums(self) -> dict[str, dict[str, float]]:
+        """Drift sums of the same Δ recorded against the target (``methods.extract.drift_sums``), for a patch that
+        carries this Δ onto it (``Registry.add_ported_patch``), so the next release's diagnosis needs no read of
+        this base either: every tensor a port fed whole whose ``‖base_t‖²`` a :class:`BaseDrift` gave."""
+        out = {}
+        for name, c in self.compared.items():
+            if c.sums is None or c.target_sumsq is None or c.broken or c.numel != c.entry.numel:
+                continue
+            if sum(n for n, _ in c.tdots.values()) != c.numel:
+                continue
+            tdot = 0.0
+            for r0 in sorted(c.tdots):
+                tdot += c.tdots[r0][1]
+            out[name] = {"base_dot": tdot, "delta_sumsq": float(c.sums["delta_sumsq"]), "base_sumsq": c.target_sumsq}
+        return out
+
     def result(self) -> PortDiagnostics:
         """The diagnostics (measuring first what no port fed), intruders included when asked for."""
         self.run()
+        # sums recorded against another base (same architecture, other weights) do not apply: measure whole
+        other = [c for c in self.compared.values() if c.sums is not None and not c.same_base()]
+        for c in other:
+            c.sums, c.pair_total = None, None
+            c.clear()
+        if other:
+            self.run()
         src, dev = self.src, self.dev
         layer_acc: dict[str, DriftAccumulator] = {}
         overall = DriftAccumulator()
@@ -367,6 +553,7 @@ class DiagnoseOptions(TypedDict, total=False):
     include_embeddings: bool
     thresholds: Thresholds | None
     device: str
+    base_pair: BaseDrift | None  # the two bases' shared sums (base_drift), spares reading them again
 
 
 def diagnose(
@@ -375,6 +562,10 @@ def diagnose(
     """Drift of the target base against the patch's base, per tensor/layer/overall, intruder dimensions
     of the patch, and a porting verdict. Reads nothing but headers until the comparisons start."""
     return Diagnosis(patch, target, **options).result()
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _layer_key(k: str) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from patchlab.errors import NonFiniteDeltaError, PlanError
 from patchlab.io.checkpoint import META_FILES, Checkpoint, parse_dtype
 from patchlab.io.patch import MAX_SHARD_BYTES, Patch, PatchWriter
 from patchlab.kernels.delta import DeltaStats, as_float, diff_into, gather_rows, mismatches, same_bits
+from patchlab.kernels.drift import chunk_dot
 from patchlab.kernels.vocab import identity
 from patchlab.plan import Plan, Step, plan_extract
 
@@ -126,6 +127,17 @@ def extract(
     return Patch.open(out)
 
 
+def drift_sums(stats: DeltaStats, chunks: list[tuple[float, float]]) -> dict[str, float]:
+    """A manifest entry's ``drift_sums``: ``⟨base, Δ⟩`` and ``‖Δ‖²`` of the stored Δ summed over its chunks in row
+    order, and ``‖base‖²`` (which tells a diagnosis that it is given the same base). With them a diagnosis
+    measures ``⟨base_t − base, Δ⟩`` from a port's reads of base_t and Δ alone (``measure.diagnose``)."""
+    base_dot = delta_sumsq = 0.0
+    for a, b in chunks:
+        base_dot += a
+        delta_sumsq += b
+    return {"base_dot": base_dot, "delta_sumsq": delta_sumsq, "base_sumsq": stats.ref_sumsq}
+
+
 def extract_job(
     s: Step,
     base: Checkpoint,
@@ -164,6 +176,7 @@ def extract_job(
     # per chunk (first row → statistics, residual positions, residual values), combined in row order by
     # finish: chunks are computed in parallel, and the manifest must not depend on which finished first
     parts: dict[int, tuple[DeltaStats, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+    sums: dict[int, tuple[float, float] | None] = {}  # per chunk: (⟨base, Δ⟩, ‖Δ‖²) of the stored Δ
     row = math.prod(s.shape[1:]) if s.shape else 1
     entry: dict = {
         "op": "add",
@@ -211,6 +224,14 @@ def extract_job(
             out = scratch("extract.stored", shape, store, d_dev).copy_(d)
             if fixups is not None:
                 d.copy_(out)
+        # the diagnosis of a later port needs ⟨base, Δ⟩ and ‖Δ‖² of the Δ as stored (two sums of this read)
+        stored = d if store_max is None or fixups is not None else out
+        own = bmap is None and not (s.shape and r1 > base_t.shape[0])
+        work = (
+            scratch("extract.dot0", shape, torch.float64, d_dev),
+            scratch("extract.dot1", shape, torch.float64, d_dev),
+        )
+        sums[r0] = (chunk_dot(b32, stored, work), chunk_dot(stored, stored, work)) if own else None
         fix_at = fix_to = fix_base = None
         if fixups is not None:  # does cast(base + Δ) give ft back? Elements where it does not are kept
             # (b32 may be the base rows themselves: add out of place, the residuals record the base's values)
@@ -243,6 +264,10 @@ def extract_job(
                 fix_base.append(was)
         parts.clear()
         entry["stats"] = stats.result()
+        got = [sums[r0] for r0 in sorted(sums)]
+        sums.clear()
+        if got and all(g is not None for g in got):
+            entry["drift_sums"] = drift_sums(stats, got)  # type: ignore[arg-type]
         if fix_idx and fixups is not None:  # sorted: chunks in row order, positions ascending in each
             entry["fix"] = fixups(s.name, torch.cat(fix_idx), torch.cat(fix_val), None, torch.cat(fix_base))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -367,6 +368,7 @@ class _Run:
         self.stash: dict[tuple[str, str], Any] = {}
         self.lock = threading.Lock()
         self._patch_dirs: dict[str, Path] = {}
+        self._pair_lock = threading.Lock()  # one base-pair measurement at a time; the others wait for its file
         #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
         self.current: dict[str, str] = {}
 
@@ -376,6 +378,29 @@ class _Run:
             if ref not in self._patch_dirs:
                 self._patch_dirs[ref] = self.reg.patch_path(ref)
             return self._patch_dirs[ref]
+
+    def base_pair(self, base: str) -> str | None:
+        """The diagnosis sums every patch made on ``base`` shares (``measure.diagnose.BaseDrift``: ``base`` -> the
+        new base), as a JSON file among the run's reports: measured once, for the tensors of the run's patches on
+        ``base`` whose manifests record their own sums (``methods.extract.drift_sums``); None when none does.
+        With it a port diagnoses its patch without reading ``base``."""
+        from patchlab.io.patch import Patch
+        from patchlab.measure.diagnose import base_drift
+
+        out = self.work / "reports" / f"base-drift-{re.sub(r'[^A-Za-z0-9_.@-]', '_', base)}.json"
+        with self._pair_lock:
+            if out.is_file():  # whole or absent (written atomically): a killed run's is reused
+                return str(out)
+            names: set[str] = set()
+            for p in self.plans.values():
+                if p["base"] == base and p.get("kind", "port") != "merge":
+                    names |= {e.name for e in Patch.open(self.patch_dir(p["source"])).entries() if e.drift_sums}
+            if not names:
+                return None
+            source = self.reg.checkpoint_path(base)
+            pair = base_drift(source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device)
+            write_atomic(out, pair.dumps())
+            return str(out)
 
     # -- step bookkeeping --
 
@@ -440,19 +465,22 @@ class _Run:
         port_ft = None if carry else ft  # else fused when the fine-tune is at hand, then re-extracted
 
         diag_out = reports / f"{name}.diagnostics.json"
+        sums_out = reports / f"{name}.drift-sums.json"  # the Δ's sums against the new base, for NAME@n+1
 
         def diagnose_step() -> dict[str, Any]:
-            from patchlab.measure.diagnose import PortDiagnostics, diagnose
+            from patchlab.measure.diagnose import BaseDrift, PortDiagnostics, diagnose
 
             if diag_out.is_file():  # measured on the port's own reads (port_task(diagnose=)): written whole
                 d = PortDiagnostics.from_json(json.loads(diag_out.read_text()))
             else:
+                pair = self.base_pair(base)
                 d = diagnose(
                     self.patch_dir(src),
                     target,
                     source_base=self.reg.checkpoint_path(base),
                     intruders=bool(self.opts.get("intruders", True)),
                     device=self.device,
+                    base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
                 )
                 write_atomic(diag_out, d.dumps())
             return {
@@ -478,6 +506,8 @@ class _Run:
                     "source_base": str(self.reg.checkpoint_path(base)),
                     "intruders": bool(self.opts.get("intruders", True)),
                     "out": str(diag_out),
+                    "base_pair": self.base_pair(base),
+                    "sums_out": str(sums_out) if carry else None,
                 }
                 if port_first and self.state(name, "diagnose").state != "done"
                 else None,
@@ -558,6 +588,7 @@ class _Run:
                     name=name,
                     description=f"upgrade run {self.run.id}: {src} ported onto {self.to_ref}",
                     parameters={"upgrade_run": self.run.id},
+                    drift_sums=json.loads(sums_out.read_text()) if sums_out.is_file() else None,
                 )
                 return {"outcome": {"ref": info.ref, "digest": info.digest, "carried": True}}
             out = patches / name

@@ -9,6 +9,7 @@ either the whole output or a partial directory the driver recognises and removes
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -62,11 +63,13 @@ def port_task(
     """Port onto ``target`` at ``out``: fused (``target + (ft − source_base)``) when the fine-tune is given,
     else from the stored patch. An existing complete output (a killed run's) is reused.
 
-    ``diagnose`` (``source_base``, ``intruders``, ``out``: a JSON path), with a port from the stored patch: the
-    patch's diagnosis measured on the port's own reads of the target and Δ (only the source base's rows are
-    read on top), written to ``out``; the same figures as ``patchlab diagnose``."""
+    ``diagnose`` (``source_base``, ``intruders``, ``out``: a JSON path; ``base_pair``: a ``BaseDrift`` JSON path
+    or None; ``sums_out``: a JSON path), with a port from the stored patch: the patch's diagnosis measured on the
+    port's own reads of the target and Δ, written to ``out``; the same figures as ``patchlab diagnose``. The
+    source base's rows are read on top unless the patch records its sums and ``base_pair`` gives the bases';
+    then ``sums_out`` receives the Δ's sums against the target (``Diagnosis.target_sums``)."""
     import patchlab
-    from patchlab.measure.diagnose import Diagnosis
+    from patchlab.measure.diagnose import BaseDrift, Diagnosis
 
     out_p = Path(out)
     clean_partials(out_p)
@@ -79,17 +82,22 @@ def port_task(
         patchlab.port_fused(finetuned, source_base, target, out_p, vocab_policy=vocab_policy, device=device)
     else:
         if diagnose is not None:
+            pair = diagnose.get("base_pair")
             diag = Diagnosis(
                 patch_dir,  # type: ignore[arg-type]
                 target,
                 source_base=diagnose["source_base"],
                 intruders=bool(diagnose.get("intruders")),
                 device=device,
+                base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
             )
         observe = diag.observe if diag is not None else None
         patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device, observe=observe)
     if diag is not None and diagnose is not None:
-        write_atomic(Path(diagnose["out"]), diag.result().dumps())
+        result = diag.result()
+        if diagnose.get("sums_out"):
+            write_atomic(Path(diagnose["sums_out"]), json.dumps(diag.target_sums()))
+        write_atomic(Path(diagnose["out"]), result.dumps())
     return {"out": out, "reused": False, "fused": finetuned is not None, "diagnosed": diag is not None}
 
 

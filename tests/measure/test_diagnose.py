@@ -178,5 +178,86 @@ def test_a_diagnosis_fed_in_part_measures_the_rest(family):
     c = d.compared[Q0]
     rows = state(family["near"])[Q0][:3]
     d.observe(Q0, 0, 3, rows, patchlab.Patch.open(family["patch"]).entry(Q0).rows(0, 3, torch.device("cpu")))
-    assert c.parts and not c.complete
+    assert (c.parts or c.tdots) and not c.complete
     assert d.result().to_json() == want.to_json()
+
+
+# ---- sums recorded at extraction: a port diagnoses its patch without reading the patch's base -------------
+
+
+def strip_sums(patch_dir, dst):
+    """A copy of a patch whose manifest records no drift sums (what patches from before they existed look like)."""
+    shutil.copytree(patch_dir, dst)
+    m = json.loads((dst / "patch.json").read_text())
+    for e in m["tensors"].values():
+        e.pop("drift_sums", None)
+    (dst / "patch.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_extract_records_the_sums_a_diagnosis_needs(family):
+    s = state(family["base"])
+    patch = patchlab.Patch.open(family["patch"])
+    checked = 0
+    for e in patch.entries():
+        got = e.drift_sums
+        d = e.dense(torch.device("cpu")).double()
+        b = s[e.name].double()
+        assert got["base_dot"] == pytest.approx(float((b * d).sum()), rel=1e-12, abs=1e-18)
+        assert got["delta_sumsq"] == pytest.approx(float((d * d).sum()), rel=1e-12)
+        assert got["base_sumsq"] == pytest.approx(float((b * b).sum()), rel=1e-6)
+        checked += 1
+    assert checked == len(patch.names)
+
+
+def test_with_the_bases_sums_a_port_diagnoses_without_reading_the_source_base(family, tmp_path, monkeypatch):
+    from patchlab.measure.diagnose import Diagnosis, base_drift
+
+    want = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    # the direct way (a patch without recorded sums reads the source base) gives the same figures
+    bare = strip_sums(family["root"] / "ft.patch", tmp_path / "bare.patch")
+    old = diagnose(bare, family["near"], device="cpu", intruders=False)
+    for a, b in zip(want.tensors, old.tensors, strict=True):
+        assert a.drift.cos_drift_delta == pytest.approx(b.drift.cos_drift_delta, rel=1e-5, abs=1e-9), a.name
+        assert a.drift.delta_norm == pytest.approx(b.drift.delta_norm, rel=1e-6), a.name
+        assert a.drift.drift_norm == b.drift.drift_norm
+    pair = base_drift(family["base"], family["near"], list(patchlab.Patch.open(family["patch"]).names), device="cpu")
+    d = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False, base_pair=pair)
+    assert d.uses_recorded_sums
+    monkeypatch.setattr(d.src, "rows", lambda *a, **k: pytest.fail("read the source base"))
+    patchlab.port(family["patch"], family["near"], tmp_path / "out", device="cpu", observe=d.observe)
+    monkeypatch.setattr("patchlab.measure.diagnose.run", lambda *a, **k: pytest.fail("measured again"))
+    assert d.result().to_json() == want.to_json()
+
+
+def test_sums_recorded_on_another_base_are_not_used(family, tmp_path):
+    # same architecture, other weights: the recorded ⟨base, Δ⟩ would be wrong for it; the diagnosis notices
+    # from ‖base‖² and measures those tensors the direct way
+    other = variant(family["base"], tmp_path / "other", lambda sd: {k: v * 1.01 for k, v in sd.items()})
+    got = diagnose(family["patch"], family["near"], device="cpu", intruders=False, source_base=other)
+    bare = strip_sums(family["root"] / "ft.patch", tmp_path / "bare.patch")
+    want = diagnose(bare, family["near"], device="cpu", intruders=False, source_base=other)
+    assert got.to_json()["tensors"] == {**want.to_json()}["tensors"]
+
+
+def test_target_sums_are_what_an_extraction_on_the_target_would_record(family, tmp_path):
+    from patchlab.measure.diagnose import Diagnosis, base_drift
+
+    names = list(patchlab.Patch.open(family["patch"]).names)
+    d = Diagnosis(
+        family["patch"],
+        family["near"],
+        device="cpu",
+        intruders=False,
+        base_pair=base_drift(family["base"], family["near"], names, device="cpu"),
+    )
+    patchlab.port(family["patch"], family["near"], tmp_path / "out", device="cpu", observe=d.observe)
+    d.result()
+    sums = d.target_sums()
+    t = state(family["near"])
+    assert set(sums) == set(names)
+    for e in patchlab.Patch.open(family["patch"]).entries():
+        delta, tb = e.dense(torch.device("cpu")).double(), t[e.name].double()
+        assert sums[e.name]["base_dot"] == pytest.approx(float((tb * delta).sum()), rel=1e-12, abs=1e-18)
+        assert sums[e.name]["base_sumsq"] == pytest.approx(float((tb * tb).sum()), rel=1e-6)
+        assert sums[e.name]["delta_sumsq"] == e.drift_sums["delta_sumsq"]

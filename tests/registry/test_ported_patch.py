@@ -3,6 +3,8 @@ and applying it there reproduces the port bit for bit."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,47 @@ def test_what_first_made_the_delta_is_carried_from_release_to_release(registry_t
             assert info.parameters["source_method"] == "locft-bf"
             assert info.parameters["source_parameters"]["edits_file"] == "facts.jsonl"
         assert "source_parameters" not in reg.get_patch(three.ref).parameters["source_parameters"]
+
+
+def test_a_ported_patch_records_drift_sums_on_its_own_base_only(registry_target, bf16_family, tmp_path):
+    """The source's sums belong to its old base and are dropped; sums the port measured on the new base are
+    kept, and the next release's diagnosis from them equals the direct one."""
+    from patchlab.measure.diagnose import Diagnosis, base_drift, diagnose
+
+    f = bf16_family
+    v3 = make_model(tmp_path / "v3", from_model=f["v2"], noise=0.01, seed=3, dtype=torch.bfloat16)
+    with Registry.init(registry_target) as reg:
+        reg.add_base("fam", "1", f["v1"])
+        reg.add_base("fam", "2", f["v2"])
+        reg.add_patch(f["patch"], name="task", base="fam@1")
+        old = patchlab.Patch.open(reg.patch_path("task@1"))
+        assert all(e.drift_sums for e in old.entries())
+        plain = reg.add_ported_patch("task@1", base="fam@2")
+        assert not any(e.drift_sums for e in patchlab.Patch.open(reg.patch_path(plain.ref)).entries())
+
+        d = Diagnosis(
+            reg.patch_path("task@1"),
+            f["v2"],
+            device="cpu",
+            intruders=False,
+            base_pair=base_drift(f["v1"], f["v2"], list(old.names), device="cpu"),
+        )
+        patchlab.port(reg.patch_path("task@1"), f["v2"], tmp_path / "ported", device="cpu", observe=d.observe)
+        d.result()
+        sums = d.target_sums()
+        assert set(sums) == set(old.names)
+        new = reg.add_ported_patch("task@1", base="fam@2", name="task-b", drift_sums=sums)
+        new_dir = reg.patch_path(new.ref)
+        assert {e.name: e.drift_sums for e in patchlab.Patch.open(new_dir).entries()} == sums
+
+        got = diagnose(new_dir, v3, device="cpu", intruders=False, source_base=f["v2"])
+        bare = tmp_path / "bare"
+        shutil.copytree(new_dir, bare)
+        m = json.loads((bare / "patch.json").read_text())
+        for e in m["tensors"].values():
+            e.pop("drift_sums", None)
+        (bare / "patch.json").write_text(json.dumps(m))
+        want = diagnose(bare, v3, device="cpu", intruders=False, source_base=f["v2"])
+        for a, b in zip(got.tensors, want.tensors, strict=True):
+            assert a.drift.drift_norm == b.drift.drift_norm, a.name
+            assert a.drift.cos_drift_delta == pytest.approx(b.drift.cos_drift_delta, rel=1e-5, abs=1e-9), a.name

@@ -5,6 +5,7 @@ the suite's PostgreSQL server (module-wide ``backend``: each backend builds its 
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -343,3 +344,25 @@ def test_two_jobs_give_the_same_result(family, reference, tmp_path):
 
     assert unordered(state(fam)) == unordered(reference[2])
     assert strays(fam) == []
+
+
+def test_the_bases_are_measured_once_and_each_diagnosis_comes_from_its_port(reference, tmp_path, monkeypatch):
+    """Patches that record their drift sums are diagnosed on their ports' reads of v2 and Δ; v1 is read once per
+    run (one base-drift file), the figures are those of `patchlab diagnose`, and NAME@2 records its sums on v2."""
+    import patchlab.engine.executor
+    from patchlab.measure.diagnose import PortDiagnostics, diagnose
+
+    # the module-wide run used the default chunks (set up before the per-test small ones): the same sums need them
+    monkeypatch.setattr(patchlab.engine.executor, "CHUNK_ELEMS", 1 << 19)
+    fam, result, _ = reference
+    reports = fam.home / "upgrades" / f"run-{result.run.id}" / "reports"
+    assert [p.name for p in reports.glob("base-drift-*.json")] == ["base-drift-tiny@v1.json"]
+    with fam.open() as reg:
+        for name in ("task", "stored", "strict"):
+            old = patchlab.Patch.open(reg.patch_path(f"{name}@1"))
+            assert all(e.drift_sums for e in old.entries()), name
+            got = PortDiagnostics.from_json(json.loads((reports / f"{name}.diagnostics.json").read_text()))
+            want = diagnose(old.path, reg.checkpoint_path("tiny@v2"), intruders=False, device="cpu")
+            assert got.to_json()["tensors"] == want.to_json()["tensors"], name
+            new = patchlab.Patch.open(reg.patch_path(f"{name}@2"))
+            assert {e.name for e in new.entries() if e.drift_sums} == set(new.names), name
