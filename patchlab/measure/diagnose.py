@@ -151,6 +151,7 @@ class _Compared:
         self.numel = math.prod(self.shape) if self.shape else 1
         self.parts: dict[int, DriftAccumulator] = {}  # whole sums per chunk (no recorded sums)
         self.sums = entry.drift_sums if self.numel == entry.numel else None
+        self.delta16 = entry.encoding == "dense" and entry.stored_dtype("delta").itemsize == 2
         self.pair: dict[int, DriftAccumulator] = {}  # base pair sums per chunk (recorded sums)
         self.pair_total: DriftAccumulator | None = None  # ... or the whole tensor's, from a BaseDrift
         self.target_sumsq: float | None = None  # ‖base_t‖², from a BaseDrift
@@ -203,15 +204,11 @@ def _in_row_order(parts: dict[int, DriftAccumulator]) -> DriftAccumulator:
     return acc
 
 
-def _chunk_tdot(target_rows: torch.Tensor, delta_rows: torch.Tensor) -> float | None:
-    """``⟨base_t, Δ⟩`` of one chunk; None when an input holds NaN/Inf."""
+def _chunk_tdot(target_rows: torch.Tensor, delta_rows: torch.Tensor, delta16: bool) -> float | None:
+    """``⟨base_t, Δ⟩`` of one chunk (``delta16``: Δ is stored in 16 bits); None when an input holds NaN/Inf."""
     n = delta_rows.numel()
-    dev = delta_rows.device
-    v = chunk_dot(
-        target_rows,
-        delta_rows,
-        (scratch("diagnose.x64", (n,), torch.float64, dev), scratch("diagnose.y64", (n,), torch.float64, dev)),
-    )
+    narrow = delta16 and target_rows.element_size() == 2
+    v = chunk_dot(target_rows, delta_rows, scratch("diagnose.w0", (n,), torch.float32, delta_rows.device), narrow)
     return v if math.isfinite(v) else None
 
 
@@ -392,7 +389,7 @@ class Diagnosis:
         if tuple(target_rows.shape) != shape:
             return
         if c.sums is not None:
-            tdot = _chunk_tdot(target_rows, delta_rows)
+            tdot = _chunk_tdot(target_rows, delta_rows, c.delta16)
             if tdot is None:
                 c.broken = True
                 return
@@ -443,7 +440,7 @@ class Diagnosis:
                     culprit(x, r0, r1)
                 c.parts[r0] = part  # type: ignore[assignment]
                 return x[2]
-            tdot = _chunk_tdot(x[1], x[2])
+            tdot = _chunk_tdot(x[1], x[2], c.delta16)
             if tdot is None:
                 culprit(x, r0, r1)
             c.tdots[r0] = (x[2].numel(), tdot)  # type: ignore[assignment]

@@ -127,15 +127,16 @@ def extract(
     return Patch.open(out)
 
 
-def drift_sums(stats: DeltaStats, chunks: list[tuple[float, float]]) -> dict[str, float]:
-    """A manifest entry's ``drift_sums``: ``⟨base, Δ⟩`` and ``‖Δ‖²`` of the stored Δ summed over its chunks in row
-    order, and ``‖base‖²`` (which tells a diagnosis that it is given the same base). With them a diagnosis
-    measures ``⟨base_t − base, Δ⟩`` from a port's reads of base_t and Δ alone (``measure.diagnose``)."""
-    base_dot = delta_sumsq = 0.0
-    for a, b in chunks:
+def drift_sums(chunks: list[tuple[float, float, float]]) -> dict[str, float]:
+    """A manifest entry's ``drift_sums``: ``⟨base, Δ⟩`` and ``‖Δ‖²`` of the stored Δ and ``‖base‖²`` (which tells a
+    diagnosis that it is given the same base), each summed in fp64 over the chunks in row order. With them a
+    diagnosis measures ``⟨base_t − base, Δ⟩`` from a port's reads of base_t and Δ alone (``measure.diagnose``)."""
+    base_dot = delta_sumsq = base_sumsq = 0.0
+    for a, b, c in chunks:
         base_dot += a
         delta_sumsq += b
-    return {"base_dot": base_dot, "delta_sumsq": delta_sumsq, "base_sumsq": stats.ref_sumsq}
+        base_sumsq += c
+    return {"base_dot": base_dot, "delta_sumsq": delta_sumsq, "base_sumsq": base_sumsq}
 
 
 def extract_job(
@@ -176,7 +177,7 @@ def extract_job(
     # per chunk (first row → statistics, residual positions, residual values), combined in row order by
     # finish: chunks are computed in parallel, and the manifest must not depend on which finished first
     parts: dict[int, tuple[DeltaStats, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
-    sums: dict[int, tuple[float, float] | None] = {}  # per chunk: (⟨base, Δ⟩, ‖Δ‖²) of the stored Δ
+    sums: dict[int, tuple[float, float, float] | None] = {}  # per chunk: ⟨base, Δ⟩, ‖Δ‖² (stored Δ), ‖base‖²
     row = math.prod(s.shape[1:]) if s.shape else 1
     entry: dict = {
         "op": "add",
@@ -224,14 +225,21 @@ def extract_job(
             out = scratch("extract.stored", shape, store, d_dev).copy_(d)
             if fixups is not None:
                 d.copy_(out)
-        # the diagnosis of a later port needs ⟨base, Δ⟩ and ‖Δ‖² of the Δ as stored (two sums of this read)
+        # the diagnosis of a later port needs ⟨base, Δ⟩, ‖Δ‖² of the Δ as stored and ‖base‖² (sums of this read)
         stored = d if store_max is None or fixups is not None else out
-        own = bmap is None and not (s.shape and r1 > base_t.shape[0])
-        work = (
-            scratch("extract.dot0", shape, torch.float64, d_dev),
-            scratch("extract.dot1", shape, torch.float64, d_dev),
-        )
-        sums[r0] = (chunk_dot(b32, stored, work), chunk_dot(stored, stored, work)) if own else None
+        if bmap is None and not (s.shape and r1 > base_t.shape[0]):  # the base's own rows
+            work, b16, d16 = (
+                scratch("extract.dot", shape, torch.float32, d_dev),
+                base_t.element_size() == 2,
+                store.itemsize == 2,
+            )
+            sums[r0] = (
+                chunk_dot(b32, stored, work, b16 and d16),
+                chunk_dot(stored, stored, work, d16),
+                chunk_dot(b32, b32, work, b16),
+            )
+        else:
+            sums[r0] = None
         fix_at = fix_to = fix_base = None
         if fixups is not None:  # does cast(base + Δ) give ft back? Elements where it does not are kept
             # (b32 may be the base rows themselves: add out of place, the residuals record the base's values)
@@ -267,7 +275,7 @@ def extract_job(
         got = [sums[r0] for r0 in sorted(sums)]
         sums.clear()
         if got and all(g is not None for g in got):
-            entry["drift_sums"] = drift_sums(stats, got)  # type: ignore[arg-type]
+            entry["drift_sums"] = drift_sums(got)  # type: ignore[arg-type]
         if fix_idx and fixups is not None:  # sorted: chunks in row order, positions ascending in each
             entry["fix"] = fixups(s.name, torch.cat(fix_idx), torch.cat(fix_val), None, torch.cat(fix_base))
 
