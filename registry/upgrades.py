@@ -415,6 +415,11 @@ class Upgrades(Topic):
 
         retry_locked(run)
 
+    def get_step(self, run_id: int, patch: str, step: str) -> StepInfo:
+        """One step of a run (a driver refreshing what it just wrote reads one row, not the whole run)."""
+        with self.db.read() as s:
+            return _step_info(self._step_row(s, run_id, patch, step))
+
     @staticmethod
     def _step_row(s, run_id: int, patch: str, step: str) -> UpgradeStepRow:
         row = s.execute(

@@ -416,10 +416,9 @@ class _Run:
         return have
 
     def _refresh(self, patch: str, step: str) -> None:
-        fresh = self.reg.get_run(self.run.id)
+        fresh = self.reg.get_step(self.run.id, patch, step)
         with self.lock:
-            for s in fresh.steps:
-                self.steps[(s.patch, s.step)] = s
+            self.steps[(patch, step)] = fresh
 
     def do(self, patch: str, step: str, fn: Callable[[], dict[str, Any]]) -> Any:
         """Run ``fn`` as ``step`` of ``patch`` unless done; ``fn`` returns (state, outcome, paths...)."""
