@@ -270,7 +270,8 @@ def base_drift(
                             "mean nothing: fix the checkpoint"
                         )
             got[r0] = part  # type: ignore[assignment]
-            got_t[r0] = float(torch.linalg.vector_norm(x[1], dtype=torch.float32)) ** 2  # as extract's ‖base‖²
+            n, t16 = x[1].numel(), x[1].element_size() == 2  # ‖base_t‖² as extract records ‖base‖²
+            got_t[r0] = chunk_dot(x[1], x[1], scratch("diagnose.w0", (n,), torch.float32, x[1].device), t16)
             return x[0]
 
         jobs.append(Job(name, shape, torch.float32, load, compute, parallel=True))
@@ -278,7 +279,7 @@ def base_drift(
         run([Shard("", jobs)], None, dev)
     tensors = {k: _in_row_order(v) for k, v in parts.items() if v}
     return BaseDrift(
-        str(src.path), str(tgt.path), tensors, {k: math.fsum(v[r] for r in sorted(v)) for k, v in tsq.items() if v}
+        str(src.path), str(tgt.path), tensors, {k: sum(v[r] for r in sorted(v)) for k, v in tsq.items() if v}
     )
 
 
