@@ -20,6 +20,15 @@ import torch
 from patchlab.errors import MergeConfigError
 
 Tensor = torch.Tensor
+Alloc = Callable[[str, Tensor, torch.dtype], Tensor]
+"""``alloc(slot, like, dtype)``: an uninitialized tensor shaped and placed like ``like``. The streaming kernels
+take their temporaries from it, so a caller can hand out warm buffers reused chunk after chunk (the engine's
+``scratch``); a slot's buffer is only reused once the chunk that asked for it is done."""
+
+
+def fresh(slot: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The default ``Alloc``: a new tensor each time (what the in-memory kernels and tests get)."""
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -280,10 +289,31 @@ def _abs_bits(x: Tensor) -> Tensor:
     return x.float().abs().contiguous().view(torch.int32).to(torch.int64)
 
 
-def _abs_bits32(x: Tensor) -> Tensor:
+def _abs_bits32(x: Tensor, out: Tensor | None = None) -> Tensor:
     """``_abs_bits`` as int32 (the sign bit is clear, so the order is the same): half the memory traffic of
-    int64 for the streaming passes, which only compare, shift, mask and histogram the patterns."""
-    return x.float().abs().contiguous().view(torch.int32)
+    int64 for the streaming passes, which only compare, shift, mask and histogram the patterns. ``out``: an
+    int32 buffer shaped like ``x`` to write them into."""
+    if out is None:
+        return x.float().abs().contiguous().view(torch.int32)
+    torch.abs(x.float(), out=out.view(torch.float32))
+    return out
+
+
+def _keep_ge(bits: Tensor, t: int, out: Tensor) -> Tensor:
+    """Integer keep-mask (−1: keep, 0: drop) of ``bits >= t`` for non-negative fp32 bit patterns, into ``out``.
+
+    ``~((bits − t) >> 31)`` never overflows (both lie in [0, 2**31)), and integer masks are several times
+    cheaper on CPU than boolean compares followed by ``torch.where``."""
+    if t > 0x7FFFFFFF:
+        return out.zero_()
+    return torch.sub(bits, t, out=out).bitwise_right_shift_(31).bitwise_not_()
+
+
+def _masked(x: Tensor, keep: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(keep != 0, x, +0.0)`` for fp32 ``x`` and an integer keep-mask (−1/0), bit for bit (NaN
+    payloads included), as a bitwise and of the patterns, into the fp32 buffer ``out``."""
+    torch.bitwise_and(x.contiguous().view(torch.int32), keep, out=out.view(torch.int32))
+    return out
 
 
 def _mantissa(bits: Tensor) -> Tensor:
@@ -422,14 +452,18 @@ def della_mask(
 def apply_mask(delta: Tensor, mask: Tensor, scale: Tensor | float | None = None) -> Tensor:
     """``delta`` where ``mask`` (dropped entries +0.0), times ``scale`` when given (``/ keep_prob`` for a
     tensor of probabilities, ``/ density`` for a float: the inverse-density rescale)."""
-    out = torch.where(mask, delta.float(), 0.0)
+    return _scaled(torch.where(mask, delta.float(), 0.0), scale)
+
+
+def _scaled(out: Tensor, scale: Tensor | float | None) -> Tensor:
+    """``apply_mask``'s rescale, in place on the masked ``out`` (the same rounding as a new tensor)."""
     if scale is None:
         return out
     if isinstance(scale, float):
-        return out / scale
+        return out.div_(scale)
     if scale.dtype == torch.float64:
-        return out / scale.to(torch.float32)
-    return out * scale
+        return out.div_(scale.to(torch.float32))
+    return out.mul_(scale)
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -456,15 +490,39 @@ def della_drop(delta: Tensor, density: float, epsilon: float, seed: int, name: s
 # sign election and disjoint merge
 
 
-def elect_sign(weighted: Sequence[Tensor], method: str = "sum") -> Tensor:
+def elect_sign(weighted: Sequence[Tensor], method: str = "sum", alloc: Alloc = fresh) -> Tensor:
     """The elected sign (fp32 ±1) of weighted deltas: ``sum`` — sign of Σ wᵢΔᵢ, ``count`` — sign of
-    Σ sign(wᵢΔᵢ); a tie (0) elects +."""
+    Σ sign(wᵢΔᵢ); a tie (0) elects +, a NaN sum −. Temporaries and the result come from ``alloc``."""
     if method not in SIGN_ELECTIONS:
         raise MergeConfigError(f"unknown sign election {method!r}{_closest(method, SIGN_ELECTIONS)}")
-    total = weighted[0].clone() if method == "sum" else weighted[0].sign()
-    for t in weighted[1:]:
-        total += t if method == "sum" else t.sign()
-    return torch.where(total >= 0, 1.0, -1.0)
+    first = weighted[0]
+    total = alloc("merge.total", first, torch.float32)
+    if method == "sum":
+        if len(weighted) > 1:
+            torch.add(first, weighted[1], out=total)
+        else:
+            total.copy_(first)
+        for t in weighted[2:]:
+            total.add_(t)
+    else:
+        torch.sign(first, out=total)
+        tmp = alloc("merge.sign_tmp", first, torch.float32) if len(weighted) > 1 else total
+        for t in weighted[1:]:
+            total.add_(torch.sign(t, out=tmp))
+    return _sign_of(total, alloc("merge.sign", first, torch.float32))
+
+
+def _sign_of(total: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(total >= 0, 1.0, -1.0)`` into ``out``, with integer operations on the bit patterns.
+
+    ``total`` is scratch: adding +0.0 turns −0.0 (which elects +) into +0.0. Then "−" is a set sign bit or a
+    NaN (magnitude bits above +Inf's): ``(0x7F800000 − (b & 0x7FFFFFFF)) | b`` has its sign bit set exactly
+    then (no term overflows); that bit, spread by ``>> 31`` and masked, is the sign bit of ±1.0."""
+    b = total.add_(0.0).view(torch.int32)
+    s = out.view(torch.int32)
+    torch.bitwise_and(b, 0x7FFFFFFF, out=s).neg_().add_(0x7F800000).bitwise_or_(b)
+    s.bitwise_right_shift_(31).bitwise_and_(-0x80000000).bitwise_or_(0x3F800000)
+    return out
 
 
 def disjoint_merge(
@@ -473,38 +531,57 @@ def disjoint_merge(
     sign: Tensor | None,
     normalize: bool,
     lambda_: float = 1.0,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     """Σ of the weighted deltas that agree with ``sign`` (all of them when None; zeros never agree), divided
     when ``normalize`` by the sum of the agreeing weights at each entry (0 → 1; Σwᵢ without a sign,
-    |Σwᵢ| < 1e-8 → 1, as mergekit), then times λ."""
-    mixed: Tensor | None = None
-    divisor: Tensor | None = None
+    |Σwᵢ| < 1e-8 → 1, as mergekit), then times λ. The inputs are left alone; temporaries and the result
+    come from ``alloc``."""
     if sign is None:
-        for t in weighted:
-            mixed = t.clone() if mixed is None else mixed.add_(t)
-        assert mixed is not None
+        mixed = alloc("merge.mixed", weighted[0], torch.float32).copy_(weighted[0])
+        for t in weighted[1:]:
+            mixed.add_(t)
         if normalize:
             total = math.fsum(weights)
-            mixed = mixed / (1.0 if abs(total) < 1e-8 else total)
+            mixed.div_(1.0 if abs(total) < 1e-8 else total)
     else:
-        # t·sign is |t| where t agrees with the elected sign and <= 0 elsewhere (exact: sign is ±1). The
-        # agreeing entries all carry the elected sign and rounding is symmetric, so sign·Σ|t| has the same
-        # bytes as Σ t over them; adding +0.0 turns the -0.0 of "nothing agrees" into the +0.0 written there.
-        for t, w in zip(weighted, weights, strict=True):
-            u = t * sign
-            if normalize:
-                agree = u > 0
-                part = agree if w == 1 else agree * w
-                divisor = part.to(torch.float32) if divisor is None else divisor.add_(part)
-            u.clamp_(min=0.0)
-            mixed = u if mixed is None else mixed.add_(u)
-        assert mixed is not None
-        mixed = mixed.mul_(sign).add_(0.0)
-        if normalize:
-            assert divisor is not None
-            mixed = mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        mixed = _agreeing_sum(weighted, weights, sign, normalize, alloc)
     if lambda_ != 1:
-        mixed = mixed * lambda_
+        mixed.mul_(lambda_)
+    return mixed
+
+
+def _agreeing_sum(
+    weighted: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool, alloc: Alloc
+) -> Tensor:
+    """``disjoint_merge`` with a sign, before λ.
+
+    t·sign is |t| where t agrees with the elected sign and <= 0 elsewhere (exact: sign is ±1). The agreeing
+    entries all carry the elected sign and rounding is symmetric, so sign·Σ|t| has the same bytes as Σ t over
+    them; adding +0.0 turns the -0.0 of "nothing agrees" into the +0.0 written there."""
+    mixed = alloc("merge.mixed", sign, torch.float32)
+    u = alloc("merge.agree_part", sign, torch.float32) if len(weighted) > 1 else mixed
+    agree = alloc("merge.agree", sign, torch.bool) if normalize else None
+    divisor = alloc("merge.divisor", sign, torch.float32) if normalize else None
+    for i, (t, w) in enumerate(zip(weighted, weights, strict=True)):
+        part = torch.mul(t, sign, out=mixed if i == 0 else u)
+        if divisor is not None and agree is not None:
+            torch.gt(part, 0, out=agree)
+            share = agree if w == 1 else agree * w
+            if i == 0:
+                divisor.copy_(share)
+            else:
+                divisor.add_(share)
+        part.clamp_(min=0.0)
+        if i:
+            mixed.add_(part)
+    mixed.mul_(sign).add_(0.0)
+    if divisor is not None:
+        if min(weights) >= 1:  # agreeing weights then sum to 0 or to at least 1: clamping is the same fill
+            divisor.clamp_(min=1.0)
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
     return mixed
 
 
@@ -512,10 +589,10 @@ def _weight(t: Tensor, w: float) -> Tensor:
     return t if w == 1 else t * w
 
 
-def _combine(sparse: Sequence[Tensor], params: MergeParams) -> Tensor:
+def _combine(sparse: Sequence[Tensor], params: MergeParams, alloc: Alloc = fresh) -> Tensor:
     weighted = [_weight(t, w) for t, w in zip(sparse, params.weights, strict=True)]
-    sign = elect_sign(weighted, params.sign_election) if params.sign_election else None
-    return disjoint_merge(weighted, params.weights, sign, params.normalize, params.lambda_)
+    sign = elect_sign(weighted, params.sign_election, alloc) if params.sign_election else None
+    return disjoint_merge(weighted, params.weights, sign, params.normalize, params.lambda_, alloc)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,16 +692,38 @@ class Threshold:
     def splits_ties(self) -> bool:
         return self.bits != 0 and self.keep_equal < self.equal
 
+    def _ties_kept(self, start_row: int, end_row: int) -> bool | None:
+        """Whether rows ``[start_row, end_row)`` keep all (True) or none (False) of their entries equal to the
+        threshold, or None when the k-th rank falls among them (only there is a running ordinal needed)."""
+        assert self.ties_before_row is not None
+        if int(self.ties_before_row[end_row]) <= self.keep_equal:
+            return True
+        if int(self.ties_before_row[start_row]) >= self.keep_equal:
+            return False
+        return None
+
     def top_mask(self, bits: Tensor, start_row: int) -> Tensor:
         """Mask of ranks below k for a chunk of |x| bit patterns shaped (rows, row_numel) from ``start_row``."""
         if self.bits == 0:
             return bits > 0
         if not self.splits_ties:
             return bits >= self.bits
+        kept = self._ties_kept(start_row, start_row + bits.shape[0])
+        if kept is not None:
+            return bits >= self.bits if kept else bits > self.bits
         assert self.ties_before_row is not None
         eq = bits == self.bits
         ordinal = torch.cumsum(eq.reshape(-1), 0).view(eq.shape) + (int(self.ties_before_row[start_row]) - 1)
         return (bits > self.bits) | (eq & (ordinal < self.keep_equal))
+
+    def keep(self, bits: Tensor, start_row: int, out: Tensor) -> Tensor:
+        """``top_mask`` as an integer keep-mask (−1/0) in the int32 buffer ``out``, for int32 ``bits``."""
+        if self.bits == 0:
+            return _keep_ge(bits, 1, out)
+        kept = self._ties_kept(start_row, start_row + bits.shape[0]) if self.splits_ties else True
+        if kept is None:
+            return out.copy_(self.top_mask(bits, start_row)).neg_()
+        return _keep_ge(bits, self.bits if kept else self.bits + 1, out)
 
 
 def _select(hist: Tensor, k: int) -> tuple[int, int]:
@@ -635,6 +734,88 @@ def _select(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(desc[j]) - int(hist[b])
 
 
+WINDOW_SLACK = 0.1  # the first candidate window spans the ranks k·(1 ± 0.1) of the first chunk's histogram
+WINDOW_MIN_SLACK = 0.02  # ... and narrows towards k·(1 ± 0.02) of the running histogram as chunks come in
+WINDOW_CAP = 16  # a window holding more than numel/16 candidates (or 65536, if more) is given up
+
+
+class _Window:
+    """Every |x| bit pattern whose high 16 bits lie in ``[lo, hi]``, with its flat index: the candidates for
+    one rank k, collected during the high-bits pass so that, when the k-th largest lands in the window, its
+    low bits and its ties' positions come from them instead of two more passes over the tensor.
+
+    The window starts from the first chunk's estimate of the k-th largest and only ever narrows (to the
+    running histogram's estimate, each time the elements seen double), so every chunk was collected over a
+    superset of the final window: the candidates in it are complete. A narrowing drops the others."""
+
+    def __init__(self, lo: int, hi: int, seen: int, cap: int, index_dtype: torch.dtype):
+        self.lo, self.hi = lo, hi
+        self.first = self.next_narrow = seen
+        self.cap, self.index_dtype = cap, index_dtype
+        self.bits: list[Tensor] = []
+        self.index: list[Tensor] = []
+        self.count = 0
+
+    @staticmethod
+    def bounds(hist: Tensor, n: int, k: int, numel: int, slack: float) -> tuple[int, int]:
+        """High-16-bit buckets holding the ranks ``k·(1 ± slack)`` as estimated from ``hist`` of n elements."""
+        kc = k * n / numel
+        top, _ = _select(hist, max(1, math.floor(kc * (1 - slack))))
+        bottom, _ = _select(hist, min(n, math.ceil(kc * (1 + slack)) + 1))
+        return bottom, top
+
+    def narrow(self, hist: Tensor, seen: int, k: int, numel: int) -> bool:
+        """Shrink towards the running estimate once the elements seen have doubled; False when it is empty."""
+        if seen < self.next_narrow:
+            return True
+        self.next_narrow = 2 * seen
+        slack = max(WINDOW_MIN_SLACK, WINDOW_SLACK * math.sqrt(self.first / seen))
+        lo, hi = self.bounds(hist, seen, k, numel, slack)
+        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        if lo > hi:
+            return False
+        if (lo, hi) != (self.lo, self.hi):
+            self.lo, self.hi = lo, hi
+            keep = [self._inside(b >> 16) for b in self.bits]
+            self.bits = [b[m] for b, m in zip(self.bits, keep, strict=True)]
+            self.index = [i[m] for i, m in zip(self.index, keep, strict=True)]
+            self.count = sum(b.numel() for b in self.bits)
+        return True
+
+    def _inside(self, hi16: Tensor) -> Tensor:
+        return (hi16 >= self.lo) & (hi16 <= self.hi)
+
+    def collect(self, flat: Tensor, hi16: Tensor, start: int) -> bool:
+        """Keep a chunk's candidates (flat elements from ``start``); False when over the cap."""
+        idx = self._inside(hi16).nonzero().squeeze(1)
+        self.bits.append(flat[idx])
+        self.index.append(idx.add_(start).to(self.index_dtype))
+        self.count += idx.numel()
+        return self.count <= self.cap
+
+    def covers(self, bucket: int) -> bool:
+        return self.lo <= bucket <= self.hi
+
+    def resolve(self, k: int, bucket: int, above: int, bucket_count: int) -> tuple[Threshold, Tensor] | None:
+        """The k-th largest from the candidates (``bucket``: its high bits, ``above``: the count above that
+        bucket), with the low-bits histogram of the bucket; None if the candidates are not the whole bucket."""
+        bits = torch.cat(self.bits) if self.bits else torch.zeros(0, dtype=torch.int64)
+        in_bucket = bits[(bits >> 16) == bucket]
+        lo_hist = torch.bincount((in_bucket & 0xFFFF).to(torch.int64), minlength=65536).cpu()
+        if int(lo_hist.sum()) != bucket_count:
+            return None
+        lo, above_lo = _select(lo_hist, k - above)
+        greater = above + above_lo
+        th = Threshold(k, (bucket << 16) | lo, greater, int(lo_hist[lo]), k - greater)
+        return th, lo_hist
+
+    def tie_rows(self, t: int, rows: int, row_numel: int) -> Tensor:
+        """``ties_before_row`` of threshold bits ``t``: the exclusive prefix of its per-row counts."""
+        index = torch.cat(self.index)[torch.cat(self.bits) == t].to(torch.int64)
+        counts = torch.bincount(index // row_numel, minlength=rows).cpu()
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 class RadixSelect:
     """Exact streaming k-th-largest |x| (several k at once) by radix select over the fp32 bit patterns.
 
@@ -643,20 +824,29 @@ class RadixSelect:
     come first can be told apart. Memory: 65536-bucket histograms, plus one count per row in pass 2.
     Chunks of a pass may come in any order. With ``want_l1`` the exact L1 norms of the whole tensor and
     of each top-k set come out too (integer units of 2**-149).
+
+    Given ``numel`` (the tensor's element count), pass 0 also collects the candidates of a window of
+    buckets around an estimate of each k-th largest (``_Window``): when the true bucket lies inside, passes
+    1 and 2 are not needed (``passes`` is 1). The thresholds are the same either way; a missed estimate
+    only costs the passes it could not save.
     """
 
-    def __init__(self, ks: Sequence[int], rows: int, want_l1: bool = False):
+    def __init__(self, ks: Sequence[int], rows: int, want_l1: bool = False, numel: int | None = None):
         self.ks = sorted(set(ks))
         if not self.ks or self.ks[0] < 1:
             raise ValueError(f"ranks must be >= 1, got {ks}")
-        self.rows, self.want_l1 = rows, want_l1
+        self.rows, self.want_l1, self.numel = rows, want_l1, numel
         self.stage = 0
         self.done = False
         self._hi = torch.zeros(65536, dtype=torch.int64)
         self._hi_sum = torch.zeros(65536, dtype=torch.int64) if want_l1 else None
         self._lo: dict[int, Tensor] = {}
+        self._count_lo: set[int] = set()  # buckets whose low bits pass 1 histograms
         self._bucket: dict[int, tuple[int, int]] = {}
         self._row_ties: dict[int, Tensor] = {}
+        self._windows: dict[int, _Window] | None = None if numel else {}
+        self._seen = 0
+        self._row_numel = 1
         self.thresholds: dict[int, Threshold] = {}
         self.total_units = 0
 
@@ -667,7 +857,10 @@ class RadixSelect:
         flat = bits.reshape(-1)
         hi = flat >> 16
         if self.stage == 0:
-            self._hi += torch.bincount(hi, minlength=65536).cpu()
+            chunk = torch.bincount(hi, minlength=65536).cpu()
+            self._hi += chunk
+            self._seen += flat.numel()
+            self._row_numel = bits.shape[1] if bits.dim() == 2 else 1
             if self._hi_sum is not None:
                 wide = flat.to(torch.int64)
                 self._hi_sum += (
@@ -675,29 +868,37 @@ class RadixSelect:
                     .index_add_(0, wide >> 16, _mantissa(wide))
                     .cpu()
                 )
+            self._collect(flat, hi, chunk, start_row * self._row_numel)
         elif self.stage == 1:
-            for b, hist in self._lo.items():
-                hist += torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu()
+            for b in self._count_lo:
+                self._lo[b] += torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu()
         else:
             for k, counts in self._row_ties.items():
                 t = self.thresholds[k].bits
                 counts[start_row : start_row + bits.shape[0]] += (bits == t).sum(dim=1).cpu()
 
+    def _collect(self, flat: Tensor, hi: Tensor, chunk: Tensor, start: int) -> None:
+        """Pass 0's candidate windows: opened on the first chunk, narrowed, filled; given up over the cap."""
+        if self._windows is None:
+            assert self.numel is not None
+            cap = max(1 << 16, self.numel // WINDOW_CAP)
+            dtype = torch.int32 if self.numel < 1 << 31 else torch.int64
+            self._windows = {
+                k: _Window(*_Window.bounds(chunk, flat.numel(), k, self.numel, WINDOW_SLACK), flat.numel(), cap, dtype)
+                for k in self.ks
+            }
+        for k, w in list(self._windows.items()):
+            assert self.numel is not None
+            if not (w.narrow(self._hi, self._seen, k, self.numel) and w.collect(flat, hi, start)):
+                del self._windows[k]
+
     def finish_pass(self) -> None:
         if self.done:
             return
         if self.stage == 0:
-            n = int(self._hi.sum())
-            if self.ks[-1] > n:
-                raise ValueError(f"rank {self.ks[-1]} asked of a tensor of {n} elements")
-            for k in self.ks:
-                self._bucket[k] = _select(self._hi, k)
-                self._lo.setdefault(self._bucket[k][0], torch.zeros(65536, dtype=torch.int64))
-            if self._hi_sum is not None:
-                self.total_units = _hi_units(self._hi_sum)
-            self.stage = 1
+            self._finish_high()
         elif self.stage == 1:
-            for k in self.ks:
+            for k in self._bucket:
                 b, above = self._bucket[k]
                 lo, above_lo = _select(self._lo[b], k - above)
                 greater = above + above_lo
@@ -712,11 +913,42 @@ class RadixSelect:
                 self.thresholds[k].ties_before_row = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self.done = True
 
+    def _finish_high(self) -> None:
+        """End of pass 0: each k's bucket; thresholds straight from a window that holds it, else pass 1."""
+        n = int(self._hi.sum())
+        if self.ks[-1] > n:
+            raise ValueError(f"rank {self.ks[-1]} asked of a tensor of {n} elements")
+        if self._hi_sum is not None:
+            self.total_units = _hi_units(self._hi_sum)
+        windows = list((self._windows or {}).values())
+        for k in self.ks:
+            b, above = _select(self._hi, k)
+            if not self._resolve(k, b, above, [w for w in windows if w.covers(b)]):
+                self._bucket[k] = (b, above)
+                self._count_lo.add(b)
+                self._lo.setdefault(b, torch.zeros(65536, dtype=torch.int64))
+        self._windows = {}
+        self.stage = 1
+        self.done = not self._bucket
+
+    def _resolve(self, k: int, bucket: int, above: int, windows: list[_Window]) -> bool:
+        for w in windows:
+            got = w.resolve(k, bucket, above, int(self._hi[bucket]))
+            if got is None:
+                continue
+            th, lo_hist = got
+            if th.splits_ties:
+                th.ties_before_row = w.tie_rows(th.bits, self.rows, self._row_numel)
+            self.thresholds[k] = th
+            self._lo.setdefault(bucket, lo_hist)
+            return True
+        return False
+
     def release(self) -> None:
         """Drop the histograms (after the selection is done; ``top_units`` is then unavailable)."""
         assert self.done
         self._hi = self._hi_sum = None  # type: ignore[assignment]
-        self._lo, self._row_ties = {}, {}
+        self._lo, self._row_ties, self._windows = {}, {}, {}
 
     def top_units(self, k: int) -> int:
         """Exact L1 of the k largest magnitudes (needs ``want_l1``; after the selection is done)."""
@@ -736,7 +968,7 @@ class RadixSelect:
 class _PatchStats:
     """The statistics one patch's sparsifier needs for one tensor."""
 
-    def __init__(self, params: MergeParams, i: int, numel: int, rows: int):
+    def __init__(self, params: MergeParams, i: int, numel: int, rows: int, windows: bool = True):
         self.kind = params.method.sparsifier
         self.density = params.densities[i]
         self.l1 = params.rescale == "l1"
@@ -752,7 +984,8 @@ class _PatchStats:
                 if self.kind == MAGNITUDE
                 else outlier_ranks(self.density, params.gammas[i], numel)
             )
-            self.select = RadixSelect([k for k in self.ranks if k > 0], rows, self.l1)
+            ks = [k for k in self.ranks if k > 0]
+            self.select = RadixSelect(ks, rows, self.l1, numel if windows else None)
             self.done = False
         else:
             self.done = not self.l1
@@ -792,17 +1025,25 @@ class MergeStats:
             stats.finish_pass()
 
     ``task_arithmetic``, density 1 and DARE/DELLA without L1 rescale need no pass at all; TIES and
-    breadcrumbs need two (three when the threshold's ties must be split by index); L1 rescale of DARE and
-    DELLA needs one.
+    breadcrumbs need one when the candidate windows of the first pass hold their thresholds (``RadixSelect``),
+    else two (three when the threshold's ties must be split by index); L1 rescale of DARE and DELLA needs one.
+    ``windows=False`` skips the candidate windows (always two or three passes, no candidate memory).
     """
 
-    def __init__(self, params: MergeParams, shape: Sequence[int] | torch.Size, seed: int = 0, name: str = ""):
+    def __init__(
+        self,
+        params: MergeParams,
+        shape: Sequence[int] | torch.Size,
+        seed: int = 0,
+        name: str = "",
+        windows: bool = True,
+    ):
         _key(seed, name, 0)
         self.params, self.shape, self.seed, self.name = params, tuple(shape), seed, name
         self.numel = math.prod(self.shape)
         self.row_numel = math.prod(self.shape[1:]) if self.shape else 1
         self.rows = self.shape[0] if self.shape else 1
-        self.patches = [_PatchStats(params, i, self.numel, self.rows) for i in range(params.n_patches)]
+        self.patches = [_PatchStats(params, i, self.numel, self.rows, windows) for i in range(params.n_patches)]
         self.passes = 0
 
     @property
@@ -847,7 +1088,14 @@ def _check_chunk(
 
 
 def _sparsify_chunk(
-    x: Tensor, bits: Tensor | None, stats: MergeStats, i: int, start: int, start_row: int, scaled: bool = True
+    x: Tensor,
+    bits: Tensor | None,
+    stats: MergeStats,
+    i: int,
+    start: int,
+    start_row: int,
+    scaled: bool = True,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     params, p = stats.params, stats.patches[i]
     kind, density = p.kind, params.densities[i]
@@ -856,13 +1104,12 @@ def _sparsify_chunk(
     prob: Tensor | None = None
     if kind in (MAGNITUDE, OUTLIERS):
         assert p.select is not None and bits is not None
-        lo, hi = p.ranks
-        b2 = bits.view(x.shape[0] if x.dim() else 1, -1)
-        mask = p.select.thresholds[hi].top_mask(b2, start_row)
-        if lo:
-            mask &= ~p.select.thresholds[lo].top_mask(b2, start_row)
-        mask = mask.view(x.shape)
-    elif kind == RANDOM:
+        keep = _magnitude_keep(p, x, bits, start_row, alloc, i)
+        out = _masked(x, keep, alloc(f"merge.sparse{i}", x, torch.float32))
+        if not scaled or params.rescale is None:
+            return out
+        return _scaled(out, density if params.rescale == "inverse-density" else p.scale)
+    if kind == RANDOM:
         mask = dare_mask(x.shape, density, stats.seed, stats.name, i, start, x.device)
     else:
         mask, prob = della_mask(x, density, params.epsilons[i], stats.seed, stats.name, i, start)
@@ -873,6 +1120,18 @@ def _sparsify_chunk(
     return apply_mask(x, mask, p.scale)
 
 
+def _magnitude_keep(p: _PatchStats, x: Tensor, bits: Tensor, start_row: int, alloc: Alloc, i: int) -> Tensor:
+    """The integer keep-mask (−1/0) of ranks ``p.ranks`` for a chunk: the top ``hi`` minus the top ``lo``."""
+    assert p.select is not None
+    lo, hi = p.ranks
+    b2 = bits.view(x.shape[0] if x.dim() else 1, -1)
+    keep = p.select.thresholds[hi].keep(b2, start_row, alloc(f"merge.keep{i}", b2, torch.int32))
+    if lo:
+        top = p.select.thresholds[lo].keep(b2, start_row, alloc(f"merge.keep_top{i}", b2, torch.int32))
+        keep.bitwise_and_(top.bitwise_not_())
+    return keep.view(x.shape)
+
+
 def merge_chunk(
     deltas_chunk: Sequence[Tensor],
     stats: MergeStats,
@@ -880,15 +1139,19 @@ def merge_chunk(
     seed: int,
     name: str,
     start_index: int,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     """Merge one row chunk (flat elements from ``start_index``) of every patch's delta: the same bytes as
-    the matching rows of ``merge_tensor`` on the whole tensor. ``stats`` must be done."""
+    the matching rows of ``merge_tensor`` on the whole tensor. ``stats`` must be done. Temporaries and the
+    result come from ``alloc`` (the inputs are left alone)."""
     start_row = _check_chunk(deltas_chunk, stats, params, seed, name, start_index)
     if not stats.done:
         raise ValueError(f"{name}: merge statistics are incomplete; run every pass first")
     sparse = []
     for i, d in enumerate(deltas_chunk):
         x = d.float()
-        bits = _abs_bits32(x) if stats.patches[i].select is not None else None
-        sparse.append(_sparsify_chunk(x, bits, stats, i, start_index, start_row))
-    return _combine(sparse, params)
+        bits = None
+        if stats.patches[i].select is not None:
+            bits = _abs_bits32(x, alloc(f"merge.bits{i}", x, torch.int32))
+        sparse.append(_sparsify_chunk(x, bits, stats, i, start_index, start_row, alloc=alloc))
+    return _combine(sparse, params, alloc)

@@ -324,6 +324,12 @@ def _mark_concat(plan: Plan, inputs: list[_Input], params: MergeParams, enc: Any
     return replace(plan, steps=steps)
 
 
+def _warm(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The merge kernels' ``Alloc`` on the engine's per-thread scratch buffers: warm ones, reused chunk after
+    chunk (a chunk's merged rows, in one of them, are written or added before the worker takes the next)."""
+    return scratch(f"kernel.{slot}", tuple(like.shape), dtype, like.device)
+
+
 # ---- one merged tensor ----------------------------------------------------------------------------------
 
 
@@ -447,7 +453,7 @@ class _MergeTensor:
         if self.whole:  # a copy: callers accumulate into what they get
             return (self._merged_whole()[r0:r1] if self.shape else self._merged_whole()).clone()
         assert self.stats is not None
-        out = merge_chunk(list(x), self.stats, self.params, self.seed, self.name, r0 * self.row_elems)
+        out = merge_chunk(list(x), self.stats, self.params, self.seed, self.name, r0 * self.row_elems, _warm)
         if self.checks_output and not self.checked and not all_finite(out):
             # name the input; finite inputs whose merge overflows are written as they are
             for (i, dname, _), d in zip(self.roles, (x[i] for i, _, _ in self.roles), strict=True):
