@@ -746,10 +746,12 @@ class _Window:
 
     The window starts from the first chunk's estimate of the k-th largest and only ever narrows (to the
     running histogram's estimate, each time the elements seen double), so every chunk was collected over a
-    superset of the final window: the candidates in it are complete. A narrowing drops the others."""
+    superset of the final window: the candidates in it are complete. A narrowing drops the others. With
+    ``open_top`` (a small k) the window reaches up to the largest magnitudes: the first chunk says little
+    about where the few largest entries are, and there are few candidates above the estimate anyway."""
 
-    def __init__(self, lo: int, hi: int, seen: int, cap: int, index_dtype: torch.dtype):
-        self.lo, self.hi = lo, hi
+    def __init__(self, lo: int, hi: int, seen: int, cap: int, index_dtype: torch.dtype, open_top: bool = False):
+        self.lo, self.hi, self.open_top = lo, (0xFFFF if open_top else hi), open_top
         self.first = self.next_narrow = seen
         self.cap, self.index_dtype = cap, index_dtype
         self.bits: list[Tensor] = []
@@ -771,7 +773,7 @@ class _Window:
         self.next_narrow = 2 * seen
         slack = max(WINDOW_MIN_SLACK, WINDOW_SLACK * math.sqrt(self.first / seen))
         lo, hi = self.bounds(hist, seen, k, numel, slack)
-        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        lo, hi = max(lo, self.lo), (self.hi if self.open_top else min(hi, self.hi))
         if lo > hi:
             return False
         if (lo, hi) != (self.lo, self.hi):
@@ -883,8 +885,15 @@ class RadixSelect:
             assert self.numel is not None
             cap = max(1 << 16, self.numel // WINDOW_CAP)
             dtype = torch.int32 if self.numel < 1 << 31 else torch.int64
+            # a small k (a few entries kept) may sit in any chunk: collect everything above the estimate
             self._windows = {
-                k: _Window(*_Window.bounds(chunk, flat.numel(), k, self.numel, WINDOW_SLACK), flat.numel(), cap, dtype)
+                k: _Window(
+                    *_Window.bounds(chunk, flat.numel(), k, self.numel, WINDOW_SLACK),
+                    flat.numel(),
+                    cap,
+                    dtype,
+                    open_top=4 * k <= cap,
+                )
                 for k in self.ks
             }
         for k, w in list(self._windows.items()):

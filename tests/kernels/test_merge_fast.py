@@ -136,3 +136,88 @@ def test_merge_chunk_equals_merge_tensor_on_nonfinite_and_tied_inputs():
             stats.finish_pass()
         parts = [mk.merge_chunk([d[r : r + 6] for d in deltas], stats, p, 0, "t", r * 100) for r in range(0, 40, 6)]
         assert same(torch.cat(parts), whole), method
+
+
+# ---- one-pass selection from candidate windows -------------------------------------------------------------
+
+
+def _select_all(x: torch.Tensor, ks, rows_per_chunk: int, windows: bool, reverse: bool = False):
+    rows = x.shape[0]
+    sel = mk.RadixSelect(ks, rows=rows, want_l1=True, numel=x.numel() if windows else None)
+    starts = list(range(0, rows, rows_per_chunk))
+    passes = 0
+    while not sel.done:
+        for r in reversed(starts) if reverse else starts:
+            sel.update(mk._abs_bits32(x[r : r + rows_per_chunk]), r)
+        sel.finish_pass()
+        passes += 1
+    return sel, passes
+
+
+def _same_thresholds(a: mk.RadixSelect, b: mk.RadixSelect) -> None:
+    for k in a.ks:
+        ta, tb = a.thresholds[k], b.thresholds[k]
+        assert (ta.bits, ta.greater, ta.equal, ta.keep_equal) == (tb.bits, tb.greater, tb.equal, tb.keep_equal), k
+        if ta.splits_ties:
+            assert torch.equal(ta.ties_before_row, tb.ties_before_row), k
+        assert a.top_units(k) == b.top_units(k), k
+
+
+def _ties_at_threshold(n_rows: int = 2000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return (torch.randint(-6, 7, (n_rows, 64), generator=g).float() * 0.125).contiguous()
+
+
+def _randn(rows: int, seed: int = 6) -> torch.Tensor:
+    return torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _with_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    flat = x.view(-1)
+    pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(7))
+    flat[pick[:640]] = float("nan")
+    flat[pick[640:700]] = -float("inf")
+    return x
+
+
+# 128000 elements: density-0.2 ranks (25600) are too many for an open-topped window, so these use the
+# narrow one; ranks under a quarter of the cap (65536) collect everything above their estimate
+CASES = {
+    # name: (tensor, ranks, rows per chunk, one pass expected in chunk order)
+    "many equal magnitudes at the threshold": (_ties_at_threshold(), [25600, 90000], 200, True),
+    "smooth values, small chunks": (_randn(2000), [25600], 20, True),
+    "first chunk unlike the rest": (torch.cat([torch.full((200, 64), 1e-3), _randn(1800)]), [25600], 200, False),
+    "all zeros (over the cap)": (torch.zeros(2000, 64), [25600], 200, False),
+    "density·numel < 1: k = 1": (_randn(2000), [1], 20, True),
+    "few kept, largest in a late chunk": (torch.cat([_randn(1900), _randn(100) * 10]), [300], 200, True),
+    "NaN and Inf on top": (_with_nonfinite(_randn(2000)), [700, 25600], 200, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_windowed_select_equals_the_radix_passes(case, reverse):
+    x, ks, rows, one_pass = CASES[case]
+    windowed, passes = _select_all(x, ks, rows, windows=True, reverse=reverse)
+    plain, plain_passes = _select_all(x, ks, rows, windows=False, reverse=reverse)
+    _same_thresholds(windowed, plain)
+    if not reverse:  # chunk order decides the first window; in reverse the first chunk is another one
+        assert (passes == 1) == one_pass, (passes, plain_passes)
+    assert passes <= plain_passes
+
+
+def test_windowed_merge_equals_merge_tensor_with_breadcrumbs_and_l1():
+    torch.manual_seed(3)
+    deltas = [_ties_at_threshold(200), torch.randn(200, 64), torch.randn(200, 64).to(torch.bfloat16).float()]
+    for method, kw in (("ties", {"densities": [0.2, 0.3, 1e-5]}), ("breadcrumbs_ties", {"gammas": 0.02})):
+        p = mk.validate_merge(method, 3, weights=[1.0, 1.0, 0.5], rescale="l1", **kw)
+        whole = mk.merge_tensor(deltas, p, name="t")
+        for rows in (7, 20, 200):
+            stats = mk.MergeStats(p, (200, 64), 0, "t")
+            while not stats.done:
+                for r in range(0, 200, rows):
+                    stats.update([d[r : r + rows] for d in deltas], r * 64)
+                stats.finish_pass()
+            starts = range(0, 200, rows)
+            parts = [mk.merge_chunk([d[r : r + rows] for d in deltas], stats, p, 0, "t", r * 64) for r in starts]
+            assert same(torch.cat(parts), whole), (method, rows)
