@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -727,10 +728,21 @@ class Threshold:
 
 
 def _select(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bucket, count above it) of the k-th largest entry of a 65536-bucket histogram."""
-    desc = hist.flip(0).cumsum(0)
+    """(bucket, count above it) of the k-th largest entry of a 65536-bucket histogram: the block of 256
+    buckets first, then the bucket inside it (two small cumulative sums instead of one of 65536)."""
+    coarse = hist.view(256, 256).sum(1)
+    block, above = _first_reaching(coarse, k, 0)
+    fine = hist[block * 256 : (block + 1) * 256]
+    b, above = _first_reaching(fine, k, above)
+    return block * 256 + b, above
+
+
+def _first_reaching(hist: Tensor, k: int, above: int) -> tuple[int, int]:
+    """The highest index b of ``hist`` at which ``above`` + the counts from the top down to b reach k, and
+    the count above b (``above`` included)."""
+    desc = hist.flip(0).cumsum(0) + above
     j = int(torch.searchsorted(desc, torch.tensor([k], dtype=desc.dtype)))
-    b = 65535 - j
+    b = hist.numel() - 1 - j
     return b, int(desc[j]) - int(hist[b])
 
 
@@ -784,15 +796,22 @@ class _Window:
             self.count = sum(b.numel() for b in self.bits)
         return True
 
-    def _inside(self, hi16: Tensor) -> Tensor:
-        return (hi16 >= self.lo) & (hi16 <= self.hi)
+    def _inside(self, hi16: Tensor, lo: int | None = None, hi: int | None = None) -> Tensor:
+        lo = self.lo if lo is None else lo
+        hi = self.hi if hi is None else hi
+        return (hi16 >= lo) & (hi16 <= hi)
 
-    def collect(self, flat: Tensor, hi16: Tensor, start: int) -> bool:
-        """Keep a chunk's candidates (flat elements from ``start``); False when over the cap."""
-        idx = self._inside(hi16).nonzero().squeeze(1)
-        self.bits.append(flat[idx])
-        self.index.append(idx.add_(start).to(self.index_dtype))
-        self.count += idx.numel()
+    def candidates(self, flat: Tensor, hi16: Tensor, start: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """A chunk's candidates over the bounds ``[lo, hi]``: their bit patterns and flat indices (the chunk's
+        elements start at flat index ``start``). Touches no state: threads may run it at once."""
+        idx = self._inside(hi16, lo, hi).nonzero().squeeze(1)
+        return flat[idx], idx.add_(start).to(self.index_dtype)
+
+    def add(self, bits: Tensor, index: Tensor) -> bool:
+        """Keep a chunk's candidates; False when the window is over its cap."""
+        self.bits.append(bits)
+        self.index.append(index)
+        self.count += index.numel()
         return self.count <= self.cap
 
     def covers(self, bucket: int) -> bool:
@@ -849,38 +868,59 @@ class RadixSelect:
         self._windows: dict[int, _Window] | None = None if numel else {}
         self._seen = 0
         self._row_numel = 1
+        self._lock = threading.Lock()
         self.thresholds: dict[int, Threshold] = {}
         self.total_units = 0
 
     def update(self, bits: Tensor, start_row: int) -> None:
-        """Add a chunk of |x| bit patterns (int32 or int64, shaped (rows, row_numel)) from row ``start_row``."""
+        """Add a chunk of |x| bit patterns (int32 or int64, shaped (rows, row_numel)) from row ``start_row``.
+
+        Chunks of one pass may be added from several threads at once: each computes its chunk's counts and
+        candidates on its own and only adds them up under the lock."""
         if self.done:
             return
         flat = bits.reshape(-1)
         hi = flat >> 16
         if self.stage == 0:
-            chunk = torch.bincount(hi, minlength=65536).cpu()
-            self._hi += chunk
-            self._seen += flat.numel()
-            self._row_numel = bits.shape[1] if bits.dim() == 2 else 1
-            if self._hi_sum is not None:
-                wide = flat.to(torch.int64)
-                self._hi_sum += (
-                    torch.zeros(65536, dtype=torch.int64, device=flat.device)
-                    .index_add_(0, wide >> 16, _mantissa(wide))
-                    .cpu()
-                )
-            self._collect(flat, hi, chunk, start_row * self._row_numel)
+            self._update_high(flat, hi, bits.shape[1] if bits.dim() == 2 else 1, start_row)
         elif self.stage == 1:
-            for b in self._count_lo:
-                self._lo[b] += torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu()
+            counts = {b: torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu() for b in self._count_lo}
+            with self._lock:
+                for b, c in counts.items():
+                    self._lo[b] += c
         else:
-            for k, counts in self._row_ties.items():
-                t = self.thresholds[k].bits
-                counts[start_row : start_row + bits.shape[0]] += (bits == t).sum(dim=1).cpu()
+            ties = {k: (bits == self.thresholds[k].bits).sum(dim=1).cpu() for k in self._row_ties}
+            with self._lock:
+                for k, c in ties.items():
+                    self._row_ties[k][start_row : start_row + bits.shape[0]] += c
 
-    def _collect(self, flat: Tensor, hi: Tensor, chunk: Tensor, start: int) -> None:
-        """Pass 0's candidate windows: opened on the first chunk, narrowed, filled; given up over the cap."""
+    def _update_high(self, flat: Tensor, hi: Tensor, row_numel: int, start_row: int) -> None:
+        """Pass 0: the high-bits histogram (and mantissa sums for L1), and the candidate windows' share."""
+        chunk = torch.bincount(hi, minlength=65536).cpu()
+        sums = None
+        if self._hi_sum is not None:
+            wide = flat.to(torch.int64)
+            zeros = torch.zeros(65536, dtype=torch.int64, device=flat.device)
+            sums = zeros.index_add_(0, wide >> 16, _mantissa(wide)).cpu()
+        with self._lock:
+            self._hi += chunk
+            if sums is not None:
+                self._hi_sum += sums
+            self._seen += flat.numel()
+            self._row_numel = row_numel
+            windows = self._open_windows(chunk, flat.numel())
+        start = start_row * row_numel
+        found = {k: w.candidates(flat, hi, start, lo, top) for k, (w, lo, top) in windows.items()}
+        with self._lock:
+            for k, (bits, index) in found.items():
+                w = self._windows.get(k) if self._windows else None
+                if w is not None and not w.add(bits, index):
+                    del self._windows[k]
+
+    def _open_windows(self, chunk: Tensor, n: int) -> dict[int, tuple[_Window, int, int]]:
+        """Under the lock: the windows (opened on the first chunk, narrowed as the running histogram grows)
+        and the bounds this chunk collects over. A window only narrows, so a chunk collected over older,
+        wider bounds than another's holds every candidate of the final window too."""
         if self._windows is None:
             assert self.numel is not None
             cap = max(1 << 16, self.numel // WINDOW_CAP)
@@ -888,18 +928,18 @@ class RadixSelect:
             # a small k (a few entries kept) may sit in any chunk: collect everything above the estimate
             self._windows = {
                 k: _Window(
-                    *_Window.bounds(chunk, flat.numel(), k, self.numel, WINDOW_SLACK),
-                    flat.numel(),
-                    cap,
-                    dtype,
-                    open_top=4 * k <= cap,
+                    *_Window.bounds(chunk, n, k, self.numel, WINDOW_SLACK), n, cap, dtype, open_top=4 * k <= cap
                 )
                 for k in self.ks
             }
+        out = {}
         for k, w in list(self._windows.items()):
             assert self.numel is not None
-            if not (w.narrow(self._hi, self._seen, k, self.numel) and w.collect(flat, hi, start)):
+            if w.narrow(self._hi, self._seen, k, self.numel):
+                out[k] = (w, w.lo, w.hi)
+            else:
                 del self._windows[k]
+        return out
 
     def finish_pass(self) -> None:
         if self.done:
@@ -985,6 +1025,7 @@ class _PatchStats:
         self.select: RadixSelect | None = None
         self.ranks: tuple[int, int] = (0, numel)
         self._before = self._after = 0
+        self._lock = threading.Lock()
         if self.kind is None or self.density >= 1:
             self.kind, self.done = None, True
         elif self.kind in (MAGNITUDE, OUTLIERS):
@@ -1006,8 +1047,10 @@ class _PatchStats:
             self.select.update(bits, start_row)
         else:  # random/della with l1: one pass
             assert sparse is not None
-            self._before += l1_units(x)
-            self._after += l1_units(sparse)
+            before, after = l1_units(x), l1_units(sparse)
+            with self._lock:
+                self._before += before
+                self._after += after
 
     def finish_pass(self) -> None:
         if self.done:
@@ -1059,8 +1102,9 @@ class MergeStats:
     def done(self) -> bool:
         return all(p.done for p in self.patches)
 
-    def update(self, deltas_chunk: Sequence[Tensor], start_index: int) -> None:
-        """Add one row chunk of every patch's delta (the elements from flat index ``start_index``)."""
+    def update(self, deltas_chunk: Sequence[Tensor], start_index: int, alloc: Alloc = fresh) -> None:
+        """Add one row chunk of every patch's delta (the elements from flat index ``start_index``). Chunks of
+        a pass may be added from several threads at once; temporaries come from ``alloc``."""
         start_row = _check_chunk(deltas_chunk, self, self.params, self.seed, self.name, start_index)
         for i, (p, d) in enumerate(zip(self.patches, deltas_chunk, strict=True)):
             if p.done:
@@ -1069,7 +1113,8 @@ class MergeStats:
             sparse = None
             if p.select is None:
                 sparse = _sparsify_chunk(x, None, self, i, start_index, start_row, scaled=False)
-            p.update(x, _abs_bits32(x).view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
+            bits = _abs_bits32(x, alloc("merge.stats_bits", x, torch.int32))
+            p.update(x, bits.view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
 
     def finish_pass(self) -> None:
         """End a pass over all chunks. Once the last pass is done the histograms are dropped: ``merge_chunk``

@@ -443,9 +443,10 @@ class _MergeTensor:
         self.stats = MergeStats(self.params, self.shape, self.seed, self.name)
 
     def observe(self, x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
-        """A statistics pass: add one chunk (the engine calls this in chunk order)."""
+        """A statistics pass: add one chunk (from any worker, in any order: ``MergeStats.update`` adds up
+        under a lock only what each chunk computed on its own, so the workers' histograms overlap)."""
         assert self.stats is not None
-        self.stats.update(list(x), r0 * self.row_elems)
+        self.stats.update(list(x), r0 * self.row_elems, _warm)
         return x[0]
 
     def merged(self, x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -521,8 +522,9 @@ class _MergeTensor:
 
 
 def _gather_stats(tensors: list[_MergeTensor], dev: torch.device) -> None:
-    """Streaming statistics passes (ordered engine jobs that write nothing), a few tensors at a time so the
-    histograms held at once stay few. Tensors that need no pass are done at once."""
+    """Streaming statistics passes (engine jobs that write nothing; their chunks are observed by whichever
+    worker loaded them), a few tensors at a time so the histograms and candidate windows held at once stay
+    few. Tensors that need no pass are done at once."""
     todo = [t for t in tensors if t.needs_stats]
     for k in range(0, len(todo), STATS_GROUP):
         group = todo[k : k + STATS_GROUP]
@@ -530,7 +532,7 @@ def _gather_stats(tensors: list[_MergeTensor], dev: torch.device) -> None:
             t.new_stats()
         pending = [t for t in group if not t.stats.done]  # type: ignore[union-attr]
         while pending:
-            jobs = [Job(t.name, t.shape, torch.float32, t.load, t.observe) for t in pending]
+            jobs = [Job(t.name, t.shape, torch.float32, t.load, t.observe, parallel=True) for t in pending]
             run([Shard("", jobs)], None, dev)
             for t in pending:
                 t.stats.finish_pass()  # type: ignore[union-attr]

@@ -221,3 +221,21 @@ def test_windowed_merge_equals_merge_tensor_with_breadcrumbs_and_l1():
             starts = range(0, 200, rows)
             parts = [mk.merge_chunk([d[r : r + rows] for d in deltas], stats, p, 0, "t", r * 64) for r in starts]
             assert same(torch.cat(parts), whole), (method, rows)
+
+
+def test_statistics_from_several_threads_at_once_equal_merge_tensor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    deltas = [_ties_at_threshold(2000), _randn(2000, 8), _with_nonfinite(_randn(2000, 9)).nan_to_num_(0.0)]
+    p = mk.validate_merge("ties", 3, densities=[0.2, 0.3, 0.1], rescale="l1")
+    whole = mk.merge_tensor(deltas, p, name="t")
+    for _ in range(3):
+        stats = mk.MergeStats(p, (2000, 64), 0, "t")
+        with ThreadPoolExecutor(4) as pool:
+            while not stats.done:
+                chunks = [([d[r : r + 50] for d in deltas], r * 64) for r in range(0, 2000, 50)]
+                list(pool.map(stats.update, *zip(*chunks, strict=True)))
+                stats.finish_pass()
+        assert stats.passes == 1
+        parts = [mk.merge_chunk([d[r : r + 50] for d in deltas], stats, p, 0, "t", r * 64) for r in range(0, 2000, 50)]
+        assert same(torch.cat(parts), whole)
