@@ -769,6 +769,7 @@ class _Window:
         self.bits: list[Tensor] = []
         self.index: list[Tensor] = []
         self.count = 0
+        self.lo_hist: Tensor | None = None
 
     @staticmethod
     def bounds(hist: Tensor, n: int, k: int, numel: int, slack: float) -> tuple[int, int]:
@@ -817,24 +818,27 @@ class _Window:
     def covers(self, bucket: int) -> bool:
         return self.lo <= bucket <= self.hi
 
-    def resolve(self, k: int, bucket: int, above: int, bucket_count: int) -> tuple[Threshold, Tensor] | None:
+    def resolve(
+        self, k: int, bucket: int, above: int, bucket_count: int, rows: int, row_numel: int
+    ) -> Threshold | None:
         """The k-th largest from the candidates (``bucket``: its high bits, ``above``: the count above that
-        bucket), with the low-bits histogram of the bucket; None if the candidates are not the whole bucket."""
-        bits = torch.cat(self.bits) if self.bits else torch.zeros(0, dtype=torch.int64)
-        in_bucket = bits[(bits >> 16) == bucket]
-        lo_hist = torch.bincount((in_bucket & 0xFFFF).to(torch.int64), minlength=65536).cpu()
-        if int(lo_hist.sum()) != bucket_count:
+        bucket; with ``ties_before_row`` when its ties are split), or None if the candidates are not the
+        whole bucket. ``lo_hist``: the bucket's low-bits histogram, for ``top_units``."""
+        parts = [((b >> 16) == bucket, b, i) for b, i in zip(self.bits, self.index, strict=True)]
+        if not parts:
             return None
-        lo, above_lo = _select(lo_hist, k - above)
+        bits = torch.cat([b[m] for m, b, _ in parts])
+        self.lo_hist = torch.bincount((bits & 0xFFFF).to(torch.int64), minlength=65536).cpu()
+        if int(self.lo_hist.sum()) != bucket_count:
+            return None
+        lo, above_lo = _select(self.lo_hist, k - above)
         greater = above + above_lo
-        th = Threshold(k, (bucket << 16) | lo, greater, int(lo_hist[lo]), k - greater)
-        return th, lo_hist
-
-    def tie_rows(self, t: int, rows: int, row_numel: int) -> Tensor:
-        """``ties_before_row`` of threshold bits ``t``: the exclusive prefix of its per-row counts."""
-        index = torch.cat(self.index)[torch.cat(self.bits) == t].to(torch.int64)
-        counts = torch.bincount(index // row_numel, minlength=rows).cpu()
-        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        th = Threshold(k, (bucket << 16) | lo, greater, int(self.lo_hist[lo]), k - greater)
+        if th.splits_ties:  # the exclusive prefix of the per-row counts of the entries equal to it
+            index = torch.cat([i[m] for m, _, i in parts])[bits == th.bits].to(torch.int64)
+            counts = torch.bincount(index // row_numel, minlength=rows).cpu()
+            th.ties_before_row = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return th
 
 
 class RadixSelect:
@@ -982,15 +986,12 @@ class RadixSelect:
 
     def _resolve(self, k: int, bucket: int, above: int, windows: list[_Window]) -> bool:
         for w in windows:
-            got = w.resolve(k, bucket, above, int(self._hi[bucket]))
-            if got is None:
-                continue
-            th, lo_hist = got
-            if th.splits_ties:
-                th.ties_before_row = w.tie_rows(th.bits, self.rows, self._row_numel)
-            self.thresholds[k] = th
-            self._lo.setdefault(bucket, lo_hist)
-            return True
+            th = w.resolve(k, bucket, above, int(self._hi[bucket]), self.rows, self._row_numel)
+            if th is not None:
+                assert w.lo_hist is not None
+                self.thresholds[k] = th
+                self._lo.setdefault(bucket, w.lo_hist)
+                return True
         return False
 
     def release(self) -> None:
