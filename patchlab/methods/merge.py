@@ -36,7 +36,17 @@ import torch
 
 from patchlab.digests import same_algorithm
 from patchlab.engine.devices import resolve_device
-from patchlab.engine.executor import Job, Shard, assemble, atomic_output, check_output, run, scratch
+from patchlab.engine.executor import (
+    Job,
+    Shard,
+    assemble,
+    atomic_output,
+    check_output,
+    run,
+    scratch,
+    trim_heap,
+    trim_heap_every,
+)
 from patchlab.engine.sources import Fixups, PatchDelta
 from patchlab.errors import IncompatiblePatchError, MergeConfigError, NonFiniteDeltaError, PatchFormatError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype
@@ -447,6 +457,9 @@ class _MergeTensor:
         under a lock only what each chunk computed on its own, so the workers' histograms overlap)."""
         assert self.stats is not None
         self.stats.update(list(x), r0 * self.row_elems, _warm)
+        # the candidate windows keep small tensors across chunks: between them, the freed per-chunk
+        # temporaries stay resident (+250 MiB peak on the 1.1B TIES merge) unless the heap is given back
+        trim_heap_every(16)
         return x[0]
 
     def merged(self, x: tuple[torch.Tensor, ...], r0: int, r1: int) -> torch.Tensor:
@@ -537,6 +550,7 @@ def _gather_stats(tensors: list[_MergeTensor], dev: torch.device) -> None:
             for t in pending:
                 t.stats.finish_pass()  # type: ignore[union-attr]
                 t.checked = True
+            trim_heap()  # the finished passes' candidates are gone
             pending = [t for t in pending if not t.stats.done]  # type: ignore[union-attr]
 
 
