@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,15 @@ import torch
 from patchlab.errors import MergeConfigError
 
 Tensor = torch.Tensor
+Alloc = Callable[[str, Tensor, torch.dtype], Tensor]
+"""``alloc(slot, like, dtype)``: an uninitialized tensor shaped and placed like ``like``. The streaming kernels
+take their temporaries from it, so a caller can hand out warm buffers reused chunk after chunk (the engine's
+``scratch``); a slot's buffer is only reused once the chunk that asked for it is done."""
+
+
+def fresh(slot: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The default ``Alloc``: a new tensor each time (what the in-memory kernels and tests get)."""
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -280,10 +290,31 @@ def _abs_bits(x: Tensor) -> Tensor:
     return x.float().abs().contiguous().view(torch.int32).to(torch.int64)
 
 
-def _abs_bits32(x: Tensor) -> Tensor:
+def _abs_bits32(x: Tensor, out: Tensor | None = None) -> Tensor:
     """``_abs_bits`` as int32 (the sign bit is clear, so the order is the same): half the memory traffic of
-    int64 for the streaming passes, which only compare, shift, mask and histogram the patterns."""
-    return x.float().abs().contiguous().view(torch.int32)
+    int64 for the streaming passes, which only compare, shift, mask and histogram the patterns. ``out``: an
+    int32 buffer shaped like ``x`` to write them into."""
+    if out is None:
+        return x.float().abs().contiguous().view(torch.int32)
+    torch.abs(x.float(), out=out.view(torch.float32))
+    return out
+
+
+def _keep_ge(bits: Tensor, t: int, out: Tensor) -> Tensor:
+    """Integer keep-mask (−1: keep, 0: drop) of ``bits >= t`` for non-negative fp32 bit patterns, into ``out``.
+
+    ``~((bits − t) >> 31)`` never overflows (both lie in [0, 2**31)), and integer masks are several times
+    cheaper on CPU than boolean compares followed by ``torch.where``."""
+    if t > 0x7FFFFFFF:
+        return out.zero_()
+    return torch.sub(bits, t, out=out).bitwise_right_shift_(31).bitwise_not_()
+
+
+def _masked(x: Tensor, keep: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(keep != 0, x, +0.0)`` for fp32 ``x`` and an integer keep-mask (−1/0), bit for bit (NaN
+    payloads included), as a bitwise and of the patterns, into the fp32 buffer ``out``."""
+    torch.bitwise_and(x.contiguous().view(torch.int32), keep, out=out.view(torch.int32))
+    return out
 
 
 def _mantissa(bits: Tensor) -> Tensor:
@@ -422,14 +453,18 @@ def della_mask(
 def apply_mask(delta: Tensor, mask: Tensor, scale: Tensor | float | None = None) -> Tensor:
     """``delta`` where ``mask`` (dropped entries +0.0), times ``scale`` when given (``/ keep_prob`` for a
     tensor of probabilities, ``/ density`` for a float: the inverse-density rescale)."""
-    out = torch.where(mask, delta.float(), 0.0)
+    return _scaled(torch.where(mask, delta.float(), 0.0), scale)
+
+
+def _scaled(out: Tensor, scale: Tensor | float | None) -> Tensor:
+    """``apply_mask``'s rescale, in place on the masked ``out`` (the same rounding as a new tensor)."""
     if scale is None:
         return out
     if isinstance(scale, float):
-        return out / scale
+        return out.div_(scale)
     if scale.dtype == torch.float64:
-        return out / scale.to(torch.float32)
-    return out * scale
+        return out.div_(scale.to(torch.float32))
+    return out.mul_(scale)
 
 
 def magnitude_trim(delta: Tensor, density: float) -> Tensor:
@@ -456,15 +491,39 @@ def della_drop(delta: Tensor, density: float, epsilon: float, seed: int, name: s
 # sign election and disjoint merge
 
 
-def elect_sign(weighted: Sequence[Tensor], method: str = "sum") -> Tensor:
+def elect_sign(weighted: Sequence[Tensor], method: str = "sum", alloc: Alloc = fresh) -> Tensor:
     """The elected sign (fp32 ±1) of weighted deltas: ``sum`` — sign of Σ wᵢΔᵢ, ``count`` — sign of
-    Σ sign(wᵢΔᵢ); a tie (0) elects +."""
+    Σ sign(wᵢΔᵢ); a tie (0) elects +, a NaN sum −. Temporaries and the result come from ``alloc``."""
     if method not in SIGN_ELECTIONS:
         raise MergeConfigError(f"unknown sign election {method!r}{_closest(method, SIGN_ELECTIONS)}")
-    total = weighted[0].clone() if method == "sum" else weighted[0].sign()
-    for t in weighted[1:]:
-        total += t if method == "sum" else t.sign()
-    return torch.where(total >= 0, 1.0, -1.0)
+    first = weighted[0]
+    total = alloc("merge.total", first, torch.float32)
+    if method == "sum":
+        if len(weighted) > 1:
+            torch.add(first, weighted[1], out=total)
+        else:
+            total.copy_(first)
+        for t in weighted[2:]:
+            total.add_(t)
+    else:
+        torch.sign(first, out=total)
+        tmp = alloc("merge.sign_tmp", first, torch.float32) if len(weighted) > 1 else total
+        for t in weighted[1:]:
+            total.add_(torch.sign(t, out=tmp))
+    return _sign_of(total, alloc("merge.sign", first, torch.float32))
+
+
+def _sign_of(total: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(total >= 0, 1.0, -1.0)`` into ``out``, with integer operations on the bit patterns.
+
+    ``total`` is scratch: adding +0.0 turns −0.0 (which elects +) into +0.0. Then "−" is a set sign bit or a
+    NaN (magnitude bits above +Inf's): ``(0x7F800000 − (b & 0x7FFFFFFF)) | b`` has its sign bit set exactly
+    then (no term overflows); that bit, spread by ``>> 31`` and masked, is the sign bit of ±1.0."""
+    b = total.add_(0.0).view(torch.int32)
+    s = out.view(torch.int32)
+    torch.bitwise_and(b, 0x7FFFFFFF, out=s).neg_().add_(0x7F800000).bitwise_or_(b)
+    s.bitwise_right_shift_(31).bitwise_and_(-0x80000000).bitwise_or_(0x3F800000)
+    return out
 
 
 def disjoint_merge(
@@ -473,38 +532,57 @@ def disjoint_merge(
     sign: Tensor | None,
     normalize: bool,
     lambda_: float = 1.0,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     """Σ of the weighted deltas that agree with ``sign`` (all of them when None; zeros never agree), divided
     when ``normalize`` by the sum of the agreeing weights at each entry (0 → 1; Σwᵢ without a sign,
-    |Σwᵢ| < 1e-8 → 1, as mergekit), then times λ."""
-    mixed: Tensor | None = None
-    divisor: Tensor | None = None
+    |Σwᵢ| < 1e-8 → 1, as mergekit), then times λ. The inputs are left alone; temporaries and the result
+    come from ``alloc``."""
     if sign is None:
-        for t in weighted:
-            mixed = t.clone() if mixed is None else mixed.add_(t)
-        assert mixed is not None
+        mixed = alloc("merge.mixed", weighted[0], torch.float32).copy_(weighted[0])
+        for t in weighted[1:]:
+            mixed.add_(t)
         if normalize:
             total = math.fsum(weights)
-            mixed = mixed / (1.0 if abs(total) < 1e-8 else total)
+            mixed.div_(1.0 if abs(total) < 1e-8 else total)
     else:
-        # t·sign is |t| where t agrees with the elected sign and <= 0 elsewhere (exact: sign is ±1). The
-        # agreeing entries all carry the elected sign and rounding is symmetric, so sign·Σ|t| has the same
-        # bytes as Σ t over them; adding +0.0 turns the -0.0 of "nothing agrees" into the +0.0 written there.
-        for t, w in zip(weighted, weights, strict=True):
-            u = t * sign
-            if normalize:
-                agree = u > 0
-                part = agree if w == 1 else agree * w
-                divisor = part.to(torch.float32) if divisor is None else divisor.add_(part)
-            u.clamp_(min=0.0)
-            mixed = u if mixed is None else mixed.add_(u)
-        assert mixed is not None
-        mixed = mixed.mul_(sign).add_(0.0)
-        if normalize:
-            assert divisor is not None
-            mixed = mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        mixed = _agreeing_sum(weighted, weights, sign, normalize, alloc)
     if lambda_ != 1:
-        mixed = mixed * lambda_
+        mixed.mul_(lambda_)
+    return mixed
+
+
+def _agreeing_sum(
+    weighted: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool, alloc: Alloc
+) -> Tensor:
+    """``disjoint_merge`` with a sign, before λ.
+
+    t·sign is |t| where t agrees with the elected sign and <= 0 elsewhere (exact: sign is ±1). The agreeing
+    entries all carry the elected sign and rounding is symmetric, so sign·Σ|t| has the same bytes as Σ t over
+    them; adding +0.0 turns the -0.0 of "nothing agrees" into the +0.0 written there."""
+    mixed = alloc("merge.mixed", sign, torch.float32)
+    u = alloc("merge.agree_part", sign, torch.float32) if len(weighted) > 1 else mixed
+    agree = alloc("merge.agree", sign, torch.bool) if normalize else None
+    divisor = alloc("merge.divisor", sign, torch.float32) if normalize else None
+    for i, (t, w) in enumerate(zip(weighted, weights, strict=True)):
+        part = torch.mul(t, sign, out=mixed if i == 0 else u)
+        if divisor is not None and agree is not None:
+            torch.gt(part, 0, out=agree)
+            share = agree if w == 1 else agree * w
+            if i == 0:
+                divisor.copy_(share)
+            else:
+                divisor.add_(share)
+        part.clamp_(min=0.0)
+        if i:
+            mixed.add_(part)
+    mixed.mul_(sign).add_(0.0)
+    if divisor is not None:
+        if min(weights) >= 1:  # agreeing weights then sum to 0 or to at least 1: clamping is the same fill
+            divisor.clamp_(min=1.0)
+        else:
+            divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
     return mixed
 
 
@@ -512,10 +590,10 @@ def _weight(t: Tensor, w: float) -> Tensor:
     return t if w == 1 else t * w
 
 
-def _combine(sparse: Sequence[Tensor], params: MergeParams) -> Tensor:
+def _combine(sparse: Sequence[Tensor], params: MergeParams, alloc: Alloc = fresh) -> Tensor:
     weighted = [_weight(t, w) for t, w in zip(sparse, params.weights, strict=True)]
-    sign = elect_sign(weighted, params.sign_election) if params.sign_election else None
-    return disjoint_merge(weighted, params.weights, sign, params.normalize, params.lambda_)
+    sign = elect_sign(weighted, params.sign_election, alloc) if params.sign_election else None
+    return disjoint_merge(weighted, params.weights, sign, params.normalize, params.lambda_, alloc)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -615,24 +693,154 @@ class Threshold:
     def splits_ties(self) -> bool:
         return self.bits != 0 and self.keep_equal < self.equal
 
+    def _ties_kept(self, start_row: int, end_row: int) -> bool | None:
+        """Whether rows ``[start_row, end_row)`` keep all (True) or none (False) of their entries equal to the
+        threshold, or None when the k-th rank falls among them (only there is a running ordinal needed)."""
+        assert self.ties_before_row is not None
+        if int(self.ties_before_row[end_row]) <= self.keep_equal:
+            return True
+        if int(self.ties_before_row[start_row]) >= self.keep_equal:
+            return False
+        return None
+
     def top_mask(self, bits: Tensor, start_row: int) -> Tensor:
         """Mask of ranks below k for a chunk of |x| bit patterns shaped (rows, row_numel) from ``start_row``."""
         if self.bits == 0:
             return bits > 0
         if not self.splits_ties:
             return bits >= self.bits
+        kept = self._ties_kept(start_row, start_row + bits.shape[0])
+        if kept is not None:
+            return bits >= self.bits if kept else bits > self.bits
         assert self.ties_before_row is not None
         eq = bits == self.bits
         ordinal = torch.cumsum(eq.reshape(-1), 0).view(eq.shape) + (int(self.ties_before_row[start_row]) - 1)
         return (bits > self.bits) | (eq & (ordinal < self.keep_equal))
 
+    def keep(self, bits: Tensor, start_row: int, out: Tensor) -> Tensor:
+        """``top_mask`` as an integer keep-mask (−1/0) in the int32 buffer ``out``, for int32 ``bits``."""
+        if self.bits == 0:
+            return _keep_ge(bits, 1, out)
+        kept = self._ties_kept(start_row, start_row + bits.shape[0]) if self.splits_ties else True
+        if kept is None:
+            return out.copy_(self.top_mask(bits, start_row)).neg_()
+        return _keep_ge(bits, self.bits if kept else self.bits + 1, out)
+
 
 def _select(hist: Tensor, k: int) -> tuple[int, int]:
-    """(bucket, count above it) of the k-th largest entry of a 65536-bucket histogram."""
-    desc = hist.flip(0).cumsum(0)
+    """(bucket, count above it) of the k-th largest entry of a 65536-bucket histogram: the block of 256
+    buckets first, then the bucket inside it (two small cumulative sums instead of one of 65536)."""
+    coarse = hist.view(256, 256).sum(1)
+    block, above = _first_reaching(coarse, k, 0)
+    fine = hist[block * 256 : (block + 1) * 256]
+    b, above = _first_reaching(fine, k, above)
+    return block * 256 + b, above
+
+
+def _first_reaching(hist: Tensor, k: int, above: int) -> tuple[int, int]:
+    """The highest index b of ``hist`` at which ``above`` + the counts from the top down to b reach k, and
+    the count above b (``above`` included)."""
+    desc = hist.flip(0).cumsum(0) + above
     j = int(torch.searchsorted(desc, torch.tensor([k], dtype=desc.dtype)))
-    b = 65535 - j
+    b = hist.numel() - 1 - j
     return b, int(desc[j]) - int(hist[b])
+
+
+WINDOW_SLACK = 0.1  # the first candidate window spans the ranks k·(1 ± 0.1) of the first chunk's histogram
+WINDOW_MIN_SLACK = 0.02  # ... and narrows towards k·(1 ± 0.02) of the running histogram as chunks come in
+WINDOW_CAP = 16  # a window holding more than numel/16 candidates (or 65536, if more) is given up
+
+
+class _Window:
+    """Every |x| bit pattern whose high 16 bits lie in ``[lo, hi]``, with its flat index: the candidates for
+    one rank k, collected during the high-bits pass so that, when the k-th largest lands in the window, its
+    low bits and its ties' positions come from them instead of two more passes over the tensor.
+
+    The window starts from the first chunk's estimate of the k-th largest and only ever narrows (to the
+    running histogram's estimate, each time the elements seen double), so every chunk was collected over a
+    superset of the final window: the candidates in it are complete. A narrowing drops the others. With
+    ``open_top`` (a small k) the window reaches up to the largest magnitudes: the first chunk says little
+    about where the few largest entries are, and there are few candidates above the estimate anyway."""
+
+    def __init__(self, lo: int, hi: int, seen: int, cap: int, index_dtype: torch.dtype, open_top: bool = False):
+        self.lo, self.hi, self.open_top = lo, (0xFFFF if open_top else hi), open_top
+        self.first = self.next_narrow = seen
+        self.cap, self.index_dtype = cap, index_dtype
+        self.bits: list[Tensor] = []
+        self.index: list[Tensor] = []
+        self.count = 0
+        self.lo_hist: Tensor | None = None
+
+    @staticmethod
+    def bounds(hist: Tensor, n: int, k: int, numel: int, slack: float) -> tuple[int, int]:
+        """High-16-bit buckets holding the ranks ``k·(1 ± slack)`` as estimated from ``hist`` of n elements."""
+        kc = k * n / numel
+        top, _ = _select(hist, max(1, math.floor(kc * (1 - slack))))
+        bottom, _ = _select(hist, min(n, math.ceil(kc * (1 + slack)) + 1))
+        return bottom, top
+
+    def narrow(self, hist: Tensor, seen: int, k: int, numel: int) -> bool:
+        """Shrink towards the running estimate once the elements seen have doubled; False when it is empty."""
+        if seen < self.next_narrow:
+            return True
+        self.next_narrow = 2 * seen
+        slack = max(WINDOW_MIN_SLACK, WINDOW_SLACK * math.sqrt(self.first / seen))
+        lo, hi = self.bounds(hist, seen, k, numel, slack)
+        lo, hi = max(lo, self.lo), (self.hi if self.open_top else min(hi, self.hi))
+        if lo > hi:
+            return False
+        if (lo, hi) != (self.lo, self.hi):
+            self.lo, self.hi = lo, hi
+            keep = [self._inside(b >> 16) for b in self.bits]
+            self.bits = [b[m] for b, m in zip(self.bits, keep, strict=True)]
+            self.index = [i[m] for i, m in zip(self.index, keep, strict=True)]
+            self.count = sum(b.numel() for b in self.bits)
+        return True
+
+    def _inside(self, hi16: Tensor) -> Tensor:
+        return (hi16 >= self.lo) & (hi16 <= self.hi)
+
+    def candidates(
+        self, flat: Tensor, hi16: Tensor, start: int, lo: int, hi: int, alloc: Alloc = fresh
+    ) -> tuple[Tensor, Tensor]:
+        """A chunk's candidates over the bounds ``[lo, hi]``: their bit patterns and flat indices (the chunk's
+        elements start at flat index ``start``). Touches no state: threads may run it at once."""
+        inside = torch.ge(hi16, lo, out=alloc("merge.inside", hi16, torch.bool))
+        inside.logical_and_(torch.le(hi16, hi, out=alloc("merge.below", hi16, torch.bool)))
+        idx = inside.nonzero().squeeze(1)
+        return flat[idx], idx.add_(start).to(self.index_dtype)
+
+    def add(self, bits: Tensor, index: Tensor) -> bool:
+        """Keep a chunk's candidates; False when the window is over its cap."""
+        self.bits.append(bits)
+        self.index.append(index)
+        self.count += index.numel()
+        return self.count <= self.cap
+
+    def covers(self, bucket: int) -> bool:
+        return self.lo <= bucket <= self.hi
+
+    def resolve(
+        self, k: int, bucket: int, above: int, bucket_count: int, rows: int, row_numel: int
+    ) -> Threshold | None:
+        """The k-th largest from the candidates (``bucket``: its high bits, ``above``: the count above that
+        bucket; with ``ties_before_row`` when its ties are split), or None if the candidates are not the
+        whole bucket. ``lo_hist``: the bucket's low-bits histogram, for ``top_units``."""
+        parts = [((b >> 16) == bucket, b, i) for b, i in zip(self.bits, self.index, strict=True)]
+        if not parts:
+            return None
+        bits = torch.cat([b[m] for m, b, _ in parts])
+        self.lo_hist = torch.bincount((bits & 0xFFFF).to(torch.int64), minlength=65536).cpu()
+        if int(self.lo_hist.sum()) != bucket_count:
+            return None
+        lo, above_lo = _select(self.lo_hist, k - above)
+        greater = above + above_lo
+        th = Threshold(k, (bucket << 16) | lo, greater, int(self.lo_hist[lo]), k - greater)
+        if th.splits_ties:  # the exclusive prefix of the per-row counts of the entries equal to it
+            index = torch.cat([i[m] for m, _, i in parts])[bits == th.bits].to(torch.int64)
+            counts = torch.bincount(index // row_numel, minlength=rows).cpu()
+            th.ties_before_row = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return th
 
 
 class RadixSelect:
@@ -643,61 +851,111 @@ class RadixSelect:
     come first can be told apart. Memory: 65536-bucket histograms, plus one count per row in pass 2.
     Chunks of a pass may come in any order. With ``want_l1`` the exact L1 norms of the whole tensor and
     of each top-k set come out too (integer units of 2**-149).
+
+    Given ``numel`` (the tensor's element count), pass 0 also collects the candidates of a window of
+    buckets around an estimate of each k-th largest (``_Window``): when the true bucket lies inside, passes
+    1 and 2 are not needed (``passes`` is 1). The thresholds are the same either way; a missed estimate
+    only costs the passes it could not save.
     """
 
-    def __init__(self, ks: Sequence[int], rows: int, want_l1: bool = False):
+    def __init__(self, ks: Sequence[int], rows: int, want_l1: bool = False, numel: int | None = None):
         self.ks = sorted(set(ks))
         if not self.ks or self.ks[0] < 1:
             raise ValueError(f"ranks must be >= 1, got {ks}")
-        self.rows, self.want_l1 = rows, want_l1
+        self.rows, self.want_l1, self.numel = rows, want_l1, numel
         self.stage = 0
         self.done = False
         self._hi = torch.zeros(65536, dtype=torch.int64)
         self._hi_sum = torch.zeros(65536, dtype=torch.int64) if want_l1 else None
         self._lo: dict[int, Tensor] = {}
+        self._count_lo: set[int] = set()  # buckets whose low bits pass 1 histograms
         self._bucket: dict[int, tuple[int, int]] = {}
         self._row_ties: dict[int, Tensor] = {}
+        self._windows: dict[int, _Window] | None = None if numel else {}
+        self._seen = 0
+        self._row_numel = 1
+        self._lock = threading.Lock()
         self.thresholds: dict[int, Threshold] = {}
         self.total_units = 0
 
-    def update(self, bits: Tensor, start_row: int) -> None:
-        """Add a chunk of |x| bit patterns (int32 or int64, shaped (rows, row_numel)) from row ``start_row``."""
+    def update(self, bits: Tensor, start_row: int, alloc: Alloc = fresh) -> None:
+        """Add a chunk of |x| bit patterns (int32 or int64, shaped (rows, row_numel)) from row ``start_row``.
+
+        Chunks of one pass may be added from several threads at once: each computes its chunk's counts and
+        candidates on its own and only adds them up under the lock. Chunk-sized temporaries come from
+        ``alloc``: between the small candidate tensors a window keeps, fresh ones fragment the C heap (+250
+        MiB of freed but resident pages on the 1.1B merge)."""
         if self.done:
             return
         flat = bits.reshape(-1)
-        hi = flat >> 16
+        hi = torch.bitwise_right_shift(flat, 16, out=alloc("merge.hi16", flat, flat.dtype))
         if self.stage == 0:
-            self._hi += torch.bincount(hi, minlength=65536).cpu()
-            if self._hi_sum is not None:
-                wide = flat.to(torch.int64)
-                self._hi_sum += (
-                    torch.zeros(65536, dtype=torch.int64, device=flat.device)
-                    .index_add_(0, wide >> 16, _mantissa(wide))
-                    .cpu()
-                )
+            self._update_high(flat, hi, bits.shape[1] if bits.dim() == 2 else 1, start_row, alloc)
         elif self.stage == 1:
-            for b, hist in self._lo.items():
-                hist += torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu()
+            counts = {b: torch.bincount(flat[hi == b] & 0xFFFF, minlength=65536).cpu() for b in self._count_lo}
+            with self._lock:
+                for b, c in counts.items():
+                    self._lo[b] += c
         else:
-            for k, counts in self._row_ties.items():
-                t = self.thresholds[k].bits
-                counts[start_row : start_row + bits.shape[0]] += (bits == t).sum(dim=1).cpu()
+            ties = {k: (bits == self.thresholds[k].bits).sum(dim=1).cpu() for k in self._row_ties}
+            with self._lock:
+                for k, c in ties.items():
+                    self._row_ties[k][start_row : start_row + bits.shape[0]] += c
+
+    def _update_high(self, flat: Tensor, hi: Tensor, row_numel: int, start_row: int, alloc: Alloc) -> None:
+        """Pass 0: the high-bits histogram (and mantissa sums for L1), and the candidate windows' share."""
+        chunk = torch.bincount(hi, minlength=65536).cpu()
+        sums = None
+        if self._hi_sum is not None:
+            wide = flat.to(torch.int64)
+            zeros = torch.zeros(65536, dtype=torch.int64, device=flat.device)
+            sums = zeros.index_add_(0, wide >> 16, _mantissa(wide)).cpu()
+        with self._lock:
+            self._hi += chunk
+            if sums is not None:
+                self._hi_sum += sums
+            self._seen += flat.numel()
+            self._row_numel = row_numel
+            windows = self._open_windows(chunk, flat.numel())
+        start = start_row * row_numel
+        found = {k: w.candidates(flat, hi, start, lo, top, alloc) for k, (w, lo, top) in windows.items()}
+        with self._lock:
+            for k, (bits, index) in found.items():
+                w = self._windows.get(k) if self._windows else None
+                if w is not None and not w.add(bits, index):
+                    del self._windows[k]
+
+    def _open_windows(self, chunk: Tensor, n: int) -> dict[int, tuple[_Window, int, int]]:
+        """Under the lock: the windows (opened on the first chunk, narrowed as the running histogram grows)
+        and the bounds this chunk collects over. A window only narrows, so a chunk collected over older,
+        wider bounds than another's holds every candidate of the final window too."""
+        if self._windows is None:
+            assert self.numel is not None
+            cap = max(1 << 16, self.numel // WINDOW_CAP)
+            dtype = torch.int32 if self.numel < 1 << 31 else torch.int64
+            # a small k (a few entries kept) may sit in any chunk: collect everything above the estimate
+            self._windows = {
+                k: _Window(
+                    *_Window.bounds(chunk, n, k, self.numel, WINDOW_SLACK), n, cap, dtype, open_top=4 * k <= cap
+                )
+                for k in self.ks
+            }
+        out = {}
+        for k, w in list(self._windows.items()):
+            assert self.numel is not None
+            if w.narrow(self._hi, self._seen, k, self.numel):
+                out[k] = (w, w.lo, w.hi)
+            else:
+                del self._windows[k]
+        return out
 
     def finish_pass(self) -> None:
         if self.done:
             return
         if self.stage == 0:
-            n = int(self._hi.sum())
-            if self.ks[-1] > n:
-                raise ValueError(f"rank {self.ks[-1]} asked of a tensor of {n} elements")
-            for k in self.ks:
-                self._bucket[k] = _select(self._hi, k)
-                self._lo.setdefault(self._bucket[k][0], torch.zeros(65536, dtype=torch.int64))
-            if self._hi_sum is not None:
-                self.total_units = _hi_units(self._hi_sum)
-            self.stage = 1
+            self._finish_high()
         elif self.stage == 1:
-            for k in self.ks:
+            for k in self._bucket:
                 b, above = self._bucket[k]
                 lo, above_lo = _select(self._lo[b], k - above)
                 greater = above + above_lo
@@ -712,11 +970,39 @@ class RadixSelect:
                 self.thresholds[k].ties_before_row = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             self.done = True
 
+    def _finish_high(self) -> None:
+        """End of pass 0: each k's bucket; thresholds straight from a window that holds it, else pass 1."""
+        n = int(self._hi.sum())
+        if self.ks[-1] > n:
+            raise ValueError(f"rank {self.ks[-1]} asked of a tensor of {n} elements")
+        if self._hi_sum is not None:
+            self.total_units = _hi_units(self._hi_sum)
+        windows = list((self._windows or {}).values())
+        for k in self.ks:
+            b, above = _select(self._hi, k)
+            if not self._resolve(k, b, above, [w for w in windows if w.covers(b)]):
+                self._bucket[k] = (b, above)
+                self._count_lo.add(b)
+                self._lo.setdefault(b, torch.zeros(65536, dtype=torch.int64))
+        self._windows = {}
+        self.stage = 1
+        self.done = not self._bucket
+
+    def _resolve(self, k: int, bucket: int, above: int, windows: list[_Window]) -> bool:
+        for w in windows:
+            th = w.resolve(k, bucket, above, int(self._hi[bucket]), self.rows, self._row_numel)
+            if th is not None:
+                assert w.lo_hist is not None
+                self.thresholds[k] = th
+                self._lo.setdefault(bucket, w.lo_hist)
+                return True
+        return False
+
     def release(self) -> None:
         """Drop the histograms (after the selection is done; ``top_units`` is then unavailable)."""
         assert self.done
         self._hi = self._hi_sum = None  # type: ignore[assignment]
-        self._lo, self._row_ties = {}, {}
+        self._lo, self._row_ties, self._windows = {}, {}, {}
 
     def top_units(self, k: int) -> int:
         """Exact L1 of the k largest magnitudes (needs ``want_l1``; after the selection is done)."""
@@ -736,7 +1022,7 @@ class RadixSelect:
 class _PatchStats:
     """The statistics one patch's sparsifier needs for one tensor."""
 
-    def __init__(self, params: MergeParams, i: int, numel: int, rows: int):
+    def __init__(self, params: MergeParams, i: int, numel: int, rows: int, windows: bool = True):
         self.kind = params.method.sparsifier
         self.density = params.densities[i]
         self.l1 = params.rescale == "l1"
@@ -744,6 +1030,7 @@ class _PatchStats:
         self.select: RadixSelect | None = None
         self.ranks: tuple[int, int] = (0, numel)
         self._before = self._after = 0
+        self._lock = threading.Lock()
         if self.kind is None or self.density >= 1:
             self.kind, self.done = None, True
         elif self.kind in (MAGNITUDE, OUTLIERS):
@@ -752,20 +1039,23 @@ class _PatchStats:
                 if self.kind == MAGNITUDE
                 else outlier_ranks(self.density, params.gammas[i], numel)
             )
-            self.select = RadixSelect([k for k in self.ranks if k > 0], rows, self.l1)
+            ks = [k for k in self.ranks if k > 0]
+            self.select = RadixSelect(ks, rows, self.l1, numel if windows else None)
             self.done = False
         else:
             self.done = not self.l1
 
-    def update(self, x: Tensor, bits: Tensor, sparse: Tensor | None, start_row: int) -> None:
+    def update(self, x: Tensor, bits: Tensor, sparse: Tensor | None, start_row: int, alloc: Alloc = fresh) -> None:
         if self.done:
             return
         if self.select is not None:
-            self.select.update(bits, start_row)
+            self.select.update(bits, start_row, alloc)
         else:  # random/della with l1: one pass
             assert sparse is not None
-            self._before += l1_units(x)
-            self._after += l1_units(sparse)
+            before, after = l1_units(x), l1_units(sparse)
+            with self._lock:
+                self._before += before
+                self._after += after
 
     def finish_pass(self) -> None:
         if self.done:
@@ -792,25 +1082,34 @@ class MergeStats:
             stats.finish_pass()
 
     ``task_arithmetic``, density 1 and DARE/DELLA without L1 rescale need no pass at all; TIES and
-    breadcrumbs need two (three when the threshold's ties must be split by index); L1 rescale of DARE and
-    DELLA needs one.
+    breadcrumbs need one when the candidate windows of the first pass hold their thresholds (``RadixSelect``),
+    else two (three when the threshold's ties must be split by index); L1 rescale of DARE and DELLA needs one.
+    ``windows=False`` skips the candidate windows (always two or three passes, no candidate memory).
     """
 
-    def __init__(self, params: MergeParams, shape: Sequence[int] | torch.Size, seed: int = 0, name: str = ""):
+    def __init__(
+        self,
+        params: MergeParams,
+        shape: Sequence[int] | torch.Size,
+        seed: int = 0,
+        name: str = "",
+        windows: bool = True,
+    ):
         _key(seed, name, 0)
         self.params, self.shape, self.seed, self.name = params, tuple(shape), seed, name
         self.numel = math.prod(self.shape)
         self.row_numel = math.prod(self.shape[1:]) if self.shape else 1
         self.rows = self.shape[0] if self.shape else 1
-        self.patches = [_PatchStats(params, i, self.numel, self.rows) for i in range(params.n_patches)]
+        self.patches = [_PatchStats(params, i, self.numel, self.rows, windows) for i in range(params.n_patches)]
         self.passes = 0
 
     @property
     def done(self) -> bool:
         return all(p.done for p in self.patches)
 
-    def update(self, deltas_chunk: Sequence[Tensor], start_index: int) -> None:
-        """Add one row chunk of every patch's delta (the elements from flat index ``start_index``)."""
+    def update(self, deltas_chunk: Sequence[Tensor], start_index: int, alloc: Alloc = fresh) -> None:
+        """Add one row chunk of every patch's delta (the elements from flat index ``start_index``). Chunks of
+        a pass may be added from several threads at once; temporaries come from ``alloc``."""
         start_row = _check_chunk(deltas_chunk, self, self.params, self.seed, self.name, start_index)
         for i, (p, d) in enumerate(zip(self.patches, deltas_chunk, strict=True)):
             if p.done:
@@ -819,7 +1118,8 @@ class MergeStats:
             sparse = None
             if p.select is None:
                 sparse = _sparsify_chunk(x, None, self, i, start_index, start_row, scaled=False)
-            p.update(x, _abs_bits32(x).view(x.shape[0] if x.dim() else 1, -1), sparse, start_row)
+            bits = _abs_bits32(x, alloc("merge.stats_bits", x, torch.int32))
+            p.update(x, bits.view(x.shape[0] if x.dim() else 1, -1), sparse, start_row, alloc)
 
     def finish_pass(self) -> None:
         """End a pass over all chunks. Once the last pass is done the histograms are dropped: ``merge_chunk``
@@ -847,7 +1147,14 @@ def _check_chunk(
 
 
 def _sparsify_chunk(
-    x: Tensor, bits: Tensor | None, stats: MergeStats, i: int, start: int, start_row: int, scaled: bool = True
+    x: Tensor,
+    bits: Tensor | None,
+    stats: MergeStats,
+    i: int,
+    start: int,
+    start_row: int,
+    scaled: bool = True,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     params, p = stats.params, stats.patches[i]
     kind, density = p.kind, params.densities[i]
@@ -856,13 +1163,12 @@ def _sparsify_chunk(
     prob: Tensor | None = None
     if kind in (MAGNITUDE, OUTLIERS):
         assert p.select is not None and bits is not None
-        lo, hi = p.ranks
-        b2 = bits.view(x.shape[0] if x.dim() else 1, -1)
-        mask = p.select.thresholds[hi].top_mask(b2, start_row)
-        if lo:
-            mask &= ~p.select.thresholds[lo].top_mask(b2, start_row)
-        mask = mask.view(x.shape)
-    elif kind == RANDOM:
+        keep = _magnitude_keep(p, x, bits, start_row, alloc, i)
+        out = _masked(x, keep, alloc(f"merge.sparse{i}", x, torch.float32))
+        if not scaled or params.rescale is None:
+            return out
+        return _scaled(out, density if params.rescale == "inverse-density" else p.scale)
+    if kind == RANDOM:
         mask = dare_mask(x.shape, density, stats.seed, stats.name, i, start, x.device)
     else:
         mask, prob = della_mask(x, density, params.epsilons[i], stats.seed, stats.name, i, start)
@@ -873,6 +1179,18 @@ def _sparsify_chunk(
     return apply_mask(x, mask, p.scale)
 
 
+def _magnitude_keep(p: _PatchStats, x: Tensor, bits: Tensor, start_row: int, alloc: Alloc, i: int) -> Tensor:
+    """The integer keep-mask (−1/0) of ranks ``p.ranks`` for a chunk: the top ``hi`` minus the top ``lo``."""
+    assert p.select is not None
+    lo, hi = p.ranks
+    b2 = bits.view(x.shape[0] if x.dim() else 1, -1)
+    keep = p.select.thresholds[hi].keep(b2, start_row, alloc(f"merge.keep{i}", b2, torch.int32))
+    if lo:
+        top = p.select.thresholds[lo].keep(b2, start_row, alloc(f"merge.keep_top{i}", b2, torch.int32))
+        keep.bitwise_and_(top.bitwise_not_())
+    return keep.view(x.shape)
+
+
 def merge_chunk(
     deltas_chunk: Sequence[Tensor],
     stats: MergeStats,
@@ -880,15 +1198,19 @@ def merge_chunk(
     seed: int,
     name: str,
     start_index: int,
+    alloc: Alloc = fresh,
 ) -> Tensor:
     """Merge one row chunk (flat elements from ``start_index``) of every patch's delta: the same bytes as
-    the matching rows of ``merge_tensor`` on the whole tensor. ``stats`` must be done."""
+    the matching rows of ``merge_tensor`` on the whole tensor. ``stats`` must be done. Temporaries and the
+    result come from ``alloc`` (the inputs are left alone)."""
     start_row = _check_chunk(deltas_chunk, stats, params, seed, name, start_index)
     if not stats.done:
         raise ValueError(f"{name}: merge statistics are incomplete; run every pass first")
     sparse = []
     for i, d in enumerate(deltas_chunk):
         x = d.float()
-        bits = _abs_bits32(x) if stats.patches[i].select is not None else None
-        sparse.append(_sparsify_chunk(x, bits, stats, i, start_index, start_row))
-    return _combine(sparse, params)
+        bits = None
+        if stats.patches[i].select is not None:
+            bits = _abs_bits32(x, alloc(f"merge.bits{i}", x, torch.int32))
+        sparse.append(_sparsify_chunk(x, bits, stats, i, start_index, start_row, alloc=alloc))
+    return _combine(sparse, params, alloc)
