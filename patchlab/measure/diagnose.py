@@ -301,6 +301,7 @@ class Diagnosis:
         thresholds: Thresholds | None = None,
         device: str = "auto",
         base_pair: BaseDrift | None = None,
+        pair_later: bool = False,
     ) -> None:
         self.patch = p = Patch.open(patch)
         self.src = _source_base(p, source_base)
@@ -321,6 +322,7 @@ class Diagnosis:
             self._plan(entry)
         if self.patch_params == 0:
             raise PatchlabError(f"{p.path}: the patch has no 'add' tensors; there is nothing to diagnose")
+        self.pair_later = pair_later  # a BaseDrift comes before result(): observe reads no source rows
         if (
             base_pair is not None
             and _same_path(base_pair.source, self.src.path)
@@ -395,7 +397,7 @@ class Diagnosis:
                 c.broken = True
                 return
             c.tdots[r0] = (delta_rows.numel(), tdot)
-            if c.pair_total is not None:
+            if c.pair_total is not None or self.pair_later:
                 return
         src_info = self.src.info(name)
         bs = self.src.rows(name, r0, r1, scratch("diagnose.src", shape, src_info.dtype)).to(delta_rows.device)
@@ -453,6 +455,34 @@ class Diagnosis:
             return x[2]
 
         return Job(name, c.shape, torch.float32, load, compute, parallel=True)
+
+    def observed(self) -> dict[str, Any]:
+        """What :meth:`observe` gathered, as JSON: a port can hand it to the process that finishes the diagnosis
+        (:meth:`load_observed`, then :meth:`result`), for instance once a :class:`BaseDrift` measured beside the
+        port is ready."""
+        out: dict[str, Any] = {}
+        for name, c in self.compared.items():
+            out[name] = {
+                "parts": {str(r0): asdict(a) for r0, a in c.parts.items()},
+                "pair": {str(r0): asdict(a) for r0, a in c.pair.items()},
+                "tdots": {str(r0): list(v) for r0, v in c.tdots.items()},
+                "broken": c.broken,
+            }
+        return {"patch": str(self.patch.path), "target": str(self.tgt.path), "tensors": out}
+
+    def load_observed(self, data: dict[str, Any]) -> None:
+        """Take over the sums another process's :meth:`observe` gathered (:meth:`observed`) for this patch and
+        target; what they lack :meth:`result` measures."""
+        if not (_same_path(data["patch"], self.patch.path) and _same_path(data["target"], self.tgt.path)):
+            raise PatchlabError(f"observed sums of {data['patch']} on {data['target']} are not this diagnosis'")
+        for name, got in data["tensors"].items():
+            c = self.compared.get(name)
+            if c is None:
+                continue
+            c.parts = {int(r0): DriftAccumulator(**a) for r0, a in got["parts"].items()}
+            c.pair = {int(r0): DriftAccumulator(**a) for r0, a in got["pair"].items()}
+            c.tdots = {int(r0): (int(v[0]), float(v[1])) for r0, v in got["tdots"].items()}
+            c.broken = bool(got["broken"])
 
     def target_sums(self) -> dict[str, dict[str, float]]:
         """Drift sums of the same Δ recorded against the target (``methods.extract.drift_sums``), for a patch that

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,7 +368,9 @@ class _Run:
         self.stash: dict[tuple[str, str], Any] = {}
         self.lock = threading.Lock()
         self._patch_dirs: dict[str, Path] = {}
-        self._pair_lock = threading.Lock()  # one base-pair measurement at a time; the others wait for its file
+        self._pairs: dict[str, Future[str | None]] = {}  # base -> its BaseDrift file, measured in the background
+        self._pair_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-drift")
+        self._pair_lock = threading.Lock()
         #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
         self.current: dict[str, str] = {}
 
@@ -379,28 +381,47 @@ class _Run:
                 self._patch_dirs[ref] = self.reg.patch_path(ref)
             return self._patch_dirs[ref]
 
+    def start_base_pair(self, base: str) -> None:
+        """Begin measuring the diagnosis sums every patch made on ``base`` shares (``measure.diagnose.BaseDrift``:
+        ``base`` -> the new base) in a background thread, beside the first ports: a pass over two bases that
+        would otherwise wait for the disk in front of them."""
+        with self._pair_lock:
+            if base not in self._pairs:
+                self._pairs[base] = self._pair_pool.submit(self._measure_base_pair, base)
+
     def base_pair(self, base: str) -> str | None:
-        """The diagnosis sums every patch made on ``base`` shares (``measure.diagnose.BaseDrift``: ``base`` -> the
-        new base), as a JSON file among the run's reports: measured once, for the tensors of the run's patches on
-        ``base`` whose manifests record their own sums (``methods.extract.drift_sums``); None when none does.
-        With it a port diagnoses its patch without reading ``base``."""
+        """The ``BaseDrift`` JSON file of ``base`` (waiting for its measurement); None when no patch needs it."""
+        self.start_base_pair(base)
+        return self._pairs[base].result()
+
+    def _measure_base_pair(self, base: str) -> str | None:
+        """Measured once for the tensors of the run's patches on ``base`` whose manifests record their own sums
+        (``methods.extract.drift_sums``), written among the run's reports (a killed run's file is reused)."""
         from patchlab.io.patch import Patch
         from patchlab.measure.diagnose import base_drift
 
         out = self.work / "reports" / f"base-drift-{re.sub(r'[^A-Za-z0-9_.@-]', '_', base)}.json"
-        with self._pair_lock:
-            if out.is_file():  # whole or absent (written atomically): a killed run's is reused
-                return str(out)
-            names: set[str] = set()
-            for p in self.plans.values():
-                if p["base"] == base and p.get("kind", "port") != "merge":
-                    names |= {e.name for e in Patch.open(self.patch_dir(p["source"])).entries() if e.drift_sums}
-            if not names:
-                return None
-            source = self.reg.checkpoint_path(base)
-            pair = base_drift(source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device)
-            write_atomic(out, pair.dumps())
+        if out.is_file():  # whole or absent (written atomically)
             return str(out)
+        names = set()
+        for p in self.plans.values():
+            if p["base"] == base and p.get("kind", "port") != "merge":
+                names |= {e.name for e in Patch.open(self.patch_dir(p["source"])).entries() if e.drift_sums}
+        if not names:
+            return None
+        source = self.reg.checkpoint_path(base)
+        pair = base_drift(source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device)
+        write_atomic(out, pair.dumps())
+        return str(out)
+
+    def records_sums(self, ref: str) -> bool:
+        """Does patch ``ref`` record its drift sums (so that a port need not read its base to diagnose it)?"""
+        from patchlab.io.patch import Patch
+
+        return any(e.drift_sums for e in Patch.open(self.patch_dir(ref)).entries())
+
+    def close(self) -> None:
+        self._pair_pool.shutdown(wait=True, cancel_futures=True)
 
     # -- step bookkeeping --
 
@@ -464,13 +485,29 @@ class _Run:
         port_ft = None if carry else ft  # else fused when the fine-tune is at hand, then re-extracted
 
         diag_out = reports / f"{name}.diagnostics.json"
+        observed_out = reports / f"{name}.observed-sums.json"  # what the port gathered for the diagnosis
         sums_out = reports / f"{name}.drift-sums.json"  # the Δ's sums against the new base, for NAME@n+1
 
         def diagnose_step() -> dict[str, Any]:
-            from patchlab.measure.diagnose import BaseDrift, PortDiagnostics, diagnose
+            from patchlab.measure.diagnose import BaseDrift, Diagnosis, PortDiagnostics, diagnose
 
-            if diag_out.is_file():  # measured on the port's own reads (port_task(diagnose=)): written whole
+            if diag_out.is_file():  # a killed run finished it: written whole
                 d = PortDiagnostics.from_json(json.loads(diag_out.read_text()))
+            elif observed_out.is_file():  # gathered on the port's own reads (port_task(diagnose=)): finish it
+                pair = self.base_pair(base)
+                diag = Diagnosis(
+                    self.patch_dir(src),
+                    target,
+                    source_base=self.reg.checkpoint_path(base),
+                    intruders=bool(self.opts.get("intruders", True)),
+                    device=self.device,
+                    base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
+                )
+                diag.load_observed(json.loads(observed_out.read_text()))
+                d = diag.result()
+                if carry:
+                    write_atomic(sums_out, json.dumps(diag.target_sums()))
+                write_atomic(diag_out, d.dumps())
             else:
                 pair = self.base_pair(base)
                 d = diagnose(
@@ -504,9 +541,8 @@ class _Run:
                 "diagnose": {
                     "source_base": str(self.reg.checkpoint_path(base)),
                     "intruders": bool(self.opts.get("intruders", True)),
-                    "out": str(diag_out),
-                    "base_pair": self.base_pair(base),
-                    "sums_out": str(sums_out) if carry else None,
+                    "out": str(observed_out),
+                    "pair_later": self.records_sums(src),
                 }
                 if port_first and self.state(name, "diagnose").state != "done"
                 else None,
@@ -881,6 +917,7 @@ def run_upgrade(
     lease = _Lease(reg, key, wait=wait, log=log, seconds=lease_seconds)
     own_executor = executor is None
     executor = executor or LocalExecutor()
+    r: _Run | None = None
     try:
         prev = reg.latest_run(family, to)
         resumed = prev is not None and prev.state != "done"
@@ -937,6 +974,9 @@ def run_upgrade(
             [p["name"] for p in plans if p.get("kind") == "merge"],
         ]
         failures: list[tuple[str, BaseException]] = []
+        for p in plans:  # the bases' shared diagnosis sums, measured beside the first ports
+            if p.get("kind") != "merge" and r.state(p["name"], "diagnose").state not in ("done", "skipped"):
+                r.start_base_pair(p["base"])
 
         def one(name: str) -> None:
             try:
@@ -977,6 +1017,8 @@ def run_upgrade(
             f"{_one_line(exc)}; the run stays resumable: rerun the same command once the registry is back"
         ) from exc
     finally:
+        if r is not None:
+            r.close()
         lease.release()
         if own_executor:
             executor.close()

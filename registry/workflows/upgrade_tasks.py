@@ -63,13 +63,13 @@ def port_task(
     """Port onto ``target`` at ``out``: fused (``target + (ft − source_base)``) when the fine-tune is given,
     else from the stored patch. An existing complete output (a killed run's) is reused.
 
-    ``diagnose`` (``source_base``, ``intruders``, ``out``: a JSON path; ``base_pair``: a ``BaseDrift`` JSON path
-    or None; ``sums_out``: a JSON path), with a port from the stored patch: the patch's diagnosis measured on the
-    port's own reads of the target and Δ, written to ``out``; the same figures as ``patchlab diagnose``. The
-    source base's rows are read on top unless the patch records its sums and ``base_pair`` gives the bases';
-    then ``sums_out`` receives the Δ's sums against the target (``Diagnosis.target_sums``)."""
+    ``diagnose`` (``source_base``, ``intruders``, ``out``: a JSON path; ``pair_later``), with a port from the
+    stored patch: the sums of the patch's diagnosis gathered on the port's own reads of the target and Δ
+    (``Diagnosis.observed``), written to ``out`` for the driver to finish (``Diagnosis.load_observed``). With
+    ``pair_later`` (the patch records its drift sums and the driver measures the two bases' sums beside the
+    port) the source base is not read here; else its rows are read on top."""
     import patchlab
-    from patchlab.measure.diagnose import BaseDrift, Diagnosis
+    from patchlab.measure.diagnose import Diagnosis
 
     out_p = Path(out)
     clean_partials(out_p)
@@ -82,22 +82,18 @@ def port_task(
         patchlab.port_fused(finetuned, source_base, target, out_p, vocab_policy=vocab_policy, device=device)
     else:
         if diagnose is not None:
-            pair = diagnose.get("base_pair")
             diag = Diagnosis(
                 patch_dir,  # type: ignore[arg-type]
                 target,
                 source_base=diagnose["source_base"],
                 intruders=bool(diagnose.get("intruders")),
                 device=device,
-                base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
+                pair_later=bool(diagnose.get("pair_later")),
             )
         observe = diag.observe if diag is not None else None
         patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device, observe=observe)
     if diag is not None and diagnose is not None:
-        result = diag.result()
-        if diagnose.get("sums_out"):
-            write_atomic(Path(diagnose["sums_out"]), json.dumps(diag.target_sums()))
-        write_atomic(Path(diagnose["out"]), result.dumps())
+        write_atomic(Path(diagnose["out"]), json.dumps(diag.observed()))
     return {"out": out, "reused": False, "fused": finetuned is not None, "diagnosed": diag is not None}
 
 

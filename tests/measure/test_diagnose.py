@@ -261,3 +261,22 @@ def test_target_sums_are_what_an_extraction_on_the_target_would_record(family, t
         assert sums[e.name]["base_dot"] == pytest.approx(float((tb * delta).sum()), rel=1e-12, abs=1e-18)
         assert sums[e.name]["base_sumsq"] == pytest.approx(float((tb * tb).sum()), rel=1e-9)
         assert sums[e.name]["delta_sumsq"] == e.drift_sums["delta_sumsq"]
+
+
+def test_a_port_hands_its_sums_to_another_process_that_finishes_the_diagnosis(family, tmp_path, monkeypatch):
+    """The upgrade's split: the port gathers ⟨base_t, Δ⟩ without the bases' sums (measured beside it) and
+    without reading the source base; the driver finishes from the JSON once the BaseDrift is there."""
+    from patchlab.measure.diagnose import Diagnosis, base_drift
+
+    want = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    d = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False, pair_later=True)
+    monkeypatch.setattr(d.src, "rows", lambda *a, **k: pytest.fail("read the source base"))
+    patchlab.port(family["patch"], family["near"], tmp_path / "out", device="cpu", observe=d.observe)
+    sent = json.loads(json.dumps(d.observed()))
+    pair = base_drift(family["base"], family["near"], list(patchlab.Patch.open(family["patch"]).names), device="cpu")
+    done = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False, base_pair=pair)
+    done.load_observed(sent)
+    monkeypatch.setattr("patchlab.measure.diagnose.run", lambda *a, **k: pytest.fail("measured again"))
+    assert done.result().to_json() == want.to_json()
+    with pytest.raises(patchlab.errors.PatchlabError, match="not this diagnosis"):
+        Diagnosis(family["patch"], family["far"], device="cpu", intruders=False).load_observed(sent)
