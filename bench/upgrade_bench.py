@@ -29,6 +29,9 @@ import patchlab  # noqa: E402
 from registry import Registry  # noqa: E402
 from registry.workflows.upgrade import run_upgrade  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from run_port import drop_from_cache  # noqa: E402
+
 MODELS = ROOT / "fixtures" / "models"
 
 
@@ -45,7 +48,7 @@ def view(src: Path, dst: Path) -> Path:
     return dst
 
 
-def family_bench(family: Path, jobs_list: list[int], work: Path) -> None:
+def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = False) -> None:
     """Three patches of the 1.1B family, v1 -> v2: per patch, the workflow's steps without evaluation against
     ``patchlab.port`` of the same patch onto v2 (best of two, warm cache; for ``--jobs 2``, ports run two at a
     time, as the workflow runs them)."""
@@ -58,11 +61,18 @@ def family_bench(family: Path, jobs_list: list[int], work: Path) -> None:
         t0 = time.perf_counter()
         patches[k] = patchlab.extract(v["src"], v[k], work / "patches" / k, device="cpu").path
         print(f"setup: extract {k} {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
+
+    def inputs(k: str) -> list[Path]:
+        """What a port of patch k reads: the target's weights and the patch's files."""
+        return [*(family / "target").glob("*.safetensors"), *Path(patches[k]).rglob("*.safetensors")]
+
     port_s = {}
     for k in fts:
         t = []
         for i in range(2):
             out = work / f"port-{k}-{i}"
+            if cold:
+                drop_from_cache(inputs(k))
             t0 = time.perf_counter()
             patchlab.port(patches[k], v["target"], out, device="cpu")
             t.append(time.perf_counter() - t0)
@@ -83,6 +93,9 @@ def family_bench(family: Path, jobs_list: list[int], work: Path) -> None:
             return dt
 
         for _ in range(2):
+            if cold:
+                for k in fts:
+                    drop_from_cache(inputs(k))
             with ThreadPoolExecutor(2) as pool:
                 got = dict(zip(fts, pool.map(timed_port, fts), strict=True))
             port_s2 = {k: min(got[k], port_s2.get(k, float("inf"))) for k in fts}
@@ -138,11 +151,17 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--family", type=Path, default=None, help="the 1.1B family (src, target, ft, ft2, ft3)")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="--family: evict each baseline port's inputs from the page cache first (the workflow's ports run "
+        "after evaluations that load two fp32 models, which on a small machine evict them too)",
+    )
     a = ap.parse_args()
     if a.family is not None:
         work = Path(tempfile.mkdtemp(prefix="upgrade-bench-", dir=a.work))
         try:
-            family_bench(a.family, a.jobs, work)
+            family_bench(a.family, a.jobs, work, cold=a.cold)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
