@@ -817,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     ports = [
         r
         for r in results
-        if r.max_abs_diff is not None and "extract" not in r.name and r.name not in ("cli-port", "cli-diff")
+        # a port from a bf16 patch and the diff itself differ from the fp32 reference by design (w1 variants too)
+        if r.max_abs_diff is not None and "extract" not in r.name and not r.name.startswith(("cli-port", "cli-diff"))
     ]
     bad = [r.name for r in ports if r.max_abs_diff > 0]
     if bad:
