@@ -371,6 +371,9 @@ class _Run:
         self._pairs: dict[str, Future[str | None]] = {}  # base -> its BaseDrift file, measured in the background
         self._pair_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-drift")
         self._pair_lock = threading.Lock()
+        self._checkpoints: dict[str, Any] = {}
+        self._loaded_pairs: dict[str, Any] = {}
+        self._records: dict[str, bool] = {}
         #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
         self.current: dict[str, str] = {}
 
@@ -414,11 +417,37 @@ class _Run:
         write_atomic(out, pair.dumps())
         return str(out)
 
+    def checkpoint(self, ref: str) -> Any:
+        """A base of the run opened once (``patchlab.io.checkpoint.Checkpoint``): every patch's diagnosis reads
+        the same two bases' headers."""
+        from patchlab.io.checkpoint import Checkpoint
+
+        with self.lock:
+            if ref not in self._checkpoints:
+                self._checkpoints[ref] = Checkpoint.open(self.reg.checkpoint_path(ref))
+            return self._checkpoints[ref]
+
+    def loaded_base_pair(self, base: str) -> Any:
+        """The ``BaseDrift`` of ``base`` (waiting for its measurement), parsed once; None when none is needed."""
+        from patchlab.measure.diagnose import BaseDrift
+
+        path = self.base_pair(base)
+        with self.lock:
+            if base not in self._loaded_pairs:
+                self._loaded_pairs[base] = BaseDrift.loads(Path(path).read_text()) if path else None
+            return self._loaded_pairs[base]
+
     def records_sums(self, ref: str) -> bool:
         """Does patch ``ref`` record its drift sums (so that a port need not read its base to diagnose it)?"""
         from patchlab.io.patch import Patch
 
-        return any(e.drift_sums for e in Patch.open(self.patch_dir(ref)).entries())
+        with self.lock:
+            if ref in self._records:
+                return self._records[ref]
+        got = any(e.drift_sums for e in Patch.open(self.patch_dir(ref)).entries())
+        with self.lock:
+            self._records[ref] = got
+        return got
 
     def close(self) -> None:
         self._pair_pool.shutdown(wait=True, cancel_futures=True)
@@ -489,19 +518,18 @@ class _Run:
         sums_out = reports / f"{name}.drift-sums.json"  # the Δ's sums against the new base, for NAME@n+1
 
         def diagnose_step() -> dict[str, Any]:
-            from patchlab.measure.diagnose import BaseDrift, Diagnosis, PortDiagnostics, diagnose
+            from patchlab.measure.diagnose import Diagnosis, PortDiagnostics, diagnose
 
             if diag_out.is_file():  # a killed run finished it: written whole
                 d = PortDiagnostics.from_json(json.loads(diag_out.read_text()))
             elif observed_out.is_file():  # gathered on the port's own reads (port_task(diagnose=)): finish it
-                pair = self.base_pair(base)
                 diag = Diagnosis(
                     self.patch_dir(src),
-                    target,
-                    source_base=self.reg.checkpoint_path(base),
+                    self.checkpoint(self.to_ref),
+                    source_base=self.checkpoint(base),
                     intruders=bool(self.opts.get("intruders", True)),
                     device=self.device,
-                    base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
+                    base_pair=self.loaded_base_pair(base),
                 )
                 diag.load_observed(json.loads(observed_out.read_text()))
                 d = diag.result()
@@ -509,14 +537,13 @@ class _Run:
                     write_atomic(sums_out, json.dumps(diag.target_sums()))
                 write_atomic(diag_out, d.dumps())
             else:
-                pair = self.base_pair(base)
                 d = diagnose(
                     self.patch_dir(src),
-                    target,
-                    source_base=self.reg.checkpoint_path(base),
+                    self.checkpoint(self.to_ref),
+                    source_base=self.checkpoint(base),
                     intruders=bool(self.opts.get("intruders", True)),
                     device=self.device,
-                    base_pair=BaseDrift.loads(Path(pair).read_text()) if pair else None,
+                    base_pair=self.loaded_base_pair(base),
                 )
                 write_atomic(diag_out, d.dumps())
             return {
