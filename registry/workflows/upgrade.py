@@ -518,11 +518,11 @@ class _Run:
         sums_out = reports / f"{name}.drift-sums.json"  # the Δ's sums against the new base, for NAME@n+1
 
         def diagnose_step() -> dict[str, Any]:
-            from patchlab.measure.diagnose import Diagnosis, PortDiagnostics, diagnose
+            from patchlab.measure.diagnose import Diagnosis, PortDiagnostics
 
             if diag_out.is_file():  # a killed run finished it: written whole
                 d = PortDiagnostics.from_json(json.loads(diag_out.read_text()))
-            elif observed_out.is_file():  # gathered on the port's own reads (port_task(diagnose=)): finish it
+            else:
                 diag = Diagnosis(
                     self.patch_dir(src),
                     self.checkpoint(self.to_ref),
@@ -531,20 +531,11 @@ class _Run:
                     device=self.device,
                     base_pair=self.loaded_base_pair(base),
                 )
-                diag.load_observed(json.loads(observed_out.read_text()))
+                if observed_out.is_file():  # gathered on the port's own reads (port_task(diagnose=)): finish it
+                    diag.load_observed(json.loads(observed_out.read_text()))
                 d = diag.result()
                 if carry:
                     write_atomic(sums_out, json.dumps(diag.target_sums()))
-                write_atomic(diag_out, d.dumps())
-            else:
-                d = diagnose(
-                    self.patch_dir(src),
-                    self.checkpoint(self.to_ref),
-                    source_base=self.checkpoint(base),
-                    intruders=bool(self.opts.get("intruders", True)),
-                    device=self.device,
-                    base_pair=self.loaded_base_pair(base),
-                )
                 write_atomic(diag_out, d.dumps())
             return {
                 "outcome": {"verdict": d.verdict.level, "reasons": d.verdict.reasons},
