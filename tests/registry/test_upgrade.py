@@ -164,6 +164,24 @@ def test_disk_full_mid_run_fails_the_step_and_resumes(family, reference, tmp_pat
     assert not differences(state(fam), reference[2]), differences(state(fam), reference[2]) and strays(fam) == []
 
 
+def test_a_diagnosis_that_fails_after_its_port_resumes_from_the_ports_sums(family, reference, tmp_path, monkeypatch):
+    """The port left its gathered sums (reports/NAME.observed-sums.json); the driver failed finishing the
+    diagnosis: the rerun finishes it from that file without porting again, and ends where an uninterrupted run does."""
+    from patchlab.measure import diagnose as dg
+
+    fam = copy_family(family, tmp_path / "fam")
+
+    def broken(self, data):
+        raise OSError(errno.EIO, "Input/output error", "observed sums")
+
+    monkeypatch.setattr(dg.Diagnosis, "load_observed", broken)
+    done = _fault_then_resume(fam, monkeypatch, "stored", "diagnose", "failed at step diagnose of stored@1")
+    ports = [s for s in done.run.steps if s.patch == "stored" and s.step == "port"]
+    assert [s.attempts for s in ports] == [1]  # not ported twice
+    assert not differences(state(fam), reference[2]), differences(state(fam), reference[2])
+    assert strays(fam) == []
+
+
 def test_missing_eval_file_fails_at_evaluate_and_resumes(family, reference, tmp_path, monkeypatch):
     fam = copy_family(family, tmp_path / "fam")
     suite = fam.home.parent / "suite.jsonl"
