@@ -50,7 +50,7 @@ class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Ma
         self.location: Location = resolve_location(url_or_path)
         self.db: Database = open_database(self.location, create=create)
         self.home: Path = self.location.home
-        self.blobs = BlobStore(self.home / "blobs")
+        self.blobs = BlobStore(self.home / "blobs", stamps=not self.location.read_only)
         self.cache = self.home / "cache"
 
     @classmethod

@@ -2,7 +2,12 @@
 
 Blobs are written to a temporary file in the store, fsynced and renamed into place, so a blob either
 exists whole or not at all; writing bytes that are already stored only refreshes the blob's mtime (gc
-uses it as a grace period). Reads can be verified by re-hashing.
+uses it as a grace period).
+
+Reads are verified: :meth:`BlobStore.check` re-hashes the bytes; :meth:`BlobStore.verified` (what using a
+blob costs) re-hashes only when the blob's size, inode or mtime changed since it was last hashed, as bases
+are checked. A stamp ``<root>/verified/ab/<64 hex>`` holds what the file looked like then. Re-hashing a
+2.5 GB patch took 1.7 s warm and 6 s cold on every use; ``patchlab verify`` still re-hashes everything.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ def is_digest(s: str) -> bool:
 class BlobStore:
     """A directory of immutable blobs named by the sha256 of their bytes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, stamps: bool = True) -> None:
         self.root = Path(root)
+        self.stamps = stamps  # False: a read-only registry, where patchlab writes nothing
         self.objects = self.root / "sha256"
         self.tmp = self.root / "tmp"
 
@@ -60,6 +66,52 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
+    # -- verification stamps --
+
+    def _stamp_path(self, digest: str) -> Path:
+        return self.root / "verified" / digest[:2] / digest
+
+    @staticmethod
+    def _file_state(path: Path) -> str:
+        st = path.stat()
+        return f"{st.st_size} {st.st_ino} {st.st_mtime_ns}"
+
+    def _mark_verified(self, digest: str) -> None:
+        """Record that the blob's bytes hashed to its name as the file is now (best effort: a read-only store
+        or a lost stamp only means hashing again)."""
+        if not self.stamps:
+            return
+        stamp = self._stamp_path(digest)
+        try:
+            state = self._file_state(self.path(digest))
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=stamp.parent, prefix=".stamp-")
+            with os.fdopen(fd, "w") as f:
+                f.write(state)
+            os.replace(tmp, stamp)
+        except OSError:
+            pass
+
+    def _stamp_holds(self, digest: str) -> bool:
+        try:
+            return self._stamp_path(digest).read_text() == self._file_state(self.path(digest))
+        except (OSError, ValueError):
+            return False
+
+    def verified(self, digest: str) -> str:
+        """'ok', 'missing' or 'damaged', re-hashing only a blob whose file changed since it was last hashed."""
+        if not self.has(digest):
+            return "missing"
+        return "ok" if self._stamp_holds(digest) else self.check(digest)
+
+    def same_file(self, path: Path, digest: str) -> bool:
+        """Is ``path`` the blob itself (a hard link to it)? Then :meth:`verified` speaks for it."""
+        try:
+            a, b = path.stat(), self.path(digest).stat()
+        except OSError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     def _ensure(self) -> None:
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -69,17 +121,20 @@ class BlobStore:
         if dest.exists() and self.check(digest) == "ok":
             os.unlink(tmp_path)
             os.utime(dest)  # refresh: a concurrent gc must see this blob as young
+            self._mark_verified(digest)
             return dest
         # absent, or present but damaged: the good bytes in hand replace it (this is how re-adding repairs)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp_path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
         os.replace(tmp_path, dest)
+        self._mark_verified(digest)  # hashed on the way in
         return dest
 
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if self.has(digest) and self.check(digest) == "ok":
             os.utime(self.path(digest))
+            self._mark_verified(digest)
             return digest
         self._ensure()
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
@@ -115,15 +170,19 @@ class BlobStore:
         return h.hexdigest(), size
 
     def check(self, digest: str) -> str:
-        """'ok', 'missing' or 'damaged' (re-hashes the bytes)."""
+        """'ok', 'missing' or 'damaged' (re-hashes the bytes; a good blob's stamp is renewed)."""
         p = self.path(digest)
         if not p.is_file():
             return "missing"
-        return "ok" if sha256_file(p) == digest else "damaged"
+        if sha256_file(p) != digest:
+            return "damaged"
+        self._mark_verified(digest)
+        return "ok"
 
     def open_path(self, digest: str, *, verify: bool = True) -> Path:
-        """The blob's path, after checking it exists and (by default) that its bytes hash to ``digest``."""
-        state = self.check(digest) if verify else ("ok" if self.has(digest) else "missing")
+        """The blob's path, after checking it exists and (by default) that its bytes hash to ``digest``
+        (:meth:`verified`: hashed again only when the file changed since it last was)."""
+        state = self.verified(digest) if verify else ("ok" if self.has(digest) else "missing")
         if state == "missing":
             raise BlobNotFoundError(
                 f"blob {digest[:12]} is missing from {self.objects}; run `patchlab verify` to list what is "
@@ -153,6 +212,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> int:
         p = self.path(digest)
+        self._stamp_path(digest).unlink(missing_ok=True)
         try:
             size = p.stat().st_size
             p.unlink()
