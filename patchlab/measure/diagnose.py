@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -235,6 +236,29 @@ class BaseDrift:
         return cls(d["source"], d["target"], tensors, dict(d.get("target_sumsq", {})))
 
 
+def _read_pair(
+    src: Checkpoint, name: str, tgt: Checkpoint, tname: str, r0: int, r1: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``r0..r1`` of one tensor of both bases, read into per-worker buffers with positional reads (the
+    engine's read-ahead covers them; faulting a cold mapped view in reads a few pages at a time)."""
+    info = src.info(name)
+    shape = (min(r1, info.shape[0]) - r0, *info.shape[1:]) if info.shape else ()
+    bs = src.rows(name, r0, r1, scratch("diagnose.read_s", shape, info.dtype))
+    bt = tgt.rows(tname, r0, r1, scratch("diagnose.read_t", shape, tgt.info(tname).dtype))
+    return bs.to(dev), bt.to(dev)
+
+
+def _advise_pair(src: Checkpoint, name: str, tgt: Checkpoint, tname: str) -> Callable[[int, int], None]:
+    """Read-ahead for both bases' rows of one tensor (see :meth:`Checkpoint.advise`)."""
+    rows = src.info(name).shape[0] if src.info(name).shape else 1
+
+    def advise(r0: int, r1: int) -> None:
+        src.advise(name, r0, min(r1, rows))
+        tgt.advise(tname, r0, min(r1, rows))
+
+    return advise
+
+
 def base_drift(
     source: str | Path | Checkpoint, target: str | Path | Checkpoint, names: list[str], device: str = "auto"
 ) -> BaseDrift:
@@ -253,10 +277,8 @@ def base_drift(
         shape = tuple(src.info(name).shape)
         got, got_t = parts.setdefault(name, {}), tsq.setdefault(name, {})
 
-        def load(r0: int, r1: int, name: str = name, tname: str = tname, shape: tuple = shape) -> tuple:
-            if shape:
-                return src.tensor(name)[r0:r1].to(dev), tgt.tensor(tname)[r0:r1].to(dev)
-            return src.tensor(name).to(dev), tgt.tensor(tname).to(dev)
+        def load(r0: int, r1: int, name: str = name, tname: str = tname) -> tuple:
+            return _read_pair(src, name, tgt, tname, r0, r1, dev)
 
         def compute(
             x: tuple[torch.Tensor, ...], r0: int, r1: int, name: str = name, got: dict = got, got_t: dict = got_t
@@ -274,7 +296,9 @@ def base_drift(
             got_t[r0] = chunk_dot(x[1], x[1], scratch("diagnose.w0", (n,), torch.float32, x[1].device), t16)
             return x[0]
 
-        jobs.append(Job(name, shape, torch.float32, load, compute, parallel=True))
+        jobs.append(
+            Job(name, shape, torch.float32, load, compute, advise=_advise_pair(src, name, tgt, tname), parallel=True)
+        )
     if jobs:
         run([Shard("", jobs)], None, dev)
     tensors = {k: _in_row_order(v) for k, v in parts.items() if v}
@@ -419,14 +443,10 @@ class Diagnosis:
 
     def _job(self, c: _Compared) -> Job:
         src, tgt, name = self.src, self.tgt, c.entry.name
-        shape = tuple(c.entry.shape)
 
         def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
-            if shape:
-                bs, bt = src.tensor(name)[r0:r1], tgt.tensor(c.tname)[r0:r1]
-            else:
-                bs, bt = src.tensor(name), tgt.tensor(c.tname)
-            return bs.to(self.dev), bt.to(self.dev), c.entry.rows(r0, r1, self.dev).reshape(bs.shape)
+            bs, bt = _read_pair(src, name, tgt, c.tname, r0, r1, self.dev)
+            return bs, bt, c.entry.rows(r0, r1, self.dev).reshape(bs.shape)
 
         def culprit(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> None:
             for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
@@ -454,7 +474,9 @@ class Diagnosis:
                 c.pair[r0] = part  # type: ignore[assignment]
             return x[2]
 
-        return Job(name, c.shape, torch.float32, load, compute, parallel=True)
+        return Job(
+            name, c.shape, torch.float32, load, compute, advise=_advise_pair(src, name, tgt, c.tname), parallel=True
+        )
 
     def observed(self) -> dict[str, Any]:
         """What :meth:`observe` gathered, as JSON: a port can hand it to the process that finishes the diagnosis
