@@ -6,7 +6,9 @@ The workflow (``registry.workflows.upgrade``) drives these; they only read and w
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 import os
 import socket
 import uuid
@@ -397,8 +399,10 @@ class Upgrades(Topic):
         output_path: str | None = None,
         report_path: str | None = None,
         error: str | None = None,
-    ) -> None:
-        def run() -> None:
+    ) -> StepInfo:
+        """Record how a step ended; returns the step as stored (the driver need not read it back)."""
+
+        def run() -> StepInfo:
             with self.db.write() as s:
                 row = self._step_row(s, run_id, patch, step)
                 now = utcnow()
@@ -412,8 +416,12 @@ class Upgrades(Topic):
                 if row.started_at is not None:
                     row.seconds = (now - row.started_at).total_seconds()
                 s.execute(update(UpgradeRunRow).where(UpgradeRunRow.id == run_id).values(updated_at=now))
+                s.flush()
+                info = _step_info(row)
+                # as a later read would give it back (tuples as lists, keys as strings)
+                return dataclasses.replace(info, outcome=json.loads(json.dumps(info.outcome)))
 
-        retry_locked(run)
+        return retry_locked(run)
 
     def get_step(self, run_id: int, patch: str, step: str) -> StepInfo:
         """One step of a run (a driver refreshing what it just wrote reads one row, not the whole run)."""

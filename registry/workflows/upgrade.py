@@ -484,7 +484,7 @@ class _Run:
         self.log(f"{patch}: {step}")
         res = fn()
         state = res.pop("_state", "done")
-        self.reg.step_finished(
+        fresh = self.reg.step_finished(
             self.run.id,
             patch,
             step,
@@ -493,7 +493,8 @@ class _Run:
             output_path=res.get("output_path"),
             report_path=res.get("report_path"),
         )
-        self._refresh(patch, step)
+        with self.lock:
+            self.steps[(patch, step)] = fresh
         self.log(f"{patch}: {step} {state} ({time.perf_counter() - t0:.2f} s)")
         return res.get("outcome")
 
