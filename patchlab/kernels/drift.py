@@ -115,7 +115,8 @@ def chunk_dot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor | None = None
     if not narrow:  # torch's own product and sum, not BLAS: the same bits whatever the buffers' alignment
         return float(a.reshape(-1).double().mul_(b.reshape(-1)).sum())
     out = work.reshape(-1)[:n] if work is not None and work.numel() >= n else torch.empty(n, device=a.device)
-    torch.mul(a.reshape(-1), b.reshape(-1), out=out)
+    # widen first: torch.mul(bf16, bf16, out=fp32) multiplies in bf16 and rounds each product to 8 bits
+    out.copy_(a.reshape(-1)).mul_(b.reshape(-1))
     # torch's cascaded fp32 sum of exact products: ~1e-10 of Σ|a·b| on 512K-element chunks, as good as fp64 here
     return float(out.sum())
 

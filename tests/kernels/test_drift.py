@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchlab.kernels.drift import DriftAccumulator, DriftStats, drift_stats, intruder_dimensions
+from patchlab.kernels.drift import DriftAccumulator, DriftStats, chunk_dot, drift_stats, intruder_dimensions
 from patchlab.measure.verdict import CARE, DO_NOT, SAFE, Thresholds, port_verdict
 from patchlab.names import is_embedding, layer_of
 
@@ -117,3 +117,18 @@ def test_verdict_levels_and_reasons():
     assert v.level == CARE and "intruder" in v.reasons[0]
     v = port_verdict(stats(rel_delta=2.0), thresholds=Thresholds(rel_delta_care=5.0))
     assert v.level == SAFE and v.thresholds["rel_delta_care"] == 5.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_dot_of_16_bit_values_sums_exact_products(dtype):
+    """The products of two 16-bit floats are exact in fp32: the chunk's sum must be that of the exact products
+    (fp64 here) to fp32 summation error, not that of products rounded to 16 bits (~1e-3 each)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(1 << 16, generator=g) * 0.02).to(dtype)
+    b = (a.float() + torch.randn(1 << 16, generator=g) * 1e-3).to(dtype)
+    for x, y in ((a, b), (a, a), (a.float(), b), (b, a.float())):
+        got = chunk_dot(x, y, torch.empty(1 << 16), narrow=True)
+        truth = float((x.double() * y.double()).sum())
+        assert abs(got - truth) <= 3e-7 * abs(truth), (x.dtype, y.dtype, got, truth)  # rounded products: 4e-6
+    # widening a 16-bit operand first changes nothing: the same exact products, the same sum
+    assert chunk_dot(a, b, narrow=True) == chunk_dot(a.float(), b, narrow=True) == chunk_dot(b, a.float(), narrow=True)
