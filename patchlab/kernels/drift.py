@@ -115,8 +115,10 @@ def chunk_dot(a: torch.Tensor, b: torch.Tensor, work: torch.Tensor | None = None
     if not narrow:  # torch's own product and sum, not BLAS: the same bits whatever the buffers' alignment
         return float(a.reshape(-1).double().mul_(b.reshape(-1)).sum())
     out = work.reshape(-1)[:n] if work is not None and work.numel() >= n else torch.empty(n, device=a.device)
-    # widen first: torch.mul(bf16, bf16, out=fp32) multiplies in bf16 and rounds each product to 8 bits
-    out.copy_(a.reshape(-1)).mul_(b.reshape(-1))
+    if torch.float32 in (a.dtype, b.dtype):  # computed in fp32 (type promotion): exact products
+        torch.mul(a.reshape(-1), b.reshape(-1), out=out)
+    else:  # widen first: torch.mul(bf16, bf16, out=fp32) multiplies in bf16, rounding each product to 8 bits
+        out.copy_(a.reshape(-1)).mul_(b.reshape(-1))
     # torch's cascaded fp32 sum of exact products: ~1e-10 of Σ|a·b| on 512K-element chunks, as good as fp64 here
     return float(out.sum())
 
