@@ -3,6 +3,7 @@ plain ``patchlab.port`` of the same patch (the port alone, the command's core).
 
     python bench/upgrade_bench.py [--patches 20] [--jobs 1 2]
     python bench/upgrade_bench.py --family /work/bench-data/llama-1b [--jobs 1 2]   # 3 patches of the 1.1B family
+    python bench/upgrade_bench.py --family /work/bench-data/llama-1b --replay-eval  # whole runs, evaluation replayed
 
 ``--family``: the ~1.1B synthetic family (``bench/make_family.py --extra-ft 2``): ``src`` is v1, ``target`` v2,
 and ``ft``, ``ft2``, ``ft3`` give three patches (extracted once, in the fine-tunes' dtype, not timed). The
@@ -16,6 +17,7 @@ rows) and the whole wall time / N; the port alone for comparison. A 2-instance s
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -27,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import patchlab  # noqa: E402
 from registry import Registry  # noqa: E402
+from registry.workflows.executors import LocalExecutor  # noqa: E402
 from registry.workflows.upgrade import run_upgrade  # noqa: E402
+from registry.workflows.upgrade_tasks import evaluate_task  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from run_port import drop_from_cache  # noqa: E402
@@ -46,6 +50,73 @@ def view(src: Path, dst: Path) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy2(f, dst / f.name)
     return dst
+
+
+class ReplayExecutor(LocalExecutor):
+    """Runs ports for real and answers every evaluation with one real evaluation recorded before the run, so
+    the run's wall time holds everything but evaluation (flips, gate and reports still run on the result)."""
+
+    def __init__(self, result: dict) -> None:
+        self.result = result
+
+    def evaluate(self, args: dict) -> dict:
+        return json.loads(json.dumps(self.result))
+
+    def baseline(self, args: dict) -> dict:
+        return json.loads(json.dumps(self.result))
+
+
+def replay_bench(family: Path, jobs_list: list[int], work: Path) -> None:
+    """Whole-run wall time, evaluation replayed, against what a user would run by hand: ``patchlab.port`` of each
+    patch with outputs kept, one after another (``--jobs 1``) or two at a time (``--jobs 2``); each contender
+    starts with the bases, the patches and the registry evicted from the page cache (``drop_from_cache``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    suite = work / "suite.jsonl"
+    suite.write_text("".join((ROOT / "fixtures/eval/task.jsonl").read_text().splitlines(keepends=True)[:2]))
+    v = {k: view(family / k, work / "views" / k) for k in ("src", "target", "ft", "ft2", "ft3")}
+    fts = ("ft", "ft2", "ft3")
+    patches = {k: patchlab.extract(v["src"], v[k], work / "patches" / k, device="cpu").path for k in fts}
+    recorded = evaluate_task(model=str(v["target"]), suite=[str(suite)], device="cpu")
+
+    def evict(*extra: Path) -> None:
+        drop_from_cache(
+            [*family.rglob("*.safetensors"), *(work / "patches").rglob("*.safetensors")]
+            + [f for d in extra for f in d.rglob("*") if f.is_file()]
+        )
+
+    for jobs in jobs_list:
+        by_hand, runs = [], []
+        for rep in range(2):
+            out = work / f"by-hand-{jobs}-{rep}"
+            evict()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda k, o=out: patchlab.port(patches[k], v["target"], o / k, device="cpu"), fts))
+            by_hand.append(time.perf_counter() - t0)
+            shutil.rmtree(out)
+            home = work / f"reg-{jobs}-{rep}"
+            with Registry.init(home) as reg:
+                reg.add_base("llama", "v1", v["src"])
+                reg.add_base("llama", "v2", v["target"])
+                for k in fts:
+                    reg.add_patch(patches[k], name=f"p-{k}", base="llama@v1")
+                reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+                evict(home)
+                t0 = time.perf_counter()
+                run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs, executor=ReplayExecutor(recorded))
+                runs.append(time.perf_counter() - t0)
+            shutil.rmtree(home)
+            print(
+                f"jobs={jobs} round {rep + 1}: 3 ports by hand {by_hand[-1]:.2f} s, upgrade run {runs[-1]:.2f} s "
+                f"({(runs[-1] / by_hand[-1] - 1) * 100:+.0f}%)",
+                flush=True,
+            )
+        print(
+            f"  jobs={jobs}: best upgrade run {min(runs):.2f} s vs best 3 ports by hand {min(by_hand):.2f} s: "
+            f"overhead {(min(runs) / min(by_hand) - 1) * 100:+.0f}% (target <= +20%)",
+            flush=True,
+        )
 
 
 def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = False) -> None:
@@ -157,11 +228,20 @@ def main() -> None:
         help="--family: evict each baseline port's inputs from the page cache first (the workflow's ports run "
         "after evaluations that load two fp32 models, which on a small machine evict them too)",
     )
+    ap.add_argument(
+        "--replay-eval",
+        action="store_true",
+        help="--family: time whole runs with every evaluation answered by one recorded evaluation, against the "
+        "same ports run by hand (outputs kept; two at a time for --jobs 2), each from a cold page cache",
+    )
     a = ap.parse_args()
     if a.family is not None:
         work = Path(tempfile.mkdtemp(prefix="upgrade-bench-", dir=a.work))
         try:
-            family_bench(a.family, a.jobs, work, cold=a.cold)
+            if a.replay_eval:
+                replay_bench(a.family, a.jobs, work)
+            else:
+                family_bench(a.family, a.jobs, work, cold=a.cold)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return

@@ -96,6 +96,9 @@ class _BinFile:
     def advise(self, name: str, start_row: int, end_row: int) -> None:
         pass
 
+    def release(self, name: str, start_row: int, end_row: int) -> None:
+        pass
+
     def close(self) -> None:
         self.state = {}
 
@@ -284,6 +287,10 @@ class Checkpoint:
 
     def advise(self, name: str, start_row: int, end_row: int) -> None:
         self._files[self.weight_map[name]].advise(name, start_row, end_row)
+
+    def release(self, name: str, start_row: int, end_row: int) -> None:
+        """Tell the kernel these rows will not be read again soon (a hint; see :meth:`MappedFile.release`)."""
+        self._files[self.weight_map[name]].release(name, start_row, end_row)
 
     def fingerprint(self) -> Fingerprint:
         """Digests of the architecture and of the tensor bytes (independent of sharding and metadata)."""

@@ -200,6 +200,17 @@ class MappedFile:
         self._advised = (a, hi)
         os.posix_fadvise(self._fileno(), a, hi - a, os.POSIX_FADV_WILLNEED)
 
+    def release(self, name: str, start_row: int, end_row: int) -> None:
+        """Let the kernel drop these rows from the page cache (``POSIX_FADV_DONTNEED``): a once-read input (the
+        old base of an upgrade's drift pass) then does not push out what the rest of the run reads again."""
+        e = self.entries[name]
+        if not e.shape or e.numel == 0 or not hasattr(os, "posix_fadvise"):
+            return
+        row = e.numel // e.shape[0] * e.dtype.itemsize
+        a, b = e.start + start_row * row, min(e.end, e.start + end_row * row)
+        if b > a:
+            os.posix_fadvise(self._fileno(), a, b - a, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

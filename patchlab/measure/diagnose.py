@@ -260,10 +260,16 @@ def _advise_pair(src: Checkpoint, name: str, tgt: Checkpoint, tname: str) -> Cal
 
 
 def base_drift(
-    source: str | Path | Checkpoint, target: str | Path | Checkpoint, names: list[str], device: str = "auto"
+    source: str | Path | Checkpoint,
+    target: str | Path | Checkpoint,
+    names: list[str],
+    device: str = "auto",
+    *,
+    release_source: bool = False,
 ) -> BaseDrift:
     """The base pair's sums of the tensors ``names`` (names in ``source``; a tensor the target lacks, or has
-    in another shape, is left out), in one streaming pass over both bases."""
+    in another shape, is left out), in one streaming pass over both bases. ``release_source``: drop the source's
+    rows from the page cache once summed (an upgrade reads the old base once; its ports read the new one)."""
     src, tgt = Checkpoint.open(source), Checkpoint.open(target)
     dev = resolve_device(device)
     t_names, _ = align_names(names, tgt)
@@ -281,7 +287,13 @@ def base_drift(
             return _read_pair(src, name, tgt, tname, r0, r1, dev)
 
         def compute(
-            x: tuple[torch.Tensor, ...], r0: int, r1: int, name: str = name, got: dict = got, got_t: dict = got_t
+            x: tuple[torch.Tensor, ...],
+            r0: int,
+            r1: int,
+            name: str = name,
+            got: dict = got,
+            got_t: dict = got_t,
+            rows: bool = bool(shape),
         ) -> torch.Tensor:
             part = _chunk_drift(x)
             if part is None:
@@ -292,6 +304,8 @@ def base_drift(
                             "mean nothing: fix the checkpoint"
                         )
             got[r0] = part  # type: ignore[assignment]
+            if release_source and rows:
+                src.release(name, r0, r1)
             n, t16 = x[1].numel(), x[1].element_size() == 2  # ‖base_t‖² as extract records ‖base‖²
             got_t[r0] = chunk_dot(x[1], x[1], scratch("diagnose.w0", (n,), torch.float32, x[1].device), t16)
             return x[0]

@@ -413,7 +413,9 @@ class _Run:
         if not names:
             return None
         source = self.reg.checkpoint_path(base)
-        pair = base_drift(source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device)
+        pair = base_drift(
+            source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device, release_source=True
+        )
         write_atomic(out, pair.dumps())
         return str(out)
 

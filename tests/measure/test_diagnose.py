@@ -280,3 +280,27 @@ def test_a_port_hands_its_sums_to_another_process_that_finishes_the_diagnosis(fa
     assert done.result().to_json() == want.to_json()
     with pytest.raises(patchlab.errors.PatchlabError, match="not this diagnosis"):
         Diagnosis(family["patch"], family["far"], device="cpu", intruders=False).load_observed(sent)
+
+
+def test_releasing_the_source_base_changes_no_figure(family, monkeypatch):
+    """``release_source`` (an upgrade's once-read old base) asks the kernel to drop each summed range of the
+    source, every range exactly once, and the sums are those of a pass that keeps them."""
+    from pathlib import Path
+
+    from patchlab.io.safetensors import MappedFile
+    from patchlab.measure.diagnose import base_drift
+
+    names = list(patchlab.Patch.open(family["patch"]).names)
+    keep = base_drift(family["base"], family["near"], names, device="cpu")
+    released: list[tuple[str, str, int, int]] = []
+    real = MappedFile.release
+
+    def spy(self, name, r0, r1):
+        released.append((self.path.name, name, r0, r1))
+        real(self, name, r0, r1)
+
+    monkeypatch.setattr(MappedFile, "release", spy)
+    dropped = base_drift(family["base"], family["near"], names, device="cpu", release_source=True)
+    assert dropped.dumps() == keep.dumps()
+    assert released and len(set(released)) == len(released)
+    assert {f for f, *_ in released} <= {p.name for p in Path(family["base"]).glob("*.safetensors")}
