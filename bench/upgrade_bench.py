@@ -52,6 +52,18 @@ def view(src: Path, dst: Path) -> Path:
     return dst
 
 
+def family_registry(home: Path, v: dict[str, Path], patches: dict[str, Path], suite: Path) -> Registry:
+    """A registry with llama v1 (``src``) and v2 (``target``), patch ``p-K`` on v1 for each fine-tune K, and a
+    family gate on ``suite`` that every patch passes."""
+    reg = Registry.init(home)
+    reg.add_base("llama", "v1", v["src"])
+    reg.add_base("llama", "v2", v["target"])
+    for k, path in patches.items():
+        reg.add_patch(path, name=f"p-{k}", base="llama@v1")
+    reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+    return reg
+
+
 class ReplayExecutor(LocalExecutor):
     """Runs ports for real and answers every evaluation with one real evaluation recorded before the run, so
     the run's wall time holds everything but evaluation (flips, gate and reports still run on the result)."""
@@ -96,12 +108,7 @@ def replay_bench(family: Path, jobs_list: list[int], work: Path) -> None:
             by_hand.append(time.perf_counter() - t0)
             shutil.rmtree(out)
             home = work / f"reg-{jobs}-{rep}"
-            with Registry.init(home) as reg:
-                reg.add_base("llama", "v1", v["src"])
-                reg.add_base("llama", "v2", v["target"])
-                for k in fts:
-                    reg.add_patch(patches[k], name=f"p-{k}", base="llama@v1")
-                reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+            with family_registry(home, v, patches, suite) as reg:
                 evict(home)
                 t0 = time.perf_counter()
                 run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs, executor=ReplayExecutor(recorded))
@@ -175,12 +182,7 @@ def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = Fa
         )
     for jobs in jobs_list:
         home = work / f"reg-{jobs}"
-        with Registry.init(home) as reg:
-            reg.add_base("llama", "v1", v["src"])
-            reg.add_base("llama", "v2", v["target"])
-            for k in fts:
-                reg.add_patch(patches[k], name=f"p-{k}", base="llama@v1")
-            reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+        with family_registry(home, v, patches, suite) as reg:
             t0 = time.perf_counter()
             res = run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs)
             wall = time.perf_counter() - t0
