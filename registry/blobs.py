@@ -85,7 +85,8 @@ class BlobStore:
         try:
             state = self._file_state(self.path(digest))
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=stamp.parent, prefix=".stamp-")
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix="stamp-")  # a kill leaves it where gc cleans
             with os.fdopen(fd, "w") as f:
                 f.write(state)
             os.replace(tmp, stamp)
