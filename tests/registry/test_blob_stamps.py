@@ -40,6 +40,21 @@ def test_a_stored_blob_is_used_without_hashing_it_again(store, hashes):
     dg = store.put_bytes(b"x" * 4096)
     assert store.verified(dg) == "ok" and store.open_path(dg) == store.path(dg)
     assert hashes == []  # hashed once, on the way in
+    assert list(store.tmp.iterdir()) == []  # the stamp went through blobs/tmp and left nothing there
+
+
+def test_a_stamp_left_half_written_is_collected_by_gc(store, monkeypatch):
+    """A kill between writing a stamp and renaming it leaves the temporary file in blobs/tmp, which gc cleans."""
+    dg = store.put_bytes(b"k" * 4096)
+    (store.root / "verified" / dg[:2] / dg).unlink()
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    assert store.check(dg) == "ok"  # hashed; its stamp is written but never renamed into place
+    monkeypatch.setattr(os, "replace", real_replace)
+    left = list(store.tmp.iterdir())
+    assert left and all(p.name.startswith("stamp-") for p in left)
+    assert store.verified(dg) == "ok"  # no stamp: hashed again, and stamped now
+    assert store.clean_tmp(older_than=0) == len(left) and list(store.tmp.iterdir()) == []
 
 
 def test_a_blob_rewritten_in_place_is_caught(store, hashes):
