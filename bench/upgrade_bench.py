@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +64,18 @@ def family_registry(home: Path, v: dict[str, Path], patches: dict[str, Path], su
         reg.add_patch(path, name=f"p-{k}", base="llama@v1")
     reg.set_gate("llama", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
     return reg
+
+
+def port_command(patch: Path, target: Path, out: Path, home: Path) -> float:
+    """Wall time of ``patchlab port PATCH TARGET OUT`` as a user types it (a new process: interpreter start and
+    imports included), against a throwaway registry ``home``; the output is removed afterwards."""
+    exe = Path(sys.executable).parent / "patchlab"
+    env = {**os.environ, "PATCHLAB_HOME": str(home)}
+    t0 = time.perf_counter()
+    subprocess.run([str(exe), "port", str(patch), str(target), str(out)], check=True, env=env, capture_output=True)
+    dt = time.perf_counter() - t0
+    shutil.rmtree(out)
+    return dt
 
 
 class ReplayExecutor(LocalExecutor):
@@ -157,6 +171,15 @@ def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = Fa
             shutil.rmtree(out)
         port_s[k] = min(t)
         print(f"patchlab.port {k}: {', '.join(f'{x:.2f}' for x in t)} s (best {port_s[k]:.2f} s)", flush=True)
+    cmd_s = {}
+    for k in fts:
+        t = []
+        for _ in range(2):
+            if cold:
+                drop_from_cache(inputs(k))
+            t.append(port_command(patches[k], v["target"], work / f"cmd-{k}", work / "cmd-home"))
+        cmd_s[k] = min(t)
+        print(f"`patchlab port` command {k}: {', '.join(f'{x:.2f}' for x in t)} s (best {cmd_s[k]:.2f} s)", flush=True)
     # with --jobs 2 two patches run at once: their ports share the cores, so compare with ports run 2 at a time
     port_s2 = {}
     if any(j > 1 for j in jobs_list):
@@ -180,6 +203,24 @@ def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = Fa
         print(
             f"patchlab.port, 2 at a time: {', '.join(f'{k} {port_s2[k]:.2f}' for k in fts)} s (best of 2)", flush=True
         )
+        cmd_s2: dict[str, float] = {}
+        for _ in range(2):
+            if cold:
+                for k in fts:
+                    drop_from_cache(inputs(k))
+            with ThreadPoolExecutor(2) as pool:
+                got = dict(
+                    zip(
+                        fts,
+                        pool.map(lambda k: port_command(patches[k], v["target"], work / f"cmd2-{k}", work / "h2"), fts),
+                        strict=True,
+                    )
+                )
+            cmd_s2 = {k: min(got[k], cmd_s2.get(k, float("inf"))) for k in fts}
+        print(
+            f"`patchlab port` commands, 2 at a time: {', '.join(f'{k} {cmd_s2[k]:.2f}' for k in fts)} s (best of 2)",
+            flush=True,
+        )
     for jobs in jobs_list:
         home = work / f"reg-{jobs}"
         with family_registry(home, v, patches, suite) as reg:
@@ -191,12 +232,13 @@ def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = Fa
         by: dict[str, dict[str, float]] = {}
         for st in steps:
             by.setdefault(st.patch, {})[st.step] = st.seconds or 0.0
-        total_wf = total_port = 0.0
+        total_wf = total_port = total_cmd = 0.0
         base = port_s2 if jobs > 1 else port_s
+        cmd = cmd_s2 if jobs > 1 else cmd_s
         for k in fts:
             st = by[f"p-{k}"]
             no_eval = sum(x for name, x in st.items() if name not in ("evaluate", "baseline"))
-            total_wf, total_port = total_wf + no_eval, total_port + base[k]
+            total_wf, total_port, total_cmd = total_wf + no_eval, total_port + base[k], total_cmd + cmd[k]
             detail = ", ".join(f"{name} {x:.2f}" for name, x in st.items())
             print(
                 f"  p-{k}: without evaluation {no_eval:.2f} s vs port alone {base[k]:.2f} s = "
@@ -204,7 +246,8 @@ def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = Fa
             )
         print(
             f"  jobs={jobs}: workflow steps without evaluation {total_wf:.2f} s vs ports {total_port:.2f} s: "
-            f"overhead {(total_wf / total_port - 1) * 100:+.0f}% (target <= +20%)",
+            f"overhead {(total_wf / total_port - 1) * 100:+.0f}% (target <= +20%); vs `patchlab port` commands "
+            f"{total_cmd:.2f} s: {(total_wf / total_cmd - 1) * 100:+.0f}%",
             flush=True,
         )
         if jobs == 1:  # the run's wall time less the evaluation steps: bookkeeping between steps counted too
@@ -259,6 +302,9 @@ def main() -> None:
             t.append(time.perf_counter() - t0)
         port_s = sorted(t)[len(t) // 2]
         print(f"patchlab.port of one patch (median of 5): {port_s * 1000:.1f} ms")
+        c = sorted(port_command(patch.path, MODELS / "v2", work / "cmd-out", work / "cmd-home") for _ in range(3))
+        cmd_s = c[1]
+        print(f"`patchlab port PATCH v2 OUT` command (median of 3, process start included): {cmd_s * 1000:.0f} ms")
         for jobs in a.jobs:
             reg_dir = work / f"reg-{jobs}"
             with Registry.init(reg_dir) as reg:
@@ -277,7 +323,7 @@ def main() -> None:
             print(
                 f"jobs={jobs}: {a.patches} patches in {wall:.1f} s ({wall / a.patches * 1000:.0f} ms/patch wall); "
                 f"per patch without evaluation {no_eval * 1000:.0f} ms (port step {port_step * 1000:.0f} ms) "
-                f"= {no_eval / port_s:.1f}x the port alone"
+                f"= {no_eval / port_s:.1f}x the port alone, {(no_eval / cmd_s - 1) * 100:+.0f}% against the command"
                 + (f"; run wall less evaluation {(wall - evals) / a.patches * 1000:.0f} ms/patch" if jobs == 1 else "")
             )
     finally:
