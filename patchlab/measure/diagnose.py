@@ -146,13 +146,15 @@ class _Compared:
     ``‖base_s‖²``: the same for every patch of that base, see :func:`base_drift`) and ``⟨base_t, Δ⟩``, which a
     port computes from its own reads; then ``⟨base_t − base_s, Δ⟩ = ⟨base_t, Δ⟩ − ⟨base_s, Δ⟩``."""
 
-    def __init__(self, index: int, entry: PatchTensor, tname: str, rows: int) -> None:
+    def __init__(self, index: int, entry: PatchTensor, tname: str, rows: int, target16: bool = False) -> None:
         self.index, self.entry, self.tname, self.rows = index, entry, tname, rows
         self.shape = (rows, *tuple(entry.shape)[1:]) if entry.shape else ()
         self.numel = math.prod(self.shape) if self.shape else 1
         self.parts: dict[int, DriftAccumulator] = {}  # whole sums per chunk (no recorded sums)
         self.sums = entry.drift_sums if self.numel == entry.numel else None
         self.delta16 = entry.encoding == "dense" and entry.stored_dtype("delta").itemsize == 2
+        # Δ and the target both hold 16-bit values (whatever dtype a port hands their rows in): exact fp32 products
+        self.narrow = self.delta16 and target16
         self.pair: dict[int, DriftAccumulator] = {}  # base pair sums per chunk (recorded sums)
         self.pair_total: DriftAccumulator | None = None  # ... or the whole tensor's, from a BaseDrift
         self.target_sumsq: float | None = None  # ‖base_t‖², from a BaseDrift
@@ -205,10 +207,10 @@ def _in_row_order(parts: dict[int, DriftAccumulator]) -> DriftAccumulator:
     return acc
 
 
-def _chunk_tdot(target_rows: torch.Tensor, delta_rows: torch.Tensor, delta16: bool) -> float | None:
-    """``⟨base_t, Δ⟩`` of one chunk (``delta16``: Δ is stored in 16 bits); None when an input holds NaN/Inf."""
+def _chunk_tdot(target_rows: torch.Tensor, delta_rows: torch.Tensor, narrow: bool) -> float | None:
+    """``⟨base_t, Δ⟩`` of one chunk (``narrow``: both hold 16-bit values, see ``chunk_dot``); None when an input
+    holds NaN/Inf."""
     n = delta_rows.numel()
-    narrow = delta16 and target_rows.element_size() == 2
     v = chunk_dot(target_rows, delta_rows, scratch("diagnose.w0", (n,), torch.float32, delta_rows.device), narrow)
     return v if math.isfinite(v) else None
 
@@ -417,11 +419,13 @@ class Diagnosis:
                 self.tensors.append(TensorDiagnostics(name, "shape-differs", layer, s_shape, t_shape))
                 return
         self.tensors.append(TensorDiagnostics(name, status, layer, s_shape, t_shape, note=note))
-        self.compared[name] = _Compared(len(self.tensors) - 1, entry, tname, rows)
+        target16 = tgt.info(tname).dtype.itemsize == 2
+        self.compared[name] = _Compared(len(self.tensors) - 1, entry, tname, rows, target16)
 
     def observe(self, name: str, r0: int, r1: int, target_rows: torch.Tensor, delta_rows: torch.Tensor) -> None:
         """Rows ``[r0, r1)`` of the patch tensor ``name``'s Δ and of the target, as a port reads them (before
-        α): their sums, with the source base's rows read here unless a :class:`BaseDrift` gave the base pair's.
+        α; the target's possibly widened to fp32, the same values): their sums, with the source base's rows
+        read here unless a :class:`BaseDrift` gave the base pair's.
         Chunks that do not line up are ignored (:meth:`result` measures those tensors on its own)."""
         c = self.compared.get(name)
         if c is None or c.broken or r1 > c.rows or tuple(target_rows.shape) != tuple(delta_rows.shape):
@@ -430,7 +434,7 @@ class Diagnosis:
         if tuple(target_rows.shape) != shape:
             return
         if c.sums is not None:
-            tdot = _chunk_tdot(target_rows, delta_rows, c.delta16)
+            tdot = _chunk_tdot(target_rows, delta_rows, c.narrow)
             if tdot is None:
                 c.broken = True
                 return
@@ -477,7 +481,7 @@ class Diagnosis:
                     culprit(x, r0, r1)
                 c.parts[r0] = part  # type: ignore[assignment]
                 return x[2]
-            tdot = _chunk_tdot(x[1], x[2], c.delta16)
+            tdot = _chunk_tdot(x[1], x[2], c.narrow)
             if tdot is None:
                 culprit(x, r0, r1)
             c.tdots[r0] = (x[2].numel(), tdot)  # type: ignore[assignment]

@@ -19,7 +19,7 @@ from patchlab.engine.sources import DeltaSource, PairDelta, PatchDelta, write_fi
 from patchlab.errors import NonFiniteDeltaError, NonFiniteError
 from patchlab.io.checkpoint import SAFE_INDEX, TOKENIZER_FILES, Checkpoint, copy_files, parse_dtype
 from patchlab.io.patch import Patch
-from patchlab.kernels.delta import all_finite, gather_rows, scaled_add_into
+from patchlab.kernels.delta import all_finite, as_float, gather_rows, scaled_add_into
 from patchlab.plan import Plan, Step, plan_apply, plan_extract
 
 Progress = Callable[[int], None]
@@ -188,10 +188,14 @@ def _apply_job(
             raise NonFiniteDeltaError(
                 f"Δ of {dname} has NaN/Inf in rows {r0}..{r1}; the patch or its fine-tune holds non-finite weights"
             )
-        if seen is not None:
-            seen(dname, r0, r1, tr, d)
+        tmp = scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device)
+        if seen is not None:  # the target's rows widened once, for the observer and for the sum below
+            tf = as_float(tr, tmp)
+            seen(dname, r0, r1, tf, d)
+        else:
+            tf = tr
         # Δ is this chunk's own buffer (see sources): scale and accumulate in place, no allocation
-        acc = scaled_add_into(d, tr, s.alpha, scratch("apply.tmp", tuple(tr.shape), torch.float32, tr.device))
+        acc = scaled_add_into(d, tf, s.alpha, tmp)
         outc = scratch("apply.out", tuple(acc.shape), dtype, acc.device).copy_(acc)
         if fix is not None:
             write_fixups(outc, tr, fix, fix_state, t, r0 * row, r1 * row)

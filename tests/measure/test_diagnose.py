@@ -170,6 +170,36 @@ def test_a_port_feeds_the_diagnosis_the_same_figures_without_a_pass_of_its_own(f
     assert got.to_json() == want.to_json()
 
 
+def test_a_bf16_port_feeds_widened_target_rows_and_the_figures_stay_exact(tmp_path, monkeypatch):
+    """A port widens each chunk of a 16-bit target to fp32 once and hands the observer those rows: the
+    diagnosis still takes the exact-product path (the stored dtypes say so) and gives the standalone figures."""
+    from patchlab.measure.diagnose import Diagnosis, base_drift
+
+    base = make_model(tmp_path / "base", seed=0, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+
+    def nudge(scale):
+        return lambda sd: {k: (v.float() + scale * torch.randn(v.shape, generator=g)).bfloat16() for k, v in sd.items()}
+
+    ft, near = variant(base, tmp_path / "ft", nudge(0.01)), variant(base, tmp_path / "near", nudge(0.002))
+    patch = patchlab.extract(base, ft, tmp_path / "ft.patch", device="cpu")
+    want = diagnose(patch, near, device="cpu", intruders=False)
+    pair = base_drift(base, near, list(patchlab.Patch.open(patch).names), device="cpu")
+    d = Diagnosis(patch, near, device="cpu", intruders=False, base_pair=pair)
+    t = state(near)
+    seen = []
+
+    def spy(name, r0, r1, target_rows, delta_rows):
+        seen.append(target_rows.dtype)
+        assert torch.equal(target_rows, t[name][r0:r1].float())
+        d.observe(name, r0, r1, target_rows, delta_rows)
+
+    patchlab.port(patch, near, tmp_path / "out", device="cpu", observe=spy)
+    assert set(seen) == {torch.float32} and all(c.narrow for c in d.compared.values())
+    monkeypatch.setattr("patchlab.measure.diagnose.run", lambda *a, **k: pytest.fail("measured again"))
+    assert d.result().to_json() == want.to_json()
+
+
 def test_a_diagnosis_fed_in_part_measures_the_rest(family):
     from patchlab.measure.diagnose import Diagnosis
 
