@@ -68,15 +68,16 @@ def family_registry(home: Path, v: dict[str, Path], patches: dict[str, Path], su
     return reg
 
 
-def port_command(patch: Path, target: Path, out: Path, home: Path) -> float:
+def port_command(patch: Path, target: Path, out: Path, home: Path, keep: bool = False) -> float:
     """Wall time of ``patchlab port PATCH TARGET OUT`` as a user types it (a new process: interpreter start and
-    imports included), against a throwaway registry ``home``; the output is removed afterwards."""
+    imports included), against a throwaway registry ``home``; the output is removed afterwards unless ``keep``."""
     exe = Path(sys.executable).parent / "patchlab"
     env = {**os.environ, "PATCHLAB_HOME": str(home)}
     t0 = time.perf_counter()
     subprocess.run([str(exe), "port", str(patch), str(target), str(out)], check=True, env=env, capture_output=True)
     dt = time.perf_counter() - t0
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return dt
 
 
@@ -128,7 +129,7 @@ def replay_bench(family: Path, jobs_list: list[int], work: Path) -> None:
             with ThreadPoolExecutor(jobs) as pool:
                 list(
                     pool.map(
-                        lambda k, o=out: port_command(patches[k], v["target"], o / k, work / "cmd-home"),
+                        lambda k, o=out: port_command(patches[k], v["target"], o / k, work / "cmd-home", keep=True),
                         fts,
                     )
                 )
