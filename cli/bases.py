@@ -2,6 +2,7 @@
 
 # No "from __future__ import annotations": typer evaluates the option annotations.
 
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -30,10 +31,22 @@ def base_add(
     allow_nonfinite: Annotated[
         bool, typer.Option("--allow-nonfinite", help="Register it even if some weights are NaN/Inf.")
     ] = False,
+    no_drift: Annotated[
+        bool,
+        typer.Option(
+            "--no-drift",
+            help="Do not measure how far it moved from the older releases that carry patches (an upgrade then "
+            "measures it itself).",
+        ),
+    ] = False,
     registry: RegistryOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Record a base version by location and fingerprint (weights are never copied).
+
+    A new release of a family whose older releases carry patches is compared with each of them in the same
+    command (one read of both; `--no-drift` skips it): the drift is recorded, so `patchlab upgrade` and its
+    dry-run verdicts read neither base for it.
 
     A Hub repo id is resolved to a commit sha; only what a checkpoint needs (config, tokenizer, safetensors) is
     downloaded, into the Hugging Face cache, and fingerprinted; `org/name@sha` is recorded. Tokens come from
@@ -55,9 +68,11 @@ def base_add(
             release_order=release_order,
             download=not no_download,
             allow_nonfinite=allow_nonfinite,
+            drift=not no_drift,
         )
+        drifts = reg.drifts_to(b.ref) if b.content is not None and not no_drift else {}
     if json_out:
-        print_json(b.to_dict())
+        print_json({**b.to_dict(), "drift_from": {ref: asdict(st) for ref, st in drifts.items()}})
     elif b.content is None:
         console().print(
             f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
@@ -67,6 +82,12 @@ def base_add(
         console().print(
             f"added base [bold]{escape(b.ref)}[/] {escape(b.location)} "
             f"({fmt_params(b.num_parameters)} params, {b.dtype or '?'}, content {short_digest(b.content)})"
+        )
+    for ref, st in drifts.items() if not json_out else ():
+        rel = f"{st.drift_rel_base * 100:.3g}%" if st.drift_rel_base is not None else "n/a"
+        console().print(
+            f"  drift from {escape(ref)}: ‖Δbase‖/‖base‖ = {rel} over {fmt_params(st.numel)} weights "
+            "(recorded for upgrades)"
         )
 
 

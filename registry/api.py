@@ -15,6 +15,7 @@ from registry.bases import Bases
 from registry.blobs import BlobStore
 from registry.db import Database, Location, open_database, resolve_location
 from registry.derived import Derived, derived_infos
+from registry.drifts import Drifts
 from registry.errors import InvalidReferenceError
 from registry.evaluations import Evaluations
 from registry.labels import Labels
@@ -26,7 +27,7 @@ from registry.pushes import Pushes
 from registry.upgrades import Upgrades
 
 
-class Registry(Bases, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance, Upgrades, Outputs):
+class Registry(Bases, Drifts, Patches, Derived, Lineage, Labels, Evaluations, Pushes, Maintenance, Upgrades, Outputs):
     """A registry of base versions, patches, derived models, aliases, tags and evaluations.
 
     ``Registry()`` opens the default registry (``$PATCHLAB_HOME`` or the user data dir); pass a directory,

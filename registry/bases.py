@@ -38,6 +38,7 @@ class Bases(Topic):
         fingerprint: bool = True,
         download: bool = True,
         allow_nonfinite: bool = False,
+        drift: bool = True,
     ) -> BaseInfo:
         """Record a base version by location and fingerprint (its weights are never copied).
 
@@ -51,12 +52,16 @@ class Bases(Topic):
         unless given.
         Local weights holding NaN/Inf are refused (unless ``allow_nonfinite``), and the sizes and modification
         times of a local base's files are recorded so a later change is caught before use.
+        With ``drift`` (default) a fingerprinted release's drift from each older release that carries live
+        patches is measured before anything is recorded, and recorded with it (``registry.drifts``): the
+        upgrades and dry-run verdicts between the two then read neither base for it.
         """
         refs.validate_name(family, "family name")
         refs.validate_version_label(version)
         src = os.fspath(source)
         local = Path(src).expanduser()
         stats = None
+        weights: Path | None = None  # the fingerprinted checkpoint, for the drift from older releases
         if revision is None and (local.exists() or refs.looks_like_path(src)):
             if not local.is_dir():
                 raise UnknownReferenceError(
@@ -72,6 +77,7 @@ class Bases(Topic):
                 num_parameters = num_parameters if num_parameters is not None else facts.get("num_parameters")
                 dtype = dtype or facts.get("dtype")
                 vocab_size = vocab_size if vocab_size is not None else facts.get("vocab_size")
+                weights = local
         else:
             from patchlab.io import hub
 
@@ -88,11 +94,13 @@ class Bases(Topic):
                     num_parameters = num_parameters if num_parameters is not None else facts.get("num_parameters")
                     dtype = dtype or facts.get("dtype")
                     vocab_size = vocab_size if vocab_size is not None else facts.get("vocab_size")
+                    weights = path
             elif revision is not None and re.fullmatch(r"[0-9a-fA-F]{40}", revision):
                 hub.validate_repo_id(src)  # a full sha is recorded as given: checked when first downloaded
                 revision = revision.lower()
             else:
                 revision = hub.resolve_revision(src, revision, endpoint=self.hub_endpoint, token=self.hub_token)
+        drifts = self._drifts_for_new_release(family, release_order, weights) if drift and content else []
 
         def run() -> BaseInfo:
             with self.db.write() as s:
@@ -133,9 +141,36 @@ class Bases(Topic):
                 )
                 s.add(bv)
                 s.flush()
+                for ref, measured in drifts:
+                    try:
+                        older = s.get(BaseVersionRow, refs.resolve_base(s, ref).id)
+                    except UnknownReferenceError:  # removed meanwhile
+                        continue
+                    self._store_drift(s, older, bv, measured)  # type: ignore[attr-defined]
                 return base_infos(s, [bv.id])[0]
 
         return retry_locked(run)
+
+    def _drifts_for_new_release(
+        self, family: str, release_order: int | None, weights: Path | None
+    ) -> list[tuple[str, Any]]:
+        """``(older release, BaseDrift)`` of a release being registered from ``weights``, from each older local
+        release carrying live patches (``registry.drifts``); a pair that cannot be measured (an older release
+        holding NaN/Inf) is left for the upgrade to measure, and to report."""
+        from patchlab.errors import PatchlabError
+        from registry.drifts import measure_release_drift
+
+        known = self.list_bases(family)
+        if weights is None or not known:
+            return []
+        order = release_order if release_order is not None else max(b.release_order for b in known) + 1
+        out = []
+        for ref, path in self._older_releases_in_use(family, order):  # type: ignore[attr-defined]
+            try:
+                out.append((ref, measure_release_drift(path, weights)))
+            except PatchlabError:
+                continue
+        return out
 
     def get_base(self, ref: str) -> BaseInfo:
         with self.db.read() as s:

@@ -29,8 +29,8 @@ DB_FILENAME = "registry.db"
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: The newest schema revision this patchlab knows; a test checks it is the Alembic head.
-SCHEMA_HEAD = "0006"
-KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
+SCHEMA_HEAD = "0007"
+KNOWN_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
 BUSY_TIMEOUT_MS = 30_000
 #: PostgreSQL: the transaction-scoped advisory lock every write transaction takes first, so writers
 #: to one registry database run one at a time, as SQLite's ``BEGIN IMMEDIATE`` makes them.

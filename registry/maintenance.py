@@ -15,7 +15,16 @@ from registry.db import retry_locked
 from registry.errors import DependencyError
 from registry.lineage import descendants
 from registry.records import BlobProblem, GcReport, VerifyReport
-from registry.rows import AliasRow, BaseVersionRow, DerivedModelRow, FamilyRow, PatchFileRow, PatchParentRow, PatchRow
+from registry.rows import (
+    AliasRow,
+    BaseDriftRow,
+    BaseVersionRow,
+    DerivedModelRow,
+    FamilyRow,
+    PatchFileRow,
+    PatchParentRow,
+    PatchRow,
+)
 from registry.topic import Topic
 
 
@@ -64,6 +73,11 @@ class Maintenance(Topic):
                 if base_ids:
                     fam_ids = set(
                         s.execute(select(BaseVersionRow.family_id).where(BaseVersionRow.id.in_(base_ids))).scalars()
+                    )
+                    s.execute(
+                        delete(BaseDriftRow).where(
+                            BaseDriftRow.source_id.in_(base_ids) | BaseDriftRow.target_id.in_(base_ids)
+                        )
                     )
                     s.execute(delete(BaseVersionRow).where(BaseVersionRow.id.in_(base_ids)))
                     for fid in fam_ids:

@@ -70,6 +70,26 @@ class BaseVersionRow(RowBase):
     file_stats: Mapped[dict | None] = mapped_column(JSON)
 
 
+class BaseDriftRow(RowBase):
+    """How far one release moved from an older one, per tensor (the sums of ``measure.diagnose.BaseDrift``):
+    measured once, when the newer release is registered, for every upgrade and diagnosis between the two.
+    Valid while both releases keep the content fingerprints recorded here."""
+
+    __tablename__ = "base_drifts"
+    __table_args__ = (UniqueConstraint("source_id", "target_id", name="uq_base_drifts_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("base_versions.id", ondelete="CASCADE"), nullable=False)
+    target_id: Mapped[int] = mapped_column(
+        ForeignKey("base_versions.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    source_content: Mapped[str] = mapped_column(String(128), nullable=False)
+    target_content: Mapped[str] = mapped_column(String(128), nullable=False)
+    # {"tensors": {name: DriftAccumulator fields}, "target_sumsq": {name: float}}
+    sums: Mapped[dict] = deferred(mapped_column(JSON, nullable=False))
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow, nullable=False)
+
+
 class PatchRow(RowBase):
     """A registered patch: ``name@version``; its files live in the blob store under ``digest`` (a tree)."""
 

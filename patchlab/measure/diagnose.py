@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
@@ -225,17 +225,42 @@ class BaseDrift:
     tensors: dict[str, DriftAccumulator]
     target_sumsq: dict[str, float] = field(default_factory=dict)  # ‖base_t‖²: for sums recorded on base_t
 
+    def sums_dict(self) -> dict[str, Any]:
+        """The sums alone, as JSON (what a registry records for the pair; the paths are its own)."""
+        return {"tensors": {k: asdict(v) for k, v in self.tensors.items()}, "target_sumsq": dict(self.target_sumsq)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BaseDrift:
+        tensors = {k: DriftAccumulator(**v) for k, v in d["tensors"].items()}
+        return cls(d["source"], d["target"], tensors, {k: float(v) for k, v in d.get("target_sumsq", {}).items()})
+
     def dumps(self) -> str:
-        tensors = {k: asdict(v) for k, v in self.tensors.items()}
-        return json.dumps(
-            {"source": self.source, "target": self.target, "tensors": tensors, "target_sumsq": self.target_sumsq}
-        )
+        return json.dumps({"source": self.source, "target": self.target, **self.sums_dict()})
 
     @classmethod
     def loads(cls, text: str) -> BaseDrift:
-        d = json.loads(text)
-        tensors = {k: DriftAccumulator(**v) for k, v in d["tensors"].items()}
-        return cls(d["source"], d["target"], tensors, dict(d.get("target_sumsq", {})))
+        return cls.from_dict(json.loads(text))
+
+    def overall(self) -> DriftStats:
+        """The drift of every measured tensor together (``drift_rel_base``: ``‖base_t − base_s‖ / ‖base_s‖``)."""
+        acc = DriftAccumulator()
+        for name in sorted(self.tensors):
+            acc = acc + self.tensors[name]
+        return acc.stats()
+
+    def missing(self, names: Iterable[str], source: Checkpoint, target: Checkpoint) -> list[str]:
+        """Those of ``names`` a diagnosis would need from this pair that it lacks (a tensor the target lacks or
+        holds in another shape is never measured, so never missing)."""
+        names = list(names)
+        t_names, _ = align_names(names, target)
+        out = []
+        for name in names:
+            tname = t_names.get(name, name)
+            if name in self.tensors or name not in source or tname not in target:
+                continue
+            if tuple(source.info(name).shape) == tuple(target.info(tname).shape):
+                out.append(name)
+        return out
 
 
 def _read_pair(
@@ -461,14 +486,22 @@ class Diagnosis:
 
     def _job(self, c: _Compared) -> Job:
         src, tgt, name = self.src, self.tgt, c.entry.name
+        # recorded sums and the base pair's (a BaseDrift): only ⟨base_t, Δ⟩ is left, the source base is not read
+        target_only = c.sums is not None and c.pair_total is not None
 
         def load(r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+            if target_only:
+                info = tgt.info(c.tname)
+                shape = (min(r1, c.rows) - r0, *c.shape[1:]) if c.shape else ()
+                bt = tgt.rows(c.tname, r0, r1, scratch("diagnose.read_t", shape, info.dtype)).to(self.dev)
+                return bt, bt, c.entry.rows(r0, r1, self.dev).reshape(bt.shape)
             bs, bt = _read_pair(src, name, tgt, c.tname, r0, r1, self.dev)
             return bs, bt, c.entry.rows(r0, r1, self.dev).reshape(bs.shape)
 
         def culprit(x: tuple[torch.Tensor, ...], r0: int, r1: int) -> None:
-            for t, what in zip(x, (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch"), strict=True):
-                if t.dtype.is_floating_point and not all_finite(t):
+            whats = (f"the patch's base {src.path}", f"the target {tgt.path}", "the patch")
+            for i, (t, what) in enumerate(zip(x, whats, strict=True)):
+                if (i or not target_only) and t.dtype.is_floating_point and not all_finite(t):
                     raise NonFiniteError(
                         f"{what} holds NaN/Inf in {name} (rows {r0}..{r1}); diagnostics of non-finite weights "
                         "mean nothing: fix the checkpoint or the patch"
@@ -492,9 +525,15 @@ class Diagnosis:
                 c.pair[r0] = part  # type: ignore[assignment]
             return x[2]
 
-        return Job(
-            name, c.shape, torch.float32, load, compute, advise=_advise_pair(src, name, tgt, c.tname), parallel=True
-        )
+        if target_only:
+            rows = c.rows
+
+            def advise(r0: int, r1: int) -> None:
+                tgt.advise(c.tname, r0, min(r1, rows))
+
+        else:
+            advise = _advise_pair(src, name, tgt, c.tname)
+        return Job(name, c.shape, torch.float32, load, compute, advise=advise, parallel=True)
 
     def observed(self) -> dict[str, Any]:
         """What :meth:`observe` gathered, as JSON: a port can hand it to the process that finishes the diagnosis

@@ -251,6 +251,7 @@ def plan_upgrade(
                     source_base=reg.checkpoint_path(pp.base),
                     intruders=intruders,
                     device=device,
+                    base_pair=reg.base_drift(pp.base, target.ref),  # recorded: the source base is not read
                 )
                 pp.verdict, pp.reasons = d.verdict.level, list(d.verdict.reasons)
             except PatchlabError as exc:
@@ -398,10 +399,12 @@ class _Run:
         return self._pairs[base].result()
 
     def _measure_base_pair(self, base: str) -> str | None:
-        """Measured once for the tensors of the run's patches on ``base`` whose manifests record their own sums
-        (``methods.extract.drift_sums``), written among the run's reports (a killed run's file is reused)."""
+        """For the tensors of the run's patches on ``base`` whose manifests record their own sums
+        (``methods.extract.drift_sums``): the pair's drift recorded in the registry (``registry.drifts``: by
+        ``base add`` of the new release, or by an earlier run), with what it lacks measured now and recorded;
+        written among the run's reports (a killed run's file is reused)."""
         from patchlab.io.patch import Patch
-        from patchlab.measure.diagnose import base_drift
+        from patchlab.measure.diagnose import BaseDrift, base_drift
 
         out = self.work / "reports" / f"base-drift-{re.sub(r'[^A-Za-z0-9_.@-]', '_', base)}.json"
         if out.is_file():  # whole or absent (written atomically)
@@ -412,10 +415,17 @@ class _Run:
                 names |= {e.name for e in Patch.open(self.patch_dir(p["source"])).entries() if e.drift_sums}
         if not names:
             return None
-        source = self.reg.checkpoint_path(base)
-        pair = base_drift(
-            source, self.reg.checkpoint_path(self.to_ref), sorted(names), device=self.device, release_source=True
-        )
+        source, target = self.reg.checkpoint_path(base), self.reg.checkpoint_path(self.to_ref)
+        pair = self.reg.base_drift(base, self.to_ref) or BaseDrift(str(source), str(target), {})
+        missing = pair.missing(sorted(names), self.checkpoint(base), self.checkpoint(self.to_ref))
+        if missing:
+            self.log(f"measuring how {self.to_ref} moved from {base} ({len(missing)} tensors)")
+            got = base_drift(source, target, missing, device=self.device, release_source=True)
+            self.reg.record_base_drift(base, self.to_ref, got)
+            pair.tensors.update(got.tensors)
+            pair.target_sumsq.update(got.target_sumsq)
+        else:
+            self.log(f"the drift of {self.to_ref} from {base} is recorded: neither base is read for it")
         write_atomic(out, pair.dumps())
         return str(out)
 

@@ -260,6 +260,22 @@ def test_with_the_bases_sums_a_port_diagnoses_without_reading_the_source_base(fa
     assert d.result().to_json() == want.to_json()
 
 
+def test_with_the_bases_sums_a_diagnosis_of_its_own_reads_only_the_target_and_the_patch(family, monkeypatch):
+    """No port to ride on (a dry run's verdicts): with a BaseDrift the pass reads the target and Δ, never the
+    source base, and gives the figures of the diagnosis that reads all three."""
+    from patchlab.io.checkpoint import Checkpoint
+    from patchlab.measure.diagnose import Diagnosis, base_drift
+
+    want = diagnose(family["patch"], family["near"], device="cpu", intruders=False)
+    pair = base_drift(family["base"], family["near"], list(patchlab.Patch.open(family["patch"]).names), device="cpu")
+    d = Diagnosis(family["patch"], family["near"], device="cpu", intruders=False, base_pair=pair)
+    read = []
+    rows = Checkpoint.rows
+    monkeypatch.setattr(Checkpoint, "rows", lambda self, *a, **k: read.append(self.path) or rows(self, *a, **k))
+    assert d.result().to_json() == want.to_json()
+    assert read and set(read) == {family["near"].resolve()}
+
+
 def test_sums_recorded_on_another_base_are_not_used(family, tmp_path):
     # same architecture, other weights: the recorded ⟨base, Δ⟩ would be wrong for it; the diagnosis notices
     # from ‖base‖² and measures those tensors the direct way
