@@ -373,6 +373,7 @@ class _Run:
         self._pair_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-drift")
         self._pair_lock = threading.Lock()
         self._checkpoints: dict[str, Any] = {}
+        self._base_paths: dict[str, Path] = {}
         self._loaded_pairs: dict[str, Any] = {}
         self._records: dict[str, bool] = {}
         #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
@@ -415,7 +416,7 @@ class _Run:
                 names |= {e.name for e in Patch.open(self.patch_dir(p["source"])).entries() if e.drift_sums}
         if not names:
             return None
-        source, target = self.reg.checkpoint_path(base), self.reg.checkpoint_path(self.to_ref)
+        source, target = self.base_path(base), self.base_path(self.to_ref)
         pair = self.reg.base_drift(base, self.to_ref) or BaseDrift(str(source), str(target), {})
         missing = pair.missing(sorted(names), self.checkpoint(base), self.checkpoint(self.to_ref))
         if missing:
@@ -429,14 +430,26 @@ class _Run:
         write_atomic(out, pair.dumps())
         return str(out)
 
+    def base_path(self, ref: str) -> Path:
+        """A base's checkpoint directory, located and its files checked once per run (``checkpoint_path``) rather
+        than at every step of every patch."""
+        with self.lock:
+            got = self._base_paths.get(ref)
+        if got is None:
+            got = self.reg.checkpoint_path(ref)
+            with self.lock:
+                self._base_paths[ref] = got
+        return got
+
     def checkpoint(self, ref: str) -> Any:
         """A base of the run opened once (``patchlab.io.checkpoint.Checkpoint``): every patch's diagnosis reads
         the same two bases' headers."""
         from patchlab.io.checkpoint import Checkpoint
 
+        path = self.base_path(ref)  # outside the lock: base_path takes it
         with self.lock:
             if ref not in self._checkpoints:
-                self._checkpoints[ref] = Checkpoint.open(self.reg.checkpoint_path(ref))
+                self._checkpoints[ref] = Checkpoint.open(path)
             return self._checkpoints[ref]
 
     def loaded_base_pair(self, base: str) -> Any:
@@ -516,7 +529,7 @@ class _Run:
         p = self.plans[name]
         src, base, suite = p["source"], p["base"], list(p["suite"])
         models, patches, reports = self.work / "models", self.work / "patches", self.work / "reports"
-        target = str(self.reg.checkpoint_path(self.to_ref))
+        target = str(self.base_path(self.to_ref))
         policy = self.opts.get("vocab_policy")
         ft = p["finetuned"] if p["finetuned"] and Path(p["finetuned"]).is_dir() else None
         kind = p.get("kind", "port")
@@ -566,11 +579,11 @@ class _Run:
                 "target": target,
                 "patch_dir": None if port_ft else str(self.patch_dir(src)),
                 "finetuned": port_ft,
-                "source_base": str(self.reg.checkpoint_path(base)) if port_ft else None,
+                "source_base": str(self.base_path(base)) if port_ft else None,
                 "vocab_policy": policy,
                 "device": self.device,
                 "diagnose": {
-                    "source_base": str(self.reg.checkpoint_path(base)),
+                    "source_base": str(self.base_path(base)),
                     "intruders": bool(self.opts.get("intruders", True)),
                     "out": str(observed_out),
                     "pair_later": self.records_sums(src),
@@ -737,7 +750,7 @@ class _Run:
             res = self.executor.baseline(
                 {
                     "patch_dir": str(self.patch_dir(src)),
-                    "source_base": str(self.reg.checkpoint_path(base)),
+                    "source_base": str(self.base_path(base)),
                     "finetuned": ft,
                     "scratch": str(scratch),
                     "suite": suite,
@@ -907,7 +920,7 @@ class _Run:
         if stored:
             m = stored[0].metrics or {}
         else:
-            ev = evaluate_model(model, file, base=self.reg.checkpoint_path(self.to_ref), device=self.device)
+            ev = evaluate_model(model, file, base=self.base_path(self.to_ref), device=self.device)
             rec = self.reg.record_edit_evaluation(
                 new_ref, ev, kind="patch", settings={"upgrade_run": self.run.id, "edits_file": file}
             )
