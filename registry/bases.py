@@ -100,7 +100,7 @@ class Bases(Topic):
                 revision = revision.lower()
             else:
                 revision = hub.resolve_revision(src, revision, endpoint=self.hub_endpoint, token=self.hub_token)
-        drifts = self._drifts_for_new_release(family, release_order, weights) if drift and content else []
+        drifts = self._drifts_for_new_release(family, version, release_order, weights) if drift and content else []
 
         def run() -> BaseInfo:
             with self.db.write() as s:
@@ -152,7 +152,7 @@ class Bases(Topic):
         return retry_locked(run)
 
     def _drifts_for_new_release(
-        self, family: str, release_order: int | None, weights: Path | None
+        self, family: str, version: str, release_order: int | None, weights: Path | None
     ) -> list[tuple[str, Any]]:
         """``(older release, BaseDrift)`` of a release being registered from ``weights``, from each older local
         release carrying live patches (``registry.drifts``); a pair that cannot be measured (an older release
@@ -161,8 +161,8 @@ class Bases(Topic):
         from registry.drifts import measure_release_drift
 
         known = self.list_bases(family)
-        if weights is None or not known:
-            return []
+        if weights is None or not known or any(b.version == version for b in known):
+            return []  # nothing older; or a clash the registration refuses: measure nothing first
         order = release_order if release_order is not None else max(b.release_order for b in known) + 1
         out = []
         for ref, path in self._older_releases_in_use(family, order):  # type: ignore[attr-defined]

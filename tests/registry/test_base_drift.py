@@ -17,6 +17,7 @@ from cli.app import app
 from patchlab.io.checkpoint import Checkpoint
 from patchlab.measure.diagnose import PortDiagnostics, base_drift, diagnose
 from registry import Registry
+from registry.errors import AlreadyExistsError
 from registry.rows import BaseDriftRow
 from registry.workflows.upgrade import plan_upgrade, run_upgrade
 from tests.factory import make_model
@@ -36,6 +37,14 @@ def bf16_family(tmp_path_factory) -> dict[str, Path]:
     v3 = make_model(d / "v3", from_model=v2, noise=0.01, seed=3, dtype=torch.bfloat16)
     patch = patchlab.extract(v1, ft, d / "patch", device="cpu")
     return {"v1": v1, "ft": ft, "v2": v2, "v3": v3, "patch": patch.path}
+
+
+def with_patch_then_release(reg: Registry, f: dict[str, Path]) -> Registry:
+    """fam@1, the patch on it, then fam@2 (whose drift from fam@1 base add records)."""
+    reg.add_base("fam", "1", f["v1"])
+    reg.add_patch(f["patch"], name="task", base="fam@1")
+    reg.add_base("fam", "2", f["v2"])
+    return reg
 
 
 def drift_rows(reg: Registry) -> int:
@@ -68,23 +77,21 @@ def test_a_new_release_records_its_drift_from_the_release_its_patches_are_on(reg
 
 def test_a_recorded_drift_stands_only_for_the_content_it_was_measured_on(registry_target, bf16_family):
     f = bf16_family
-    with Registry.init(registry_target) as reg:
-        reg.add_base("fam", "1", f["v1"])
-        reg.add_patch(f["patch"], name="task", base="fam@1")
-        reg.add_base("fam", "2", f["v2"])
+    with with_patch_then_release(Registry.init(registry_target), f) as reg:
         assert reg.base_drift("fam@1", "fam@2") is not None
         with reg.db.write() as s:
             s.execute(update(BaseDriftRow).values(source_content="blake3:" + "0" * 64))
         assert reg.base_drift("fam@1", "fam@2") is None and reg.drifts_to("fam@2") == {}
 
 
-def test_removing_a_release_removes_its_drifts(registry_target, bf16_family):
+def test_removing_a_release_removes_its_drifts(registry_target, bf16_family, monkeypatch):
     f = bf16_family
-    with Registry.init(registry_target) as reg:
-        reg.add_base("fam", "1", f["v1"])
-        reg.add_patch(f["patch"], name="task", base="fam@1")
-        reg.add_base("fam", "2", f["v2"])
+    with with_patch_then_release(Registry.init(registry_target), f) as reg:
         assert drift_rows(reg) == 1
+        monkeypatch.setattr("registry.drifts.measure_release_drift", lambda *a, **k: pytest.fail("measured"))
+        with pytest.raises(AlreadyExistsError):  # refused before any drift is measured
+            reg.add_base("fam", "2", f["v3"])
+        monkeypatch.undo()
         reg.rm("fam@2")
         assert drift_rows(reg) == 0
 
