@@ -77,6 +77,7 @@ class Patches(Topic):
         description: str | None = None,
         parameters: Mapping[str, Any] | None = None,
         drift_sums: Mapping[str, Mapping[str, float]] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
     ) -> PatchInfo:
         """Register ``source``'s Δ, unchanged, as the next version of its name on ``base`` (relation ``port``).
 
@@ -86,7 +87,8 @@ class Patches(Topic):
         the source's blobs; only its manifest (provenance: the new base, the patch it was ported from) is new.
 
         ``drift_sums``: per tensor, the Δ's sums against ``base`` (``Diagnosis.target_sums`` of the port); the
-        source's own sums belong to its old base and are dropped.
+        source's own sums belong to its old base and are dropped. ``base_dir``: ``base``'s checkpoint directory
+        when the caller located it already (``checkpoint_path``; an upgrade run does so once for all its patches).
         """
         from patchlab.io.checkpoint import Checkpoint  # lazy: torch
 
@@ -101,7 +103,7 @@ class Patches(Topic):
             target = refs.resolve_base(s, base)
             row = s.get(BaseVersionRow, target.id)
             content, arch = (row.content, row.architecture) if row is not None else (None, None)
-        base_desc = Checkpoint.open(self.checkpoint_path(target.label)).describe()
+        base_desc = Checkpoint.open(base_dir or self.checkpoint_path(target.label)).describe()
         base_desc.update({k: v for k, v in (("content", content), ("architecture", arch)) if v})
         for tname, entry in (manifest.get("tensors") or {}).items():
             entry.pop("drift_sums", None)  # sums against the old base
