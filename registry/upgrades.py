@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from registry import refs
@@ -86,6 +86,20 @@ class StepInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return fields_dict(self)
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """How a step of an upgrade run ended, as the driver records it (``Upgrades.step_moved``)."""
+
+    step: str
+    state: str  # done | skipped | failed
+    outcome: Any = None
+    output_path: str | None = None
+    report_path: str | None = None
+    error: str | None = None
+    at: _dt.datetime | None = None  # when it ended (naive UTC); default: when recorded
+    started: _dt.datetime | None = None  # when it started, as recorded (by the driver: the row need not be read)
 
 
 @dataclass(frozen=True)
@@ -362,31 +376,18 @@ class Upgrades(Topic):
                         select(UpgradeStepRow.patch, UpgradeStepRow.step).where(UpgradeStepRow.run_id == run_id)
                     ).all()
                 }
-                for patch, source, pos, step in rows:
-                    if (patch, step) not in have:
-                        s.add(
-                            UpgradeStepRow(
-                                run_id=run_id,
-                                patch=patch,
-                                source=source,
-                                position=pos,
-                                step=step,
-                                state="pending",
-                                attempts=0,
-                            )
-                        )
+                new = [
+                    {"run_id": run_id, "patch": patch, "source": source, "position": pos, "step": step}
+                    for patch, source, pos, step in rows
+                    if (patch, step) not in have
+                ]
+                if new:  # one statement for them all
+                    s.execute(insert(UpgradeStepRow), [{**r, "state": "pending", "attempts": 0} for r in new])
 
         retry_locked(run)
 
     def step_started(self, run_id: int, patch: str, step: str) -> None:
-        def run() -> None:
-            with self.db.write() as s:
-                row = self._step_row(s, run_id, patch, step)
-                row.state, row.error = "running", None
-                row.started_at, row.finished_at, row.seconds = utcnow(), None, None
-                row.attempts = (row.attempts or 0) + 1
-
-        retry_locked(run)
+        self.step_moved(run_id, patch, starts=step)
 
     def step_finished(
         self,
@@ -401,25 +402,48 @@ class Upgrades(Topic):
         error: str | None = None,
     ) -> StepInfo:
         """Record how a step ended; returns the step as stored (the driver need not read it back)."""
+        end = StepEnd(step, state, outcome=outcome, output_path=output_path, report_path=report_path, error=error)
+        got = self.step_moved(run_id, patch, ended=end)
+        assert got is not None
+        return got
 
-        def run() -> StepInfo:
+    def step_moved(
+        self,
+        run_id: int,
+        patch: str,
+        *,
+        ended: StepEnd | None = None,
+        starts: str | None = None,
+        at: _dt.datetime | None = None,
+    ) -> StepInfo | None:
+        """In one transaction: how ``patch``'s step ``ended`` (if given) and that its step ``starts`` is running
+        (if given, from ``at``: default now). The driver's one commit between two steps of a patch, rather than
+        one for each. Returns the ended step as stored when its start was not given (``StepEnd.started``)."""
+        if ended is not None:
+            json_safe(ended.outcome, "outcome")
+
+        def run() -> StepInfo | None:
             with self.db.write() as s:
-                row = self._step_row(s, run_id, patch, step)
-                now = utcnow()
-                row.state, row.error = state, error
-                row.outcome = json_safe(outcome, "outcome")
-                if output_path is not None:
-                    row.output_path = output_path
-                if report_path is not None:
-                    row.report_path = report_path
-                row.finished_at = now
-                if row.started_at is not None:
-                    row.seconds = (now - row.started_at).total_seconds()
-                s.execute(update(UpgradeRunRow).where(UpgradeRunRow.id == run_id).values(updated_at=now))
-                s.flush()
-                info = _step_info(row)
-                # as a later read would give it back (tuples as lists, keys as strings)
-                return dataclasses.replace(info, outcome=json.loads(json.dumps(info.outcome)))
+                info = None
+                if ended is not None:
+                    now, began = ended.at or utcnow(), ended.started
+                    if began is None:  # not given (a step another call started): as recorded
+                        began = self._step_row(s, run_id, patch, ended.step).started_at
+                    values = {"state": ended.state, "error": ended.error, "outcome": ended.outcome, "finished_at": now}
+                    values["seconds"] = (now - began).total_seconds() if began is not None else None
+                    if ended.output_path is not None:
+                        values["output_path"] = ended.output_path
+                    if ended.report_path is not None:
+                        values["report_path"] = ended.report_path
+                    self._update_step(s, run_id, patch, ended.step, values)
+                    if ended.started is None:  # the caller wants the step as stored
+                        info = self._step_info_now(s, run_id, patch, ended.step)
+                if starts is not None:
+                    values = {"state": "running", "error": None, "started_at": at or utcnow()}
+                    values.update(finished_at=None, seconds=None, attempts=UpgradeStepRow.attempts + 1)
+                    self._update_step(s, run_id, patch, starts, values)
+                s.execute(update(UpgradeRunRow).where(UpgradeRunRow.id == run_id).values(updated_at=utcnow()))
+                return info
 
         return retry_locked(run)
 
@@ -427,6 +451,25 @@ class Upgrades(Topic):
         """One step of a run (a driver refreshing what it just wrote reads one row, not the whole run)."""
         with self.db.read() as s:
             return _step_info(self._step_row(s, run_id, patch, step))
+
+    @classmethod
+    def _step_info_now(cls, s, run_id: int, patch: str, step: str) -> StepInfo:
+        """The step as a later read gives it back (tuples as lists, keys as strings)."""
+        row = cls._step_row(s, run_id, patch, step)
+        s.refresh(row)
+        info = _step_info(row)
+        return dataclasses.replace(info, outcome=json.loads(json.dumps(info.outcome)))
+
+    @staticmethod
+    def _update_step(s, run_id: int, patch: str, step: str, values: dict[str, Any]) -> None:
+        got = s.execute(
+            update(UpgradeStepRow)
+            .where(UpgradeStepRow.run_id == run_id, UpgradeStepRow.patch == patch, UpgradeStepRow.step == step)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if got.rowcount != 1:
+            raise UnknownReferenceError(f"upgrade run {run_id} has no step {step} for {patch}")
 
     @staticmethod
     def _step_row(s, run_id: int, patch: str, step: str) -> UpgradeStepRow:

@@ -17,6 +17,7 @@ version apart. Only this driver writes to the registry; ports and evaluations ma
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -35,8 +36,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from patchlab.errors import PatchlabError
 from registry.api import Registry
 from registry.errors import RegistryError, UnknownReferenceError
-from registry.records import BaseInfo, PatchInfo
-from registry.upgrades import LEASE_SECONDS, VOCAB_POLICIES, LeaseHeldError, RunInfo, StepInfo
+from registry.records import BaseInfo, PatchInfo, timestamp
+from registry.rows import utcnow
+from registry.topic import json_safe
+from registry.upgrades import LEASE_SECONDS, VOCAB_POLICIES, LeaseHeldError, RunInfo, StepEnd, StepInfo
 from registry.workflows.upgrade_tasks import clean_partials, complete_model, write_atomic
 
 STEPS = ("diagnose", "port", "register", "evaluate", "baseline", "flips", "gate", "alias", "report")
@@ -378,6 +381,8 @@ class _Run:
         self._records: dict[str, bool] = {}
         #: the step each patch is at (kept here too: when the database went away, the rows cannot say)
         self.current: dict[str, str] = {}
+        #: a patch's finished step whose end is recorded with its next step's start (see :meth:`do`)
+        self._ended: dict[str, StepEnd] = {}
 
     def patch_dir(self, ref: str) -> Path:
         """A registered patch materialised (and its blobs verified) once per run, not once per step."""
@@ -496,32 +501,63 @@ class _Run:
             self.steps[(patch, step)] = fresh
 
     def do(self, patch: str, step: str, fn: Callable[[], dict[str, Any]]) -> Any:
-        """Run ``fn`` as ``step`` of ``patch`` unless done; ``fn`` returns (state, outcome, paths...)."""
+        """Run ``fn`` as ``step`` of ``patch`` unless done; ``fn`` returns (state, outcome, paths...).
+
+        The step's end is recorded together with the start of the patch's next step (one commit between two
+        steps; :meth:`settle` records a last one): a kill in between redoes the step, as a kill before its
+        record always did."""
         st = self.state(patch, step)
         if st.state in ("done", "skipped"):
+            self.settle(patch)
             return st.outcome
         if self.lease.lost:
+            self.settle(patch)
             raise UpgradeError(f"the lease on {self.to_ref} was taken over by another process; stopping")
         with self.lock:
+            ended = self._ended.pop(patch, None)
+            # until the previous step's end is recorded, a failure is that step's (it reruns on resume)
+            self.current[patch] = ended.step if ended is not None else step
+        started = utcnow()
+        self.reg.step_moved(self.run.id, patch, ended=ended, starts=step, at=started)
+        with self.lock:
             self.current[patch] = step
-        self.reg.step_started(self.run.id, patch, step)
         t0 = time.perf_counter()
         self.log(f"{patch}: {step}")
         res = fn()
-        state = res.pop("_state", "done")
-        fresh = self.reg.step_finished(
-            self.run.id,
-            patch,
+        state, finished = res.pop("_state", "done"), utcnow()
+        end = StepEnd(
             step,
             state,
-            outcome=res.get("outcome"),
+            outcome=json_safe(res.get("outcome"), "outcome"),
             output_path=res.get("output_path"),
             report_path=res.get("report_path"),
+            at=finished,
+            started=started,
+        )
+        info = dataclasses.replace(
+            st,
+            state=state,
+            outcome=json.loads(json.dumps(end.outcome)),  # as a later read would give it back
+            output_path=end.output_path if end.output_path is not None else st.output_path,
+            report_path=end.report_path if end.report_path is not None else st.report_path,
+            error=None,
+            attempts=(st.attempts or 0) + 1,
+            started_at=timestamp(started),
+            finished_at=timestamp(finished),
+            seconds=(finished - started).total_seconds(),
         )
         with self.lock:
-            self.steps[(patch, step)] = fresh
+            self.steps[(patch, step)] = info
+            self._ended[patch] = end
         self.log(f"{patch}: {step} {state} ({time.perf_counter() - t0:.2f} s)")
-        return res.get("outcome")
+        return info.outcome
+
+    def settle(self, patch: str) -> None:
+        """Record the end of ``patch``'s last finished step if :meth:`do` still holds it."""
+        with self.lock:
+            ended = self._ended.pop(patch, None)
+        if ended is not None:
+            self.reg.step_moved(self.run.id, patch, ended=ended)
 
     # -- the pipeline of one patch --
 
@@ -668,6 +704,7 @@ class _Run:
                     description=f"upgrade run {self.run.id}: {src} ported onto {self.to_ref}",
                     parameters={"upgrade_run": self.run.id},
                     drift_sums=json.loads(sums_out.read_text()) if sums_out.is_file() else None,
+                    base_dir=target,
                 )
                 return {"outcome": {"ref": info.ref, "digest": info.digest, "carried": True}}
             out = patches / name
@@ -766,6 +803,7 @@ class _Run:
 
             old = self.reg.eval_result(src, kind="patch", tasks=tasks)
             new = self.reg.eval_result(new_ref, kind="patch", tasks=tasks)
+            self.stash[(name, "evals")] = (old, new)  # the report shows them: read once
             f = compare(old.flip_records(), new.flip_records(), allow_missing=True)
             out = reports / f"{name}.flips.json"
             write_atomic(out, f.dumps())
@@ -825,10 +863,11 @@ class _Run:
 
             diag = PortDiagnostics.from_json(json.loads((reports / f"{name}.diagnostics.json").read_text()))
             flips_json = json.loads((reports / f"{name}.flips.json").read_text())
-            evals = {
-                f"previous ({src})": self.reg.eval_result(src, kind="patch", tasks=tasks),
-                f"ported ({new_ref})": self.reg.eval_result(new_ref, kind="patch", tasks=tasks),
-            }
+            old, new = self.stash.pop((name, "evals"), None) or (
+                self.reg.eval_result(src, kind="patch", tasks=tasks),
+                self.reg.eval_result(new_ref, kind="patch", tasks=tasks),
+            )
+            evals = {f"previous ({src})": old, f"ported ({new_ref})": new}
             notes = [f"gate {'passed' if gate['passed'] else 'FAILED'}"]
             notes += [
                 f"{'pass' if r['passed'] else 'FAIL'}: {r['expression']} ({r['detail']})" for r in gate["results"]
@@ -1025,6 +1064,7 @@ def run_upgrade(
         def one(name: str) -> None:
             try:
                 r.patch(name)
+                r.settle(name)
             except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then reported
                 failures.append((name, exc))
                 _record_failure(reg, r, name, exc)
@@ -1072,6 +1112,7 @@ def _record_failure(reg: Registry, r: _Run, name: str, exc: BaseException) -> No
     """Mark the running step of ``name`` and the run failed (best effort: the database may be what failed)."""
     msg = _one_line(exc)
     try:
+        r.settle(name)  # the step before the failure did finish
         run = reg.get_run(r.run.id)
         step = next((s for s in run.steps if s.patch == name and s.state == "running"), None)
         if step is not None:

@@ -196,20 +196,45 @@ def test_missing_eval_file_fails_at_evaluate_and_resumes(family, reference, tmp_
     assert not differences(state(fam), reference[2]), differences(state(fam), reference[2])
 
 
+def test_one_commit_between_two_steps_and_every_end_recorded(family, tmp_path, monkeypatch):
+    """The driver records a step's end with the next step's start (one write transaction between two steps),
+    and the last step's end on its own: every step row ends done or skipped, timed, attempted once."""
+    fam = copy_family(family, tmp_path / "fam")
+    from registry.upgrades import Upgrades
+
+    real, calls = Upgrades.step_moved, []
+
+    def spy(self, run_id, patch, *, ended=None, starts=None, **kw):
+        calls.append((patch, ended.step if ended is not None else None, starts))
+        return real(self, run_id, patch, ended=ended, starts=starts, **kw)
+
+    monkeypatch.setattr(Upgrades, "step_moved", spy)
+    with fam.open() as reg:
+        res = run_upgrade(reg, "tiny", "v2", patches=["task"], device="cpu")
+        steps = [s for s in reg.get_run(res.run.id).steps if s.patch == "task"]
+    order = [c[2] for c in calls if c[2] is not None]
+    assert sorted(order) == sorted(s.step for s in steps) and len(calls) == len(order) + 1
+    assert calls[0][1] is None and calls[-1][2] is None
+    # each call but the first ends the step the one before it started
+    assert [c[1] for c in calls[1:]] == order
+    for s in steps:
+        assert s.state in ("done", "skipped") and s.attempts == 1 and s.seconds is not None and s.seconds >= 0, s
+        assert s.finished_at >= s.started_at, s
+
+
 def test_database_gone_mid_run_is_one_line_and_resumable(family, reference, tmp_path, monkeypatch):
     fam = copy_family(family, tmp_path / "fam")
     from registry.upgrades import Upgrades
 
-    real = Upgrades.step_finished
-    calls = {"n": 0}
+    real = Upgrades.step_moved
 
-    def flaky(self, run_id, patch, step, state_, **kw):
-        calls["n"] += 1
-        if patch == "strict" and step == "register":
+    def flaky(self, run_id, patch, *, ended=None, **kw):
+        # the database goes away as the driver records that strict's register step finished
+        if patch == "strict" and ended is not None and ended.step == "register":
             raise OperationalError("UPDATE upgrade_steps", {}, Exception("unable to open database file"))
-        return real(self, run_id, patch, step, state_, **kw)
+        return real(self, run_id, patch, ended=ended, **kw)
 
-    monkeypatch.setattr(Upgrades, "step_finished", flaky)
+    monkeypatch.setattr(Upgrades, "step_moved", flaky)
     with fam.open() as reg:
         with pytest.raises(UpgradeError, match="failed at step register of strict@1: the registry database") as e:
             run_upgrade(reg, "tiny", "v2", device="cpu")
