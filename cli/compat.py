@@ -390,6 +390,20 @@ def tuco_cmd(
     return None
 
 
+def recorded_drift(registry: str | None, patch: str, target: str, source_base: str | None) -> Any:
+    """The drift ``base add`` recorded from a registered patch's base to a registered TARGET release
+    (``measure.diagnose.BaseDrift``, with the registry's paths of both), or None: a diagnosis on it need not read
+    the patch's base. None as well when ``--source-base`` names another base, or either side is a directory."""
+    if source_base is not None or not (is_ref(patch) and is_ref(target)):
+        return None
+    with open_registry(registry) as reg:
+        base = reg.get_patch(patch).base
+        to = reg.resolve(target)
+        if base is None or to.kind != "base":
+            return None
+        return reg.base_drift(base, to.label)
+
+
 def resolve_patch_and_target(registry: str | None, patch: str, target: str, source_base: str | None):
     """Directories for PATCH, TARGET and the optional source base (absolute: the report shows them)."""
     if not (is_ref(patch) or is_ref(target) or (source_base and is_ref(source_base))):
@@ -419,7 +433,10 @@ def diagnose_cmd(
     from patchlab.measure.diagnose import diagnose
 
     p, t, s = resolve_patch_and_target(registry, patch, target, source_base)
-    d = diagnose(p, t, source_base=s, intruders=intruders, device=device)
+    pair = recorded_drift(registry, patch, target, source_base)
+    if pair is not None:  # the diagnosis reads the target and the patch; the old base not at all
+        s = Path(pair.source)
+    d = diagnose(p, t, source_base=s, intruders=intruders, device=device, base_pair=pair)
     if json_out:
         return print_json(d.to_json())
     out = console()

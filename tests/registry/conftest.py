@@ -161,3 +161,20 @@ def populated(tmp_path: Path, reg: Registry):
     p1 = reg.add_patch(make_patch(tmp_path / "p1", 1, c1), name="sql")
     p2 = reg.add_patch(make_patch(tmp_path / "p2", 2, c2), name="sql", parents=[p1.ref], relation="port")
     return reg, p1, p2
+
+
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory) -> dict[str, Path]:
+    """A bf16 base, a fine-tune of it (its patch: a bf16 Δ needs residuals to stay exact) and two later
+    releases, each moved a little from the one before."""
+    import patchlab
+    from tests.factory import make_model
+
+    d = tmp_path_factory.mktemp("bf16-family")
+    v1 = make_model(d / "v1", dtype=torch.bfloat16)
+    ft = make_model(d / "ft", from_model=v1, noise=0.02, seed=1, dtype=torch.bfloat16)
+    v2 = make_model(d / "v2", from_model=v1, noise=0.01, seed=2, dtype=torch.bfloat16)
+    v3 = make_model(d / "v3", from_model=v2, noise=0.01, seed=3, dtype=torch.bfloat16)
+    patch = patchlab.extract(v1, ft, d / "patch", device="cpu")
+    assert patch.manifest["totals"].get("fixups"), "the family must exercise residuals"
+    return {"v1": v1, "ft": ft, "v2": v2, "v3": v3, "patch": Path(patch.path)}

@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
@@ -20,23 +19,10 @@ from registry import Registry
 from registry.errors import AlreadyExistsError
 from registry.rows import BaseDriftRow
 from registry.workflows.upgrade import plan_upgrade, run_upgrade
-from tests.factory import make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "fixtures" / "models"
 TASK = ROOT / "fixtures" / "eval" / "task.jsonl"
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 base, a fine-tune of it, and two later releases."""
-    d = tmp_path_factory.mktemp("drift")
-    v1 = make_model(d / "v1", dtype=torch.bfloat16)
-    ft = make_model(d / "ft", from_model=v1, noise=0.02, seed=1, dtype=torch.bfloat16)
-    v2 = make_model(d / "v2", from_model=v1, noise=0.01, seed=2, dtype=torch.bfloat16)
-    v3 = make_model(d / "v3", from_model=v2, noise=0.01, seed=3, dtype=torch.bfloat16)
-    patch = patchlab.extract(v1, ft, d / "patch", device="cpu")
-    return {"v1": v1, "ft": ft, "v2": v2, "v3": v3, "patch": patch.path}
 
 
 def with_patch_then_release(reg: Registry, f: dict[str, Path]) -> Registry:
@@ -194,3 +180,28 @@ def test_dry_run_verdicts_on_a_recorded_drift_read_no_old_base(tmp_path, monkeyp
         plan = plan_upgrade(reg, "tiny", "v2", verdicts=True, device="cpu")
         assert (MODELS / "v1").resolve() not in set(read) and read
         assert [(p.verdict, p.reasons) for p in plan.patches] == [(want.verdict.level, list(want.verdict.reasons))]
+
+
+def test_patchlab_diagnose_on_a_recorded_drift_reads_no_old_base(tmp_path, monkeypatch):
+    """`patchlab diagnose task@1 tiny@v2`: the recorded drift spares reading v1; the figures are the direct ones.
+    A target given as a directory (nothing recorded to trust) reads v1 as before."""
+    home = tmp_path / "home"
+    tiny_family(home, tmp_path / "suite.jsonl").close()
+    with Registry(home) as reg:
+        want = diagnose(reg.patch_path("task@1"), MODELS / "v2", intruders=False, device="cpu").to_json()
+    runner = CliRunner()
+
+    def diagnose_json(target: str) -> dict:
+        r = runner.invoke(
+            app, ["--registry", str(home), "diagnose", "task@1", target, "--no-intruders", "--device", "cpu", "--json"]
+        )
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    read = reads(monkeypatch)
+    got = diagnose_json("tiny@v2")
+    assert (MODELS / "v1").resolve() not in set(read) and (MODELS / "v2").resolve() in set(read)
+    assert got["tensors"] == want["tensors"] and got["verdict"] == want["verdict"]
+    read.clear()
+    assert diagnose_json(str(MODELS / "v2"))["tensors"] == want["tensors"]
+    assert (MODELS / "v1").resolve() in set(read)

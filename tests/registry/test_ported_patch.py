@@ -13,19 +13,7 @@ import torch
 import patchlab
 from registry import Registry
 from registry.errors import InvalidReferenceError, UnknownReferenceError
-from tests.factory import make_model, state
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 base, a fine-tune of it and a next release: a bf16 Δ needs residuals to stay exact."""
-    d = tmp_path_factory.mktemp("fam")
-    v1 = make_model(d / "v1", dtype=torch.bfloat16)
-    ft = make_model(d / "ft", from_model=v1, noise=0.02, seed=1, dtype=torch.bfloat16)
-    v2 = make_model(d / "v2", from_model=v1, noise=0.01, seed=2, dtype=torch.bfloat16)
-    patch = patchlab.extract(v1, ft, d / "patch", device="cpu")
-    assert patch.manifest["totals"].get("fixups"), "the family must exercise residuals"
-    return {"v1": v1, "ft": ft, "v2": v2, "patch": d / "patch"}
+from tests.factory import state
 
 
 def test_ported_patch_reproduces_the_port_and_shares_the_blobs(registry_target, bf16_family, tmp_path):
@@ -83,7 +71,7 @@ def test_what_first_made_the_delta_is_carried_from_release_to_release(registry_t
     manifest["provenance"]["method"] = "locft-bf"
     manifest["provenance"]["parameters"] = {**manifest["provenance"]["parameters"], "edits_file": "facts.jsonl"}
     (edited / "patch.json").write_text(json.dumps(manifest))
-    v3 = make_model(tmp_path / "v3", from_model=f["v2"], noise=0.01, seed=3, dtype=torch.bfloat16)
+    v3 = f["v3"]
     with Registry.init(registry_target) as reg:
         reg.add_base("fam", "1", f["v1"])
         reg.add_base("fam", "2", f["v2"])
@@ -105,7 +93,7 @@ def test_a_ported_patch_records_drift_sums_on_its_own_base_only(registry_target,
     from patchlab.measure.diagnose import Diagnosis, base_drift, diagnose
 
     f = bf16_family
-    v3 = make_model(tmp_path / "v3", from_model=f["v2"], noise=0.01, seed=3, dtype=torch.bfloat16)
+    v3 = f["v3"]
     with Registry.init(registry_target) as reg:
         reg.add_base("fam", "1", f["v1"])
         reg.add_base("fam", "2", f["v2"])
