@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,10 +120,73 @@ class ReplayExecutor(LocalExecutor):
         return json.loads(json.dumps(self.result))
 
 
-def replay_bench(family: Path, jobs_list: list[int], work: Path) -> None:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children (the commands)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rounds_report(label: str, wall: dict[str, list[float]], cpu: dict[str, list[float]], base: str) -> None:
+    """The figures of several rotated rounds: ``upgrade`` against each other contender, as the median of the
+    rounds' ratios (each round's contenders ran back to back, so they saw the same machine) and best against
+    best; CPU seconds likewise (what the workflow adds in work, whatever the machine's noise)."""
+    for other in [k for k in wall if k != "upgrade"]:
+        ratios = [u / o for u, o in zip(wall["upgrade"], wall[other], strict=True)]
+        cratios = [u / o for u, o in zip(cpu["upgrade"], cpu[other], strict=True)]
+        target = " (target <= +20%)" if other == base else ""
+        best_u, best_o = min(wall["upgrade"]), min(wall[other])
+        print(
+            f"  {label}: upgrade run against {other}: median of {len(ratios)} rounds "
+            f"{(statistics.median(ratios) - 1) * 100:+.0f}%{target}, best vs best "
+            f"{best_u:.2f} / {best_o:.2f} s = {(best_u / best_o - 1) * 100:+.0f}%; "
+            f"CPU seconds {(statistics.median(cratios) - 1) * 100:+.0f}% (median)",
+            flush=True,
+        )
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: each contender takes each place in turn (none always runs first, after a cold
+    start, or last, after another's writes)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def contender(mode: str, args: dict) -> None:
+    """One contender of ``--replay-eval`` in a process of its own (``--contender``), timed from after its
+    imports: ``hand`` ports the patches (``args["jobs"]`` at a time), ``upgrade`` runs the upgrade of the
+    registry at ``args["home"]`` with evaluation replayed. Prints wall and CPU seconds as JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs, out = int(args["jobs"]), Path(args["out"])
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    if mode == "hand":
+        with ThreadPoolExecutor(jobs) as pool:
+            list(
+                pool.map(lambda p: patchlab.port(p, args["target"], out / Path(p).name, device="cpu"), args["patches"])
+            )
+    else:
+        with Registry(args["home"]) as reg:
+            res = run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs, executor=ReplayExecutor(args["recorded"]))
+            wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            ports = sum(st.seconds or 0.0 for st in reg.get_run(res.run.id).steps if st.step == "port")
+        print(json.dumps({"wall": wall, "cpu": cpu, "port_steps": ports}))
+        return
+    print(json.dumps({"wall": time.perf_counter() - t0, "cpu": cpu_seconds() - c0}))
+
+
+def run_contender(mode: str, args: dict) -> dict[str, float]:
+    """Wall and CPU seconds (and an upgrade's port steps) of :func:`contender` run in a fresh interpreter (no
+    state left by the bench's own setup: allocator, thread pools, open maps)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", mode, json.dumps(args)]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def replay_bench(family: Path, jobs_list: list[int], work: Path, rounds: int = 3) -> None:
     """Whole-run wall time, evaluation replayed, against what a user would run by hand: ``patchlab.port`` of each
-    patch with outputs kept, one after another (``--jobs 1``) or two at a time (``--jobs 2``); each contender
-    starts with the bases, the patches and the registry evicted from the page cache (``drop_from_cache``)."""
+    patch with outputs kept, one after another (``--jobs 1``) or two at a time (``--jobs 2``), and the same as
+    ``patchlab port`` commands. Each contender runs in a fresh process, starts with the bases, the patches and
+    the registry evicted from the page cache (``drop_from_cache``, after a ``sync``), and takes each place in
+    the order in turn over ``rounds`` rounds."""
     from concurrent.futures import ThreadPoolExecutor
 
     suite = work / "suite.jsonl"
@@ -138,48 +203,61 @@ def replay_bench(family: Path, jobs_list: list[int], work: Path) -> None:
         )
 
     for jobs in jobs_list:
-        by_hand, commands, runs = [], [], []
-        for rep in range(2):
-            out = work / f"by-hand-{jobs}-{rep}"
-            evict()
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(jobs) as pool:
-                list(pool.map(lambda k, o=out: patchlab.port(patches[k], v["target"], o / k, device="cpu"), fts))
-            by_hand.append(time.perf_counter() - t0)
-            shutil.rmtree(out)
-            evict()
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(jobs) as pool:
-                list(
-                    pool.map(
-                        lambda k, o=out: port_command(patches[k], v["target"], o / k, work / "cmd-home", keep=True),
-                        fts,
+        wall: dict[str, list[float]] = {"by hand": [], "commands": [], "upgrade": []}
+        cpu: dict[str, list[float]] = {k: [] for k in wall}
+        for r in range(rounds):
+            drift_s = port_steps = 0.0
+            for name in rotated(list(wall), r):
+                out = work / f"out-{jobs}-{r}"
+                if name == "by hand":
+                    evict()
+                    d = run_contender(
+                        "hand",
+                        {
+                            "jobs": jobs,
+                            "out": str(out),
+                            "target": str(v["target"]),
+                            "patches": [str(patches[k]) for k in fts],
+                        },
                     )
-                )
-            commands.append(time.perf_counter() - t0)
-            shutil.rmtree(out, ignore_errors=True)
-            home = work / f"reg-{jobs}-{rep}"
-            reg, drift_s = family_registry(home, v, patches, suite)
-            with reg:
-                evict(home)
-                t0 = time.perf_counter()
-                run_upgrade(reg, "llama", "v2", device="cpu", jobs=jobs, executor=ReplayExecutor(recorded))
-                runs.append(time.perf_counter() - t0)
-            shutil.rmtree(home)
+                    got = (d["wall"], d["cpu"])
+                elif name == "commands":
+                    evict()
+                    c0, t0 = cpu_seconds(), time.perf_counter()
+                    with ThreadPoolExecutor(jobs) as pool:
+                        list(
+                            pool.map(
+                                lambda k, o=out: port_command(
+                                    patches[k], v["target"], o / k, work / "cmd-home", keep=True
+                                ),
+                                fts,
+                            )
+                        )
+                    got = (time.perf_counter() - t0, cpu_seconds() - c0)
+                else:
+                    home = work / f"reg-{jobs}-{r}"
+                    reg, drift_s = family_registry(home, v, patches, suite)
+                    reg.close()
+                    evict(home)
+                    d = run_contender(
+                        "upgrade", {"jobs": jobs, "out": str(out), "home": str(home), "recorded": recorded}
+                    )
+                    got, port_steps = (d["wall"], d["cpu"]), d["port_steps"]
+                    shutil.rmtree(home)
+                shutil.rmtree(out, ignore_errors=True)
+                wall[name].append(got[0])
+                cpu[name].append(got[1])
+            up = wall["upgrade"][-1]
             print(
-                f"jobs={jobs} round {rep + 1}: 3 ports by hand {by_hand[-1]:.2f} s, 3 `patchlab port` commands "
-                f"{commands[-1]:.2f} s, upgrade run {runs[-1]:.2f} s ({(runs[-1] / by_hand[-1] - 1) * 100:+.0f}%, "
-                f"{(runs[-1] / commands[-1] - 1) * 100:+.0f}% against the commands; with base add's drift pass "
-                f"counted in {((runs[-1] + drift_s) / by_hand[-1] - 1) * 100:+.0f}%, "
-                f"{((runs[-1] + drift_s) / commands[-1] - 1) * 100:+.0f}%)",
+                f"jobs={jobs} round {r + 1} ({', '.join(rotated(list(wall), r))}): "
+                + ", ".join(f"{k} {wall[k][-1]:.2f} s ({cpu[k][-1]:.1f} CPU s)" for k in wall)
+                + f": upgrade {(up / wall['by hand'][-1] - 1) * 100:+.0f}% against the ports by hand, "
+                f"{(up / wall['commands'][-1] - 1) * 100:+.0f}% against the commands; with base add's drift pass "
+                f"({drift_s:.2f} s) counted in {((up + drift_s) / wall['by hand'][-1] - 1) * 100:+.0f}%; its port "
+                f"steps took {port_steps:.2f} s (summed over workers), the run {up:.2f} s",
                 flush=True,
             )
-        print(
-            f"  jobs={jobs}: best upgrade run {min(runs):.2f} s vs best 3 ports by hand {min(by_hand):.2f} s: "
-            f"overhead {(min(runs) / min(by_hand) - 1) * 100:+.0f}% (target <= +20%); against the best 3 commands "
-            f"{min(commands):.2f} s: {(min(runs) / min(commands) - 1) * 100:+.0f}%",
-            flush=True,
-        )
+        rounds_report(f"jobs={jobs}", wall, cpu, "by hand")
 
 
 def family_bench(family: Path, jobs_list: list[int], work: Path, cold: bool = False) -> None:
@@ -310,6 +388,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patches", type=int, default=20)
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3, help="rotated rounds of each contender (medians reported)")
     ap.add_argument("--family", type=Path, default=None, help="the 1.1B family (src, target, ft, ft2, ft3)")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument(
@@ -324,12 +403,16 @@ def main() -> None:
         help="--family: time whole runs with every evaluation answered by one recorded evaluation, against the "
         "same ports run by hand (outputs kept; two at a time for --jobs 2), each from a cold page cache",
     )
+    ap.add_argument("--contender", nargs=2, metavar=("MODE", "ARGS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.contender:
+        contender(a.contender[0], json.loads(a.contender[1]))
+        return
     if a.family is not None:
         work = Path(tempfile.mkdtemp(prefix="upgrade-bench-", dir=a.work))
         try:
             if a.replay_eval:
-                replay_bench(a.family, a.jobs, work)
+                replay_bench(a.family, a.jobs, work, rounds=a.rounds)
             else:
                 family_bench(a.family, a.jobs, work, cold=a.cold)
         finally:
@@ -350,27 +433,53 @@ def main() -> None:
         c = sorted(port_command(patch.path, MODELS / "v2", work / "cmd-out", work / "cmd-home") for _ in range(3))
         cmd_s = c[1]
         print(f"`patchlab port PATCH v2 OUT` command (median of 3, process start included): {cmd_s * 1000:.0f} ms")
+        recorded = evaluate_task(model=str(MODELS / "v2"), suite=[str(suite)], device="cpu")
+        from concurrent.futures import ThreadPoolExecutor
+
         for jobs in a.jobs:
-            reg_dir = work / f"reg-{jobs}"
-            with Registry.init(reg_dir) as reg:
-                reg.add_base("tiny", "v1", MODELS / "v1")
-                for i in range(a.patches):
-                    reg.add_patch(patch.path, name=f"p{i:02d}", base="tiny@v1")
-                reg.add_base("tiny", "v2", MODELS / "v2")  # as a release arrives: its drift from v1 is recorded
-                reg.set_gate("tiny", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
-                t0 = time.perf_counter()
-                res = run_upgrade(reg, "tiny", "v2", device="cpu", jobs=jobs)
-                wall = time.perf_counter() - t0
-                steps = reg.get_run(res.run.id).steps
-            no_eval = sum(s.seconds or 0 for s in steps if s.step not in ("evaluate", "baseline")) / a.patches
-            evals = sum(s.seconds or 0 for s in steps if s.step in ("evaluate", "baseline"))
-            port_step = sum(s.seconds or 0 for s in steps if s.step == "port") / a.patches
-            print(
-                f"jobs={jobs}: {a.patches} patches in {wall:.1f} s ({wall / a.patches * 1000:.0f} ms/patch wall); "
-                f"per patch without evaluation {no_eval * 1000:.0f} ms (port step {port_step * 1000:.0f} ms) "
-                f"= {no_eval / port_s:.1f}x the port alone, {(no_eval / cmd_s - 1) * 100:+.0f}% against the command"
-                + (f"; run wall less evaluation {(wall - evals) / a.patches * 1000:.0f} ms/patch" if jobs == 1 else "")
-            )
+            wall: dict[str, list[float]] = {"by hand": [], "upgrade": []}
+            cpu: dict[str, list[float]] = {k: [] for k in wall}
+            for r in range(a.rounds):
+                for name in rotated(list(wall), r):
+                    if name == "by hand":  # the same ports, one after another or two at a time
+                        out = work / f"hand-{jobs}-{r}"
+                        c0, t0 = cpu_seconds(), time.perf_counter()
+                        with ThreadPoolExecutor(jobs) as pool:
+                            list(
+                                pool.map(
+                                    lambda i, o=out: patchlab.port(patch, MODELS / "v2", o / f"p{i}", device="cpu"),
+                                    range(a.patches),
+                                )
+                            )
+                        wall[name].append(time.perf_counter() - t0)
+                        cpu[name].append(cpu_seconds() - c0)
+                        shutil.rmtree(out)
+                        continue
+                    reg_dir = work / f"reg-{jobs}-{r}"
+                    with Registry.init(reg_dir) as reg:
+                        reg.add_base("tiny", "v1", MODELS / "v1")
+                        for i in range(a.patches):
+                            reg.add_patch(patch.path, name=f"p{i:02d}", base="tiny@v1")
+                        reg.add_base("tiny", "v2", MODELS / "v2")  # as a release arrives: its drift is recorded
+                        reg.set_gate("tiny", family=True, suite=[str(suite)], expressions=["nfr <= 1"])
+                        c0, t0 = cpu_seconds(), time.perf_counter()
+                        res = run_upgrade(reg, "tiny", "v2", device="cpu", jobs=jobs, executor=ReplayExecutor(recorded))
+                        wall[name].append(time.perf_counter() - t0)
+                        cpu[name].append(cpu_seconds() - c0)
+                        steps = reg.get_run(res.run.id).steps
+                    shutil.rmtree(reg_dir)
+                by: dict[str, float] = {}
+                for st in steps:
+                    by[st.step] = by.get(st.step, 0.0) + (st.seconds or 0.0) / a.patches
+                hand, up = wall["by hand"][-1] / a.patches, wall["upgrade"][-1] / a.patches
+                print(
+                    f"jobs={jobs} round {r + 1}: {a.patches} patches: ports by hand {hand * 1000:.0f} ms/patch, "
+                    f"upgrade run {up * 1000:.0f} ms/patch ({(up / hand - 1) * 100:+.0f}%; "
+                    f"{(up / cmd_s - 1) * 100:+.0f}% against the command); its steps per patch (ms): "
+                    + ", ".join(f"{k} {x * 1000:.1f}" for k, x in by.items()),
+                    flush=True,
+                )
+            rounds_report(f"jobs={jobs}", wall, cpu, "by hand")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
