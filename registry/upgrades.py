@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from registry import refs
@@ -30,6 +30,48 @@ VOCAB_POLICIES = ("pad-zero", "truncate", "by-token", "skip-embeddings")
 DEFAULT_GATES = ("verdict != 'do not port'",)
 DEFAULT_ALIAS = "latest"
 LEASE_SECONDS = 60.0
+
+
+def _step_statements() -> tuple[Any, Any, Any]:
+    """The three statements a step's move runs, built once: building an UPDATE costs SQLAlchemy more than
+    SQLite takes to run it, and a driver moves every patch's steps (``Upgrades.step_moved``)."""
+    t, r = UpgradeStepRow.__table__.c, UpgradeRunRow.__table__.c
+    where = (t.run_id == bindparam("w_run"), t.patch == bindparam("w_patch"), t.step == bindparam("w_step"))
+    ended = (
+        update(UpgradeStepRow.__table__)
+        .where(*where)
+        .values(
+            state=bindparam("v_state", type_=t.state.type),
+            error=bindparam("v_error", type_=t.error.type),
+            outcome=bindparam("v_outcome", type_=t.outcome.type),
+            finished_at=bindparam("v_at", type_=t.finished_at.type),
+            seconds=bindparam("v_seconds", type_=t.seconds.type),
+            # a path not given keeps the one recorded
+            output_path=func.coalesce(bindparam("v_output", type_=t.output_path.type), t.output_path),
+            report_path=func.coalesce(bindparam("v_report", type_=t.report_path.type), t.report_path),
+        )
+    )
+    starts = (
+        update(UpgradeStepRow.__table__)
+        .where(*where)
+        .values(
+            state="running",
+            error=None,
+            started_at=bindparam("v_at", type_=t.started_at.type),
+            finished_at=None,
+            seconds=None,
+            attempts=t.attempts + 1,
+        )
+    )
+    touch = (
+        update(UpgradeRunRow.__table__)
+        .where(r.id == bindparam("w_run"))
+        .values(updated_at=bindparam("v_at", type_=r.updated_at.type))
+    )
+    return ended, starts, touch
+
+
+_STEP_ENDED, _STEP_STARTS, _RUN_TOUCHED = _step_statements()
 
 
 class LeaseHeldError(RegistryError):
@@ -425,24 +467,26 @@ class Upgrades(Topic):
         def run() -> StepInfo | None:
             with self.db.write() as s:
                 info = None
+                conn = s.connection()
                 if ended is not None:
                     now, began = ended.at or utcnow(), ended.started
                     if began is None:  # not given (a step another call started): as recorded
                         began = self._step_row(s, run_id, patch, ended.step).started_at
-                    values = {"state": ended.state, "error": ended.error, "outcome": ended.outcome, "finished_at": now}
-                    values["seconds"] = (now - began).total_seconds() if began is not None else None
-                    if ended.output_path is not None:
-                        values["output_path"] = ended.output_path
-                    if ended.report_path is not None:
-                        values["report_path"] = ended.report_path
-                    self._update_step(s, run_id, patch, ended.step, values)
+                    values = {
+                        "v_state": ended.state,
+                        "v_error": ended.error,
+                        "v_outcome": ended.outcome,
+                        "v_at": now,
+                        "v_seconds": (now - began).total_seconds() if began is not None else None,
+                        "v_output": ended.output_path,
+                        "v_report": ended.report_path,
+                    }
+                    self._moved(conn, _STEP_ENDED, run_id, patch, ended.step, values)
                     if ended.started is None:  # the caller wants the step as stored
                         info = self._step_info_now(s, run_id, patch, ended.step)
                 if starts is not None:
-                    values = {"state": "running", "error": None, "started_at": at or utcnow()}
-                    values.update(finished_at=None, seconds=None, attempts=UpgradeStepRow.attempts + 1)
-                    self._update_step(s, run_id, patch, starts, values)
-                s.execute(update(UpgradeRunRow).where(UpgradeRunRow.id == run_id).values(updated_at=utcnow()))
+                    self._moved(conn, _STEP_STARTS, run_id, patch, starts, {"v_at": at or utcnow()})
+                conn.execute(_RUN_TOUCHED, {"w_run": run_id, "v_at": utcnow()})
                 return info
 
         return retry_locked(run)
@@ -461,13 +505,8 @@ class Upgrades(Topic):
         return dataclasses.replace(info, outcome=json.loads(json.dumps(info.outcome)))
 
     @staticmethod
-    def _update_step(s, run_id: int, patch: str, step: str, values: dict[str, Any]) -> None:
-        got = s.execute(
-            update(UpgradeStepRow)
-            .where(UpgradeStepRow.run_id == run_id, UpgradeStepRow.patch == patch, UpgradeStepRow.step == step)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
+    def _moved(conn, stmt: Any, run_id: int, patch: str, step: str, values: dict[str, Any]) -> None:
+        got = conn.execute(stmt, {"w_run": run_id, "w_patch": patch, "w_step": step, **values})
         if got.rowcount != 1:
             raise UnknownReferenceError(f"upgrade run {run_id} has no step {step} for {patch}")
 
