@@ -136,16 +136,21 @@ class Evaluations(Topic):
 
     def list_evaluations(self, target: str | None = None, *, kind: str | None = None) -> list[EvaluationInfo]:
         with self.db.read() as s:
-            q = select(EvaluationRow).order_by(EvaluationRow.id)
-            if target is not None:
-                t = refs.resolve_any(s, target, kind)
-                col = {
-                    "patch": EvaluationRow.patch_id,
-                    "base": EvaluationRow.base_version_id,
-                    "derived": EvaluationRow.derived_id,
-                }[t.kind]
-                q = q.where(col == t.id)
+            return self._evaluations(s, target, kind)
+
+    @staticmethod
+    def _evaluations(s: Session, target: str | None, kind: str | None) -> list[EvaluationInfo]:
+        q = select(EvaluationRow).order_by(EvaluationRow.id)
+        if target is None:
             return [eval_info(s, ev, results=False) for ev in s.execute(q).scalars()]
+        t = refs.resolve_any(s, target, kind)
+        col = {
+            "patch": EvaluationRow.patch_id,
+            "base": EvaluationRow.base_version_id,
+            "derived": EvaluationRow.derived_id,
+        }
+        rows = s.execute(q.where(col[t.kind] == t.id)).scalars()
+        return [eval_info(s, ev, results=False, label=t.label) for ev in rows]
 
     def get_evaluation(self, evaluation_id: int) -> EvaluationInfo:
         with self.db.read() as s:
@@ -211,17 +216,19 @@ class Evaluations(Topic):
         """The newest stored evaluation of each task (dataset) of ``target``, as a
         ``patchlab.measure.results.EvalResult`` ready for ``patchlab.measure.flips.compare``."""
         wanted = set(tasks) if tasks is not None else None
-        newest: dict[str, EvaluationInfo] = {}
-        for e in self.list_evaluations(target, kind=kind):
-            if wanted is None or e.dataset in wanted:
-                newest[e.dataset] = e  # ids ascend: the last one wins
-        if not newest:
-            raise UnknownReferenceError(
-                f"{target!r} has no stored evaluations"
-                + (f" of {', '.join(sorted(wanted))}" if wanted else "")
-                + "; record one with Registry.record_eval_result"
-            )
-        return eval_results([self.get_evaluation(e.id) for e in newest.values()], target)
+        with self.db.read() as s:  # one transaction: the newest of each task, then their results
+            newest: dict[str, EvaluationInfo] = {}
+            for e in self._evaluations(s, target, kind):
+                if wanted is None or e.dataset in wanted:
+                    newest[e.dataset] = e  # ids ascend: the last one wins
+            if not newest:
+                raise UnknownReferenceError(
+                    f"{target!r} has no stored evaluations"
+                    + (f" of {', '.join(sorted(wanted))}" if wanted else "")
+                    + "; record one with Registry.record_eval_result"
+                )
+            fulls = [eval_info(s, s.get(EvaluationRow, e.id), results=True, label=e.target) for e in newest.values()]
+        return eval_results(fulls, target)
 
     def evaluations_result(self, evaluation_ids: Iterable[int]) -> EvalResult:
         """Stored evaluations picked by id (``patchlab evals ls``), merged into one
@@ -240,12 +247,12 @@ class Evaluations(Topic):
         return eval_results(fulls, fulls[0].target)
 
 
-def eval_info(s: Session, ev: EvaluationRow, *, results: bool) -> EvaluationInfo:
-    """The record of one evaluation row (with its per-instance results if asked)."""
-    if ev.derived_id is not None:
-        label = f"derived:{ev.derived_id}"
-    else:
-        label = target_label(s, ev.base_version_id, ev.patch_id)
+def eval_info(s: Session, ev: EvaluationRow, *, results: bool, label: str | None = None) -> EvaluationInfo:
+    """The record of one evaluation row (with its per-instance results if asked); ``label``: its target's,
+    when the caller resolved it (else looked up)."""
+    if label is None:
+        d = ev.derived_id
+        label = f"derived:{d}" if d is not None else target_label(s, ev.base_version_id, ev.patch_id)
     res: tuple[dict[str, Any], ...] = ()
     if results:
         res = tuple(
