@@ -92,17 +92,25 @@ class Patches(Topic):
         """
         from patchlab.io.checkpoint import Checkpoint  # lazy: torch
 
-        info = self.get_patch(source, detail=True)
-        name = name or info.name
-        self._check_registration(name, "port", [])
-        files = {n: (dg, sz) for n, dg, sz in info.files}
-        if MANIFEST not in files:
-            raise ManifestError(f"patch {info.ref} has no {MANIFEST} among its files; run `patchlab verify`")
-        manifest = json.loads(self.blobs.read_bytes(files[MANIFEST][0]))
-        with self.db.read() as s:
+        with self.db.read() as s:  # the source's identity and files, the base's row: no PatchInfo needed
+            src = refs.resolve_patch(s, source)
+            src_name, src_digest = s.execute(select(PatchRow.name, PatchRow.digest).where(PatchRow.id == src.id)).one()
+            files = {
+                n: (dg, sz)
+                for n, dg, sz in s.execute(
+                    select(PatchFileRow.name, PatchFileRow.digest, PatchFileRow.size).where(
+                        PatchFileRow.patch_id == src.id
+                    )
+                )
+            }
             target = refs.resolve_base(s, base)
             row = s.get(BaseVersionRow, target.id)
             content, arch = (row.content, row.architecture) if row is not None else (None, None)
+        name = name or src_name
+        self._check_registration(name, "port", [])
+        if MANIFEST not in files:
+            raise ManifestError(f"patch {src.label} has no {MANIFEST} among its files; run `patchlab verify`")
+        manifest = json.loads(self.blobs.read_bytes(files[MANIFEST][0]))
         base_desc = Checkpoint.open(base_dir or self.checkpoint_path(target.label)).describe()
         base_desc.update({k: v for k, v in (("content", content), ("architecture", arch)) if v})
         for tname, entry in (manifest.get("tensors") or {}).items():
@@ -116,7 +124,7 @@ class Patches(Topic):
             "finetuned": prov.get("finetuned"),
             "method": "port",
             "parameters": {
-                "ported_from": {"patch": info.ref, "digest": info.digest, "base": prov.get("base")},
+                "ported_from": {"patch": src.label, "digest": src_digest, "base": prov.get("base")},
                 "alpha": 1.0,
                 "exact": bool(old_params.get("exact")),
                 "storage_dtype": old_params.get("storage_dtype"),
@@ -129,7 +137,7 @@ class Patches(Topic):
         data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
         files[MANIFEST] = (self.blobs.put_bytes(data), len(data))
         return self._register(
-            manifest, files, f"{info.ref} (ported)", name, base, [info.ref], "port", description, [], True
+            manifest, files, f"{src.label} (ported)", name, base, [src.label], "port", description, [], True
         )
 
     def _check_registration(self, name: str, relation: str, tags: Iterable[str]) -> None:
