@@ -81,17 +81,22 @@ def port_task(
     if finetuned is not None:
         patchlab.port_fused(finetuned, source_base, target, out_p, vocab_policy=vocab_policy, device=device)
     else:
+        from patchlab.io.checkpoint import Checkpoint
+        from patchlab.io.patch import Patch
+
+        # the diagnosis and the port share the opened patch and target (their manifests and headers read once)
+        patch, tgt = Patch.open(patch_dir), Checkpoint.open(target)  # type: ignore[arg-type]
         if diagnose is not None:
             diag = Diagnosis(
-                patch_dir,  # type: ignore[arg-type]
-                target,
+                patch,
+                tgt,
                 source_base=diagnose["source_base"],
                 intruders=bool(diagnose.get("intruders")),
                 device=device,
                 pair_later=bool(diagnose.get("pair_later")),
             )
         observe = diag.observe if diag is not None else None
-        patchlab.port(patch_dir, target, out_p, vocab_policy=vocab_policy, device=device, observe=observe)
+        patchlab.port(patch, tgt, out_p, vocab_policy=vocab_policy, device=device, observe=observe)
     if diag is not None and diagnose is not None:
         write_atomic(Path(diagnose["out"]), json.dumps(diag.observed()))
     return {"out": out, "reused": False, "fused": finetuned is not None, "diagnosed": diag is not None}
