@@ -27,14 +27,27 @@ class Derived(Topic):
         kind: str = "apply",
         parameters: Mapping[str, Any] | None = None,
         content: str | None = None,
+        reuse: bool = False,
     ) -> DerivedInfo:
-        """Record a model made by applying/porting ``patch`` onto ``base``; ``path`` is where it lives."""
+        """Record a model made by applying/porting ``patch`` onto ``base``; ``path`` is where it lives.
+
+        ``reuse``: give back the row already recorded for this patch and path, if any (a resumed run's), rather
+        than add another; checked and added in one transaction."""
         out = str(Path(path).expanduser().resolve())
         params = json_safe(dict(parameters or {}), "parameters")
 
         def run() -> DerivedInfo:
             with self.db.write() as s:
                 pid = refs.resolve_patch(s, patch).id
+                if reuse:
+                    have = s.execute(
+                        select(DerivedModelRow.id)
+                        .where(DerivedModelRow.patch_id == pid, DerivedModelRow.path == out)
+                        .order_by(DerivedModelRow.id)
+                        .limit(1)
+                    ).scalar_one_or_none()
+                    if have is not None:
+                        return derived_infos(s, [have])[0]
                 bid = refs.resolve_base(s, base).id if base is not None else None
                 row = DerivedModelRow(
                     patch_id=pid, base_version_id=bid, kind=kind, path=out, parameters=params, content=content

@@ -650,12 +650,14 @@ class _Run:
             out = models / name
             if not complete_model(out) or not (patches / name / "patch.json").is_file():
                 raise UpgradeError(f"the rebuild of {src} did not leave a complete patch and model under {self.work}")
-            have = [d for d in self.reg.list_derived(src) if Path(d.path) == out.resolve()]
-            derived = have[0] if have else None
-            if derived is None:
-                derived = self.reg.add_derived(
-                    src, out, base=self.to_ref, kind="port", parameters={"upgrade_run": self.run.id, "merge": parents}
-                )
+            derived = self.reg.add_derived(  # or the row an interrupted run recorded for this output
+                src,
+                out,
+                base=self.to_ref,
+                kind="port",
+                parameters={"upgrade_run": self.run.id, "merge": parents},
+                reuse=True,
+            )
             return {
                 "outcome": {"fused": False, "rebuilt": True, "parents": parents, "derived": derived.ref},
                 "output_path": str(out),
@@ -674,16 +676,14 @@ class _Run:
             out = models / name
             if not complete_model(out):
                 raise UpgradeError(f"the port of {src} did not leave a complete model at {out}")
-            have = [d for d in self.reg.list_derived(src) if Path(d.path) == out.resolve()]
-            derived = have[0] if have else None
-            if derived is None:
-                derived = self.reg.add_derived(
-                    src,
-                    out,
-                    base=self.to_ref,
-                    kind="port",
-                    parameters={"upgrade_run": self.run.id, "fused": bool(port_ft)},
-                )
+            derived = self.reg.add_derived(  # or the row an interrupted run recorded for this output
+                src,
+                out,
+                base=self.to_ref,
+                kind="port",
+                parameters={"upgrade_run": self.run.id, "fused": bool(port_ft)},
+                reuse=True,
+            )
             return {
                 "outcome": {"fused": bool(port_ft), "derived": derived.ref},
                 "output_path": str(out),

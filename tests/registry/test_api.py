@@ -292,6 +292,18 @@ def test_rm_refuses_dependants_then_cascades(tmp_path, populated):
     assert reg.rm("llama@v1") == ["llama@v1"]
 
 
+def test_add_derived_with_reuse_gives_back_the_row_of_the_same_patch_and_path(tmp_path, populated):
+    reg, p1, p2 = populated
+    first = reg.add_derived("sql@2", tmp_path / "out", base="llama@v2", kind="port", parameters={"run": 1})
+    again = reg.add_derived("sql@2", tmp_path / "out", base="llama@v2", kind="port", parameters={"run": 2}, reuse=True)
+    assert again == first and again.parameters == {"run": 1}
+    other_path = reg.add_derived("sql@2", tmp_path / "elsewhere", base="llama@v2", reuse=True)
+    other_patch = reg.add_derived("sql@1", tmp_path / "out", base="llama@v2", reuse=True)
+    assert len({first.id, other_path.id, other_patch.id}) == 3
+    plain = reg.add_derived("sql@2", tmp_path / "out", base="llama@v2")  # without reuse: a row of its own
+    assert plain.id != first.id and len(reg.list_derived("sql@2")) == 3
+
+
 def test_rm_leaf_and_derived(tmp_path, populated):
     reg, p1, p2 = populated
     d = reg.add_derived("sql@2", tmp_path / "out")
