@@ -104,7 +104,7 @@ class Drifts(Topic):
         from registry.errors import BaseChangedError
 
         bases = {b.ref: b for b in self.list_bases(family)}  # type: ignore[attr-defined]
-        used = {p.base for p in self.list_patches(all_versions=False)}  # type: ignore[attr-defined]
+        used = {p.base for p in self.list_patches(family=family, all_versions=False)}  # type: ignore[attr-defined]
         out = []
         for ref, b in sorted(bases.items(), key=lambda kv: kv[1].release_order):
             if ref in used and b.release_order < order and b.source_kind == "local" and b.content:
